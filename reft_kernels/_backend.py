@@ -1,0 +1,99 @@
+"""Backend selection shared by every op.
+
+Backends:
+- ``"triton"``: the fused Triton kernels. CUDA tensors, or CPU tensors when Triton's interpreter
+  was enabled (``TRITON_INTERPRET=1`` before ``reft_kernels`` was imported).
+- ``"torch"``: the same autograd Functions computed with PyTorch ops (hand-written, memory-lean
+  backward). Runs on any device and dtype, float64 included.
+- ``"cuda"``: the CUDA C++ extension ``reft_kernels._C``, when it was built.
+
+``backend=None`` picks the default: the ``REFT_KERNELS_BACKEND`` environment variable when set,
+otherwise Triton for CUDA tensors and the PyTorch path for everything else.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _triton
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "REFT_KERNELS_BACKEND"
+
+
+def cuda_extension_available() -> bool:
+    """True when the compiled extension ``reft_kernels._C`` can be imported."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device`` in this process."""
+    if not _triton.HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return not _triton.INTERPRET
+    return _triton.INTERPRET and device.type == "cpu"
+
+
+def resolve_backend(backend: str | None, device: torch.device, *, triton_unsupported: str | None = None) -> str:
+    """Return the backend to run on ``device``; raise a clear error when it cannot run there.
+
+    ``triton_unsupported``: why the Triton kernels cannot take this particular call (None when
+    they can). The default dispatch then quietly picks the PyTorch path; an explicit request for
+    Triton (argument or environment variable) raises ValueError with that reason.
+    """
+    source = "backend"
+    if backend is None:
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env:
+            backend, source = env, f"the {ENV_VAR} environment variable"
+        elif device.type == "cuda" and triton_usable_on(device) and triton_unsupported is None:
+            return "triton"
+        else:
+            return "torch"
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    backend = backend.lower()
+    if backend == "triton":
+        if triton_unsupported is not None:
+            raise ValueError(f"backend='triton' (from {source}): {triton_unsupported}; use backend='torch'")
+        if not _triton.HAS_TRITON:
+            raise RuntimeError(
+                "backend='triton' needs the triton package, which failed to import: "
+                f"{_triton.TRITON_IMPORT_ERROR}"
+            )
+        if not triton_usable_on(device):
+            if device.type == "cuda":
+                raise RuntimeError(
+                    "backend='triton' on CUDA tensors cannot run while TRITON_INTERPRET is set: "
+                    "unset it before importing reft_kernels"
+                )
+            raise RuntimeError(
+                f"backend='triton' on {device.type} tensors needs Triton's CPU interpreter: set "
+                "TRITON_INTERPRET=1 before importing reft_kernels, or use backend='torch'"
+            )
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device.type}")
+        if not cuda_extension_available():
+            raise RuntimeError(
+                "backend='cuda' needs the compiled extension reft_kernels._C, which is not built in "
+                "this install; see the README's section on building the CUDA extension"
+            )
+        raise NotImplementedError("the CUDA C++ kernels are not wired into the dispatch yet")
+    return backend
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backends that can run on ``device`` in this process."""
+    out = ["torch"]
+    if triton_usable_on(device):
+        out.append("triton")
+    if device.type == "cuda" and cuda_extension_available():
+        out.append("cuda")
+    return out

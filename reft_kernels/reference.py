@@ -1,0 +1,92 @@
+"""Plain eager PyTorch formulas: the baseline for tests and benchmarks.
+
+Each function computes its op the way pyreft and RED's official code do, with separate PyTorch ops
+and autograd doing the backward. Parameters are cast to ``h``'s dtype first, so calling these on
+float64 inputs gives the float64 reference, and on bf16/fp16 inputs gives "the same eager
+computation in that precision" that kernel errors are judged against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._activations import act_code, act_torch
+
+
+def _cast(t, h):
+    return None if t is None else t.to(h.dtype)
+
+
+def red_reference(h, scale=None, bias=None):
+    """RED, ``y = h * scale + bias``, as two rounded ops (like RED's code)."""
+    y = h
+    if scale is not None:
+        y = y * _cast(scale, h)
+    if bias is not None:
+        y = y + _cast(bias, h)
+    return y if y is not h else h.clone()
+
+
+def _edit_rows(x, B, A, a, C, c, code):
+    u = x @ A.t() if A is not None else x.new_zeros(x.shape[:-1] + (B.shape[0],))
+    if a is not None:
+        u = u + a
+    z = act_torch(u, code)
+    if C is not None:
+        z = z - x @ C.t()
+    if c is not None:
+        z = z - c
+    return x + z @ B
+
+
+def lowrank_edit_reference(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None):
+    """``y = h + (act(h A^T + a) - h C^T - c) B`` on every row of ``h.reshape(-1, d)``, or, with
+    ``index``, on the listed rows only (-1 entries skipped), the other rows copied unchanged."""
+    code = act_code(act)
+    B, A, a, C, c = (_cast(t, h) for t in (B, A, a, C, c))
+    if index is None:
+        return _edit_rows(h, B, A, a, C, c, code)
+    d = h.shape[-1]
+    rows = index[index >= 0]
+    flat = h.reshape(-1, d)
+    edited = _edit_rows(flat[rows], B, A, a, C, c, code)
+    return flat.index_put((rows,), edited).reshape(h.shape)
+
+
+# pyreft's six interventions, written out independently of lowrank_edit_reference so that tests
+# also check the mapping of each method onto the generic op. Matrices are (r, d).
+
+def loreft_reference(h, R, W, b, act=None):
+    """pyreft LoreftIntervention: ``h + (act(h W^T + b) - h R^T) R``."""
+    R, W, b = (_cast(t, h) for t in (R, W, b))
+    return h + (act_torch(h @ W.t() + b, act_code(act)) - h @ R.t()) @ R
+
+
+def noreft_reference(h, W2, W1, b1, b2=None, act=None):
+    """pyreft NoreftIntervention: ``h + (act(h W1^T + b1) - (h W2^T + b2)) W2``."""
+    W2, W1, b1, b2 = (_cast(t, h) for t in (W2, W1, b1, b2))
+    proj = h @ W2.t() if b2 is None else h @ W2.t() + b2
+    return h + (act_torch(h @ W1.t() + b1, act_code(act)) - proj) @ W2
+
+
+def direft_reference(h, R, W, b, act=None):
+    """pyreft DireftIntervention: ``h + act(h W^T + b) R``."""
+    R, W, b = (_cast(t, h) for t in (R, W, b))
+    return h + act_torch(h @ W.t() + b, act_code(act)) @ R
+
+
+def nodireft_reference(h, W2, W1, b, act=None):
+    """pyreft NodireftIntervention: ``h + act(h W1^T + b) W2``."""
+    W2, W1, b = (_cast(t, h) for t in (W2, W1, b))
+    return h + act_torch(h @ W1.t() + b, act_code(act)) @ W2
+
+
+def consreft_reference(h, R, b):
+    """pyreft ConsreftIntervention: ``h + (b - h R^T) R``."""
+    R, b = (_cast(t, h) for t in (R, b))
+    return h + (b - h @ R.t()) @ R
+
+
+def lobireft_reference(h, R, b):
+    """pyreft LobireftIntervention: ``h + b R``."""
+    R, b = (_cast(t, h) for t in (R, b))
+    return h + b @ R
