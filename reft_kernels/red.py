@@ -141,6 +141,7 @@ def _red_bwd_triton(g2, h2, scale, need_dh, need_ds, need_dt):
     progs = max(1, min(n_rblocks, cdiv(_triton.target_programs(dev), n_dblocks)))
     rows_per_prog = cdiv(n_rblocks, progs) * block_m
     progs = cdiv(n, rows_per_prog)
+    h2 = h2 if h2 is not None else g2  # only read when need_ds
     ds_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_ds else None
     dt_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_dt else None
     _red_bwd_kernel[(progs, n_dblocks)](

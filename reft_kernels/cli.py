@@ -1,0 +1,76 @@
+"""``reft-kernels`` command line: ``info`` and ``check``."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+from . import __version__, _backend, _triton
+
+
+def _info(_args) -> int:
+    cuda = torch.cuda.is_available()
+    print(f"reft_kernels {__version__}")
+    print(f"python       {sys.version.split()[0]}")
+    print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    triton_line = _triton.TRITON_VERSION if _triton.HAS_TRITON else f"not importable ({_triton.TRITON_IMPORT_ERROR})"
+    print(f"triton       {triton_line}; interpreter {'on' if _triton.INTERPRET else 'off'} (TRITON_INTERPRET)")
+    print(f"device       {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA device)'}")
+    print(f"CUDA ext     {'built' if _backend.cuda_extension_available() else 'not built (reft_kernels._C)'}")
+    for dev in (["cuda"] if cuda else []) + ["cpu"]:
+        print(f"backends on {dev:4s} {', '.join(_backend.available_backends(torch.device(dev)))}")
+    env = os.environ.get(_backend.ENV_VAR)
+    print(f"default      {env + ' (from ' + _backend.ENV_VAR + ')' if env else 'triton on CUDA tensors, torch otherwise'}")
+    return 0
+
+
+def _check(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.backend == "all":
+        wanted = ["torch", "triton"]
+    elif args.backend:
+        wanted = [args.backend]
+    else:
+        wanted = _backend.available_backends(device)
+    # Triton on CPU tensors runs through its interpreter, which must be chosen before import:
+    # rerun this command in a child process with TRITON_INTERPRET=1.
+    if "triton" in wanted and device.type == "cpu" and not _triton.INTERPRET:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "reft_kernels", "check", "--device", "cpu"]
+        cmd += ["--backend", args.backend] if args.backend else []
+        return subprocess.call(cmd, env=env)
+    for be in wanted:
+        _backend.resolve_backend(be, device)  # clear error if it cannot run here
+
+    from ._selfcheck import run_all
+
+    print(f"reft-kernels check on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}),"
+          f" float32 against a float64 reference, tolerance 1e-5 relative")
+    print(f"{'op':34s} {'backend':8s} {'forward err':>12s} {'grad err':>12s}  result")
+    failed = 0
+    for name, be, fe, ge, ok in run_all(device, wanted):
+        verdict = "pass" if ok is True else ("FAIL" if ok is False else f"FAIL ({ok})")
+        failed += verdict != "pass"
+        print(f"{name:34s} {be:8s} {fe:12.2e} {ge:12.2e}  {verdict}")
+    print(f"{'all passed' if not failed else f'{failed} failed'}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="reft-kernels", description="Fused kernels for RED and ReFT.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and available backends")
+    chk = sub.add_parser("check", help="every op against the float64 reference, as a pass/fail table")
+    chk.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    chk.add_argument("--backend", choices=["torch", "triton", "all"],
+                     help="default: every backend usable on the device (on CPU: torch; "
+                          "'triton' or 'all' on CPU runs Triton through its interpreter)")
+    args = ap.parse_args(argv)
+    return _info(args) if args.command == "info" else _check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""``nn.Module``s holding the parameters of RED and the ReFT family.
+
+Every ReFT module has ``forward(h, index=None, *, inplace=False)``: ``h`` is (..., d), ``index``
+an optional 1-D int64 tensor of rows of ``h.reshape(-1, d)`` to edit (-1 = padding), and
+``inplace=True`` edits those rows of ``h`` itself (see ``lowrank_edit_``). ``backend`` (constructor
+argument or attribute) is passed to the ops.
+
+Orthonormal-row modules (LoReFT, DiReFT, ConsReFT, LoBiReFT) store an unconstrained (r, d)
+parameter ``rotation`` and build ``R = orthonormal_rows(rotation)`` once per forward (property
+``R``), so memory stays O(r * d). Initialisation follows pyreft: R random orthonormal, ``W``/``b``
+as ``nn.Linear``'s default, ConsReFT/LoBiReFT's ``b`` uniform in [0, 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .lowrank_edit import lowrank_edit, lowrank_edit_
+from .orthogonal import orthonormal_rows, random_orthonormal_rows
+from .red import red
+
+
+def _check_dims(d, rank=None):
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be a positive int, got {d!r}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+
+def _linear_init(r, d, dtype, device):
+    """(weight (r, d), bias (r,)) initialised like ``nn.Linear(d, r)``."""
+    bound = 1.0 / math.sqrt(d)
+    w = torch.empty(r, d, dtype=dtype, device=device).uniform_(-bound, bound)
+    b = torch.empty(r, dtype=dtype, device=device).uniform_(-bound, bound)
+    return nn.Parameter(w), nn.Parameter(b)
+
+
+class RED(nn.Module):
+    """RED: ``y = h * scale + bias`` with ``scale``, ``bias`` of shape (d,); identity at init."""
+
+    def __init__(self, d: int, *, dtype=None, device=None, backend=None):
+        super().__init__()
+        _check_dims(d)
+        self.d = d
+        self.backend = backend
+        self.scale = nn.Parameter(torch.ones(d, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+
+    def forward(self, h):
+        return red(h, self.scale, self.bias, backend=self.backend)
+
+    def extra_repr(self):
+        return f"d={self.d}"
+
+
+class _LowRankEdit(nn.Module):
+    """Base class: subclasses define ``edit_terms()`` -> (B, A, a, C, c) for ``lowrank_edit``."""
+
+    def __init__(self, d, rank, act, backend):
+        super().__init__()
+        _check_dims(d, rank)
+        if rank > d:
+            raise ValueError(f"rank must be <= d, got rank={rank}, d={d}")
+        self.d, self.rank, self.act, self.backend = d, rank, act, backend
+
+    def edit_terms(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, h, index=None, *, inplace=False):
+        B, A, a, C, c = self.edit_terms()
+        op = lowrank_edit_ if inplace else lowrank_edit
+        return op(h, B, A, a, C, c, act=self.act, index=index, backend=self.backend)
+
+    def extra_repr(self):
+        act = f", act={self.act!r}" if self.act is not None else ""
+        return f"d={self.d}, rank={self.rank}{act}"
+
+
+class _Orthonormal(_LowRankEdit):
+    """Holds ``rotation`` (r, d) and exposes ``R``, its orthonormal-row form (fp32)."""
+
+    def __init__(self, d, rank, act, backend, device):
+        super().__init__(d, rank, act, backend)
+        self.rotation = nn.Parameter(random_orthonormal_rows(rank, d, device=device))
+
+    @property
+    def R(self) -> torch.Tensor:
+        """(rank, d) with orthonormal rows, recomputed (one QR) on every access."""
+        return orthonormal_rows(self.rotation)
+
+    @torch.no_grad()
+    def load_R_(self, R: torch.Tensor):
+        """Set R to a matrix with orthonormal rows (e.g. pyreft's ``rotate_layer.weight.T``)."""
+        if tuple(R.shape) != (self.rank, self.d):
+            raise ValueError(f"R must have shape {(self.rank, self.d)}, got {tuple(R.shape)}")
+        self.rotation.copy_(R)
+        return self
+
+
+class LoReFT(_Orthonormal):
+    """LoReFT: ``h + (act(h W^T + b) - h R^T) R`` (pyreft ``LoreftIntervention``)."""
+
+    def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, act, backend, device)
+        self.weight, self.bias = _linear_init(rank, d, dtype, device)
+
+    def edit_terms(self):
+        R = self.R
+        return R, self.weight, self.bias, R, None
+
+
+class DiReFT(_Orthonormal):
+    """DiReFT: ``h + act(h W^T + b) R`` (pyreft ``DireftIntervention``)."""
+
+    def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, act, backend, device)
+        self.weight, self.bias = _linear_init(rank, d, dtype, device)
+
+    def edit_terms(self):
+        return self.R, self.weight, self.bias, None, None
+
+
+class ConsReFT(_Orthonormal):
+    """ConsReFT: ``h + (b - h R^T) R`` (pyreft ``ConsreftIntervention``)."""
+
+    def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, None, backend, device)
+        self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
+
+    def edit_terms(self):
+        R = self.R
+        return R, None, self.bias, R, None
+
+
+class LoBiReFT(_Orthonormal):
+    """LoBiReFT: ``h + b R`` (pyreft ``LobireftIntervention``)."""
+
+    def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, None, backend, device)
+        self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
+
+    def edit_terms(self):
+        return self.R, None, self.bias, None, None
+
+
+class NoReFT(_LowRankEdit):
+    """NoReFT: ``h + (act(h W1^T + b1) - (h W2^T + b2)) W2`` (pyreft ``NoreftIntervention``);
+    ``add_bias=False`` drops ``b2``."""
+
+    def __init__(self, d, rank, *, act=None, add_bias=True, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, act, backend)
+        self.weight, self.bias = _linear_init(rank, d, dtype, device)
+        self.proj_weight, proj_bias = _linear_init(rank, d, dtype, device)
+        self.proj_bias = proj_bias if add_bias else None
+
+    def edit_terms(self):
+        return self.proj_weight, self.weight, self.bias, self.proj_weight, self.proj_bias
+
+
+class NodiReFT(_LowRankEdit):
+    """NodiReFT: ``h + act(h W1^T + b) W2`` (pyreft ``NodireftIntervention``)."""
+
+    def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
+        super().__init__(d, rank, act, backend)
+        self.weight, self.bias = _linear_init(rank, d, dtype, device)
+        self.proj_weight, _ = _linear_init(rank, d, dtype, device)
+
+    def edit_terms(self):
+        return self.proj_weight, self.weight, self.bias, None, None

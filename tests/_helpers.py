@@ -1,0 +1,252 @@
+"""Shared helpers for the correctness tests: input builders, an op + backward runner, and the
+comparison against the float64 reference of ``reft_kernels.reference``.
+
+Every comparison is against ``reft_kernels.reference`` (plain eager PyTorch with autograd), never
+against another call of the code path under test:
+
+- fp32 (and fp64) inputs: the kernel's max error against the float64 reference of each tensor
+  (output, gradient of ``h``, gradient of each parameter) must be within ``rtol`` relative to the
+  max abs value of that reference tensor, plus a tiny absolute floor.
+- fp16 / bf16 inputs: the kernel's max error against the float64 reference must be at most
+  ``LOWP_FACTOR`` times the max error of the same eager computation done in that low precision
+  (the reference functions called on the low-precision tensors), plus one unit in the last place
+  of the reference tensor's max abs value.
+"""
+from __future__ import annotations
+
+import torch
+
+from reft_kernels.reference import lowrank_edit_reference, red_reference
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+FP32_RTOL = 1e-5
+FP64_RTOL = 1e-12
+ABS_FLOOR = 1e-6  # inputs are O(1); guards single-element sums that cancel (r = 1)
+LOWP_FACTOR = 2.0
+
+LOWRANK_PARAMS = ("B", "A", "a", "C", "c")
+RED_PARAMS = ("scale", "bias")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+# Layouts of h. Each builder returns (base, view): ``view(base)`` is h, of shape (*lead, d).
+LAYOUTS = (
+    "contiguous",     # h = base
+    "transposed",     # h = base.transpose(0, 1), base (S, B, d): leading dims not mergeable
+    "strided_rows",   # h = base[:, ::2], base (B, 2S, d)
+    "sliced_cols",    # h = base[..., :d], base (..., d + 3): row stride > d
+    "strided_cols",   # h = base[..., ::2], base (..., 2d): column stride 2
+)
+
+
+def make_base(layout: str, lead: tuple[int, ...], d: int, dtype=torch.float32, device="cpu"):
+    """(base, view) such that ``view(base)`` has shape (*lead, d) with the given layout.
+
+    Values are drawn in fp32 and rounded to ``dtype`` so float64 copies hold exactly the same
+    numbers as the low-precision tensor.
+    """
+    if layout == "contiguous":
+        shape, view = (*lead, d), (lambda t: t)
+    elif layout == "transposed":
+        assert len(lead) == 2
+        shape, view = (lead[1], lead[0], d), (lambda t: t.transpose(0, 1))
+    elif layout == "strided_rows":
+        assert len(lead) == 2
+        shape, view = (lead[0], 2 * lead[1], d), (lambda t: t[:, ::2])
+    elif layout == "sliced_cols":
+        shape, view = (*lead, d + 3), (lambda t: t[..., :d])
+    elif layout == "strided_cols":
+        shape, view = (*lead, 2 * d), (lambda t: t[..., ::2])
+    else:
+        raise AssertionError(f"unknown layout {layout}")
+    base = torch.randn(shape, device=device).to(dtype)
+    h = view(base)
+    assert h.shape == (*lead, d), (layout, h.shape)
+    if layout != "contiguous" and h.numel() > 1:
+        assert not h.is_contiguous(), layout
+    return base, view
+
+
+def make_lowrank_params(d: int, r: int, dtype=torch.float32, *, terms="BAaCc", tied=False,
+                        device="cpu", requires_grad=True):
+    """Parameters of ``lowrank_edit`` as a dict B, A, a, C, c (absent terms are None).
+
+    Matrices are scaled by 1/sqrt(d) so that the latent stays O(1) for every d. With ``tied``,
+    ``C`` is the very same tensor object as ``B``.
+    """
+    s = d ** -0.5
+
+    def mk(shape, scale):
+        t = (torch.randn(shape, device=device) * scale).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    p = {
+        "B": mk((r, d), s),
+        "A": mk((r, d), s) if "A" in terms else None,
+        "a": mk((r,), 1.0) if "a" in terms else None,
+        "C": mk((r, d), s) if "C" in terms else None,
+        "c": mk((r,), 1.0) if "c" in terms else None,
+    }
+    if tied:
+        p["C"] = p["B"]
+    return p
+
+
+def make_red_params(d: int, dtype=torch.float32, *, terms="st", device="cpu", requires_grad=True):
+    def mk():
+        return torch.randn(d, device=device).to(dtype).requires_grad_(requires_grad)
+
+    return {"scale": mk() if "s" in terms else None, "bias": mk() if "t" in terms else None}
+
+
+def padded_index(n_rows: int, n_listed: int, n_pad: int = 2, dtype=torch.int64, device="cpu"):
+    """A shuffled index of ``n_listed`` distinct rows in [0, n_rows) and ``n_pad`` -1 entries."""
+    rows = torch.randperm(n_rows, device=device)[:n_listed]
+    idx = torch.cat([rows, torch.full((n_pad,), -1, dtype=rows.dtype, device=device)])
+    return idx[torch.randperm(idx.numel(), device=device)].to(dtype)
+
+
+def copy_params(params: dict, dtype=None, requires_grad=True) -> dict:
+    """Detached copies (optionally cast), keeping ``C is B`` tying."""
+    out, seen = {}, {}
+    for k, v in params.items():
+        if v is None:
+            out[k] = None
+        elif id(v) in seen:
+            out[k] = seen[id(v)]
+        else:
+            t = v.detach().to(dtype if dtype is not None else v.dtype).clone()
+            t.requires_grad_(requires_grad and v.requires_grad)
+            seen[id(v)] = out[k] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- runner
+
+def run_with_grads(fn, base, view, params: dict, g, *, inplace=False, **kwargs):
+    """Run ``fn(view(base'), **params, **kwargs)`` and its backward with upstream gradient ``g``.
+
+    ``base`` is a leaf requiring grad. Out of place, ``base' = base``; in place, ``base'`` is a
+    clone of it (a non-leaf, which in-place ops may edit). Returns (out, grads) where ``grads``
+    maps "h" to the gradient of ``base`` and each present parameter name to its gradient (a tied
+    parameter's gradient appears under each of its names).
+    """
+    h = view(base.clone() if inplace else base)
+    out = fn(h, **params, **kwargs)
+    if inplace:
+        assert out is h, "in-place op must return h itself"
+    uniq, names = [base], {}
+    for k, v in params.items():
+        if v is None or not v.requires_grad:
+            continue
+        if id(v) not in names:
+            names[id(v)] = len(uniq)
+            uniq.append(v)
+    gs = torch.autograd.grad(out, uniq, g, allow_unused=False)
+    grads = {"h": gs[0]}
+    for k, v in params.items():
+        if v is not None and v.requires_grad:
+            grads[k] = gs[names[id(v)]]
+    return out.detach(), grads
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return (x.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def max_abs(t: torch.Tensor) -> float:
+    return t.detach().double().abs().max().item() if t.numel() else 0.0
+
+
+def check_against_reference(kernel_fn, ref_fn, base, view, params, *, inplace=False,
+                            kernel_kwargs=None, ref_kwargs=None, rtol=None, g=None):
+    """Compare ``kernel_fn`` (forward and every gradient) with ``ref_fn`` in float64.
+
+    ``base`` (leaf, requires grad) has the activations' dtype; ``params`` may hold other dtypes.
+    Also checks dtypes and shapes of the output and of every gradient, and that the kernel left
+    its inputs untouched (out of place). Returns a dict name -> (err, tol) for the record.
+    """
+    kernel_kwargs = kernel_kwargs or {}
+    ref_kwargs = ref_kwargs or {}
+    dtype = base.dtype
+    h_shape = view(base).shape
+    if g is None:
+        g = torch.randn(h_shape, device=base.device).to(dtype)
+
+    base_before = base.detach().clone()
+    params_before = {k: (v.detach().clone() if v is not None else None) for k, v in params.items()}
+    out, grads = run_with_grads(kernel_fn, base, view, params, g, inplace=inplace, **kernel_kwargs)
+
+    # dtypes and shapes
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected h's dtype {dtype}"
+    assert out.shape == h_shape, f"output shape {tuple(out.shape)}, expected {tuple(h_shape)}"
+    assert grads["h"].dtype == dtype and grads["h"].shape == base.shape, \
+        f"grad h: {grads['h'].dtype} {tuple(grads['h'].shape)}"
+    for k, v in params.items():
+        if v is not None and v.requires_grad:
+            assert grads[k].dtype == v.dtype, f"grad {k} dtype {grads[k].dtype}, expected {v.dtype}"
+            assert grads[k].shape == v.shape, f"grad {k} shape {tuple(grads[k].shape)}"
+    # inputs untouched
+    assert torch.equal(base.detach(), base_before), "kernel modified its input h"
+    for k, v in params.items():
+        if v is not None:
+            assert torch.equal(v.detach(), params_before[k]), f"kernel modified parameter {k}"
+
+    # float64 reference
+    base64 = base.detach().double().requires_grad_()
+    params64 = copy_params(params, torch.float64)
+    ref_out, ref_grads = run_with_grads(ref_fn, base64, view, params64, g.double(), **ref_kwargs)
+
+    results = {}
+    names = ["out"] + list(grads)
+    kernel_vals = {"out": out, **grads}
+    ref_vals = {"out": ref_out, **ref_grads}
+
+    if dtype in LOW_PRECISION:
+        base_lp = base.detach().clone().requires_grad_()
+        params_lp = copy_params(params)
+        eager_out, eager_grads = run_with_grads(ref_fn, base_lp, view, params_lp, g, **ref_kwargs)
+        eager_vals = {"out": eager_out, **eager_grads}
+        eps = torch.finfo(dtype).eps
+        for k in names:
+            err = max_err(kernel_vals[k], ref_vals[k])
+            eager = max_err(eager_vals[k], ref_vals[k])
+            tol = LOWP_FACTOR * eager + eps * max_abs(ref_vals[k]) + ABS_FLOOR
+            results[k] = (err, tol)
+    else:
+        if rtol is None:
+            rtol = FP64_RTOL if dtype == torch.float64 else FP32_RTOL
+        for k in names:
+            err = max_err(kernel_vals[k], ref_vals[k])
+            tol = rtol * max_abs(ref_vals[k]) + (ABS_FLOOR if dtype != torch.float64 else 1e-14)
+            results[k] = (err, tol)
+    for k in names:
+        assert torch.isfinite(kernel_vals[k].double()).all(), f"{k}: non-finite values"
+    bad = {k: v for k, v in results.items() if not v[0] <= v[1]}
+    assert not bad, "errors above tolerance (name: (err, tol)): " + ", ".join(
+        f"{k}: ({e:.3g}, {t:.3g})" for k, (e, t) in bad.items())
+    return results
+
+
+def lowrank_ref_fn(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None):
+    return lowrank_edit_reference(h, B, A, a, C, c, act=act, index=index)
+
+
+def red_ref_fn(h, scale=None, bias=None):
+    return red_reference(h, scale, bias)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor's bits: compares NaNs and signed zeros exactly."""
+    it = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(it)

@@ -1,0 +1,37 @@
+"""The reft-kernels command line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from reft_kernels.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "triton" in out and "backends on cpu" in out
+
+
+def test_check_torch_all_pass(capsys):
+    assert main(["check", "--device", "cpu", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if " torch " in ln]
+    assert len(rows) == 13 and all(ln.endswith("pass") for ln in rows)
+    assert "all passed" in out
+
+
+def test_check_triton_through_interpreter_subprocess():
+    """Asked for Triton on a CPU machine, check reruns itself under the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "reft_kernels", "check", "--device", "cpu", "--backend", "triton"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if " triton " in ln]
+    assert len(rows) == 13 and all(ln.endswith("pass") for ln in rows)
+
+
+def test_bad_command():
+    with pytest.raises(SystemExit):
+        main(["nope"])
