@@ -19,6 +19,7 @@ from torch import nn
 
 from .lowrank_edit import lowrank_edit, lowrank_edit_
 from .orthogonal import orthonormal_rows, random_orthonormal_rows
+from ._validate import check_hidden, check_index
 from .red import red
 
 
@@ -38,7 +39,12 @@ def _linear_init(r, d, dtype, device):
 
 
 class RED(nn.Module):
-    """RED: ``y = h * scale + bias`` with ``scale``, ``bias`` of shape (d,); identity at init."""
+    """RED: ``y = h * scale + bias`` with ``scale``, ``bias`` of shape (d,); identity at init.
+
+    ``forward(h, index=None)``: RED's paper edits every row; with ``index`` (rows of
+    ``h.reshape(-1, d)``, -1 = padding) only those rows are edited and the rest copied, through a
+    gather, the fused ``red`` on the gathered rows, and a scatter.
+    """
 
     def __init__(self, d: int, *, dtype=None, device=None, backend=None):
         super().__init__()
@@ -48,8 +54,15 @@ class RED(nn.Module):
         self.scale = nn.Parameter(torch.ones(d, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
 
-    def forward(self, h):
-        return red(h, self.scale, self.bias, backend=self.backend)
+    def forward(self, h, index=None):
+        if index is None:
+            return red(h, self.scale, self.bias, backend=self.backend)
+        check_hidden(h)
+        flat = h.reshape(-1, h.shape[-1])
+        rows = check_index(index, flat.shape[0], h)
+        rows = rows[rows >= 0]
+        edited = red(flat[rows], self.scale, self.bias, backend=self.backend)
+        return flat.index_put((rows,), edited).reshape(h.shape)
 
     def extra_repr(self):
         return f"d={self.d}"

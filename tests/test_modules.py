@@ -12,20 +12,38 @@ MODULES = [rk.LoReFT, rk.NoReFT, rk.DiReFT, rk.NodiReFT, rk.ConsReFT, rk.LoBiReF
 ORTHONORMAL = [rk.LoReFT, rk.DiReFT, rk.ConsReFT, rk.LoBiReFT]
 
 
-def test_red_identity_at_init(backend):
-    m = rk.RED(D, backend=backend)
-    h = torch.randn(3, 5, D)
+def test_red_identity_at_init(backend, device):
+    m = rk.RED(D, backend=backend, device=device)
+    h = torch.randn(3, 5, D, device=device)
     assert torch.equal(m(h), h)
     assert m.scale.shape == (D,) and m.bias.shape == (D,)
 
 
-def test_red_module_matches_reference(backend):
-    m = rk.RED(D, backend=backend)
+def test_red_module_matches_reference(backend, device):
+    m = rk.RED(D, backend=backend, device=device)
     with torch.no_grad():
         m.scale.normal_()
         m.bias.normal_()
-    h = torch.randn(4, D)
+    h = torch.randn(4, D, device=device)
     torch.testing.assert_close(m(h), ref.red_reference(h, m.scale, m.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_red_module_index(backend, device):
+    m = rk.RED(D, backend=backend, device=device)
+    with torch.no_grad():
+        m.scale.normal_()
+        m.bias.normal_()
+    h = torch.randn(2, 5, D, device=device, requires_grad=True)
+    index = torch.tensor([1, -1, 7], device=device)
+    y = m(h, index)
+    flat = h.detach().reshape(-1, D)
+    expected = flat.clone()
+    expected[[1, 7]] = flat[[1, 7]] * m.scale.detach() + m.bias.detach()
+    torch.testing.assert_close(y.reshape(-1, D), expected, rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    torch.testing.assert_close(m.bias.grad, torch.full((D,), 2.0, device=device))
+    with pytest.raises(ValueError, match="more than once"):
+        m(h, torch.tensor([1, 1], device=device))
 
 
 def _module_reference(m, h):
@@ -44,9 +62,9 @@ def _module_reference(m, h):
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
-def test_module_matches_pyreft_formula(cls, backend):
-    m = cls(D, RANK, backend=backend)
-    h = torch.randn(2, 7, D)
+def test_module_matches_pyreft_formula(cls, backend, device):
+    m = cls(D, RANK, backend=backend, device=device)
+    h = torch.randn(2, 7, D, device=device)
     y = m(h)
     y_ref = _module_reference(m, h)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -59,26 +77,26 @@ def test_module_matches_pyreft_formula(cls, backend):
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
-def test_module_index_and_inplace(cls, backend):
-    m = cls(D, RANK, backend=backend)
-    h = torch.randn(2, 7, D)
-    index = torch.tensor([0, 3, -1, 13])
+def test_module_index_and_inplace(cls, backend, device):
+    m = cls(D, RANK, backend=backend, device=device)
+    h = torch.randn(2, 7, D, device=device)
+    index = torch.tensor([0, 3, -1, 13], device=device)
     with torch.no_grad():
         y = m(h, index)
         h2 = h.clone()
         out = m(h2, index, inplace=True)
     assert out is h2 and torch.equal(h2, y)
-    untouched = torch.ones(14, dtype=torch.bool)
+    untouched = torch.ones(14, dtype=torch.bool, device=device)
     untouched[[0, 3, 13]] = False
     assert torch.equal(y.reshape(-1, D)[untouched], h.reshape(-1, D)[untouched])
 
 
 @pytest.mark.parametrize("cls", ORTHONORMAL, ids=lambda c: c.__name__)
-def test_rows_stay_orthonormal_through_training(cls, backend):
+def test_rows_stay_orthonormal_through_training(cls, backend, device):
     torch.manual_seed(1)
-    m = cls(D, RANK, backend=backend)
+    m = cls(D, RANK, backend=backend, device=device)
     opt = torch.optim.Adam(m.parameters(), lr=5e-2)
-    h, target = torch.randn(32, D), torch.randn(32, D)
+    h, target = torch.randn(32, D, device=device), torch.randn(32, D, device=device)
     R0 = m.R.detach().clone()
     for _ in range(5):
         loss = (m(h) - target).pow(2).mean()
@@ -87,7 +105,7 @@ def test_rows_stay_orthonormal_through_training(cls, backend):
         opt.step()
     R = m.R.detach()
     assert (R - R0).abs().max() > 1e-3, "R did not train"
-    torch.testing.assert_close(R @ R.T, torch.eye(RANK), rtol=0, atol=1e-5)
+    torch.testing.assert_close(R @ R.T, torch.eye(RANK, device=device), rtol=0, atol=1e-5)
     assert m.rotation.numel() == RANK * D  # O(r d) state, no (d, d) buffer
     assert not list(m.buffers())
 
@@ -121,10 +139,10 @@ def test_load_R():
         m.load_R_(torch.randn(RANK + 1, D))
 
 
-def test_bf16_module_params_with_fp32_R(backend):
-    m = rk.LoReFT(D, RANK, dtype=torch.bfloat16, backend=backend)
+def test_bf16_module_params_with_fp32_R(backend, device):
+    m = rk.LoReFT(D, RANK, dtype=torch.bfloat16, backend=backend, device=device)
     assert m.weight.dtype == torch.bfloat16 and m.R.dtype == torch.float32
-    h = torch.randn(3, D, dtype=torch.bfloat16)
+    h = torch.randn(3, D, dtype=torch.bfloat16, device=device)
     y = m(h)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
