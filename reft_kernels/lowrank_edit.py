@@ -336,7 +336,7 @@ def _fwd_triton(h, index, A, a, B, C, c, spec, save_u):
     return (dst if index is not None else y), z, u, hsave
 
 
-def _bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
+def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     """Triton backward on row matrices.
 
     ``g2`` (N, d): gradient of the output rows; ``x`` (n, d): the input rows (all of ``h`` when
@@ -396,6 +396,20 @@ def _bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
             -gz.sum(0) if need_dc_b else None)
 
 
+def _bwd_triton(g, x, index, A, B, C, z, u, spec, need):
+    """Triton backward: returns (dh shaped like ``g`` or None, fp32 parameter gradients)."""
+    if index is not None:
+        # dh is g with the listed rows replaced: copy g once, then the kernels read each listed
+        # row of the copy and overwrite it in place.
+        buf = g.clone(memory_format=torch.contiguous_format).view(-1, g.shape[-1]) if need[0] else as_rows(g)
+        grads = _launch_bwd_triton(buf, x, buf if need[0] else None, index, A, B, C, z, u, spec, need)
+        return (buf.view(g.shape) if need[0] else None), grads
+    g2 = as_rows(g)
+    dh = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if need[0] else None
+    grads = _launch_bwd_triton(g2, as_rows(x), dh, None, A, B, C, z, u, spec, need)
+    return (dh.view(g.shape) if need[0] else None), grads
+
+
 # ----------------------------------------------------------------------------- PyTorch path
 
 def _cast(t, dtype):
@@ -426,7 +440,11 @@ def _bwd_rows_torch(g, x, z, u, A, B, C, spec, need):
     need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
     acc = acc_dtype(x.dtype)
     gz = g @ B.t()
-    ga = gz * act_grad_torch(u, spec.act) if spec.act != IDENTITY else gz
+    ga = gz
+    if spec.act != IDENTITY:
+        # act'(u) in fp32 and one rounding, as eager autograd does: in fp16/bf16 the derivative's
+        # ten-odd separately rounded ops cost 2-6x accuracy in the parameter gradients.
+        ga = (gz.to(acc) * act_grad_torch(u.to(acc), spec.act)).to(gz.dtype)
     cm = B if spec.tied else C
     dh = None
     if need_dh:
@@ -447,6 +465,47 @@ def _bwd_rows_torch(g, x, z, u, A, B, C, spec, need):
     return dh, da_w, da_b, db, dc_w, dc_b
 
 
+def _selected_rows(t, index):
+    """Advanced-indexing selector of the rows ``index`` (-1 dropped) of ``t.reshape(-1, d)``,
+    usable on ``_as_2d_plus(t)`` whatever ``t``'s strides."""
+    return torch.unravel_index(index[index >= 0], _as_2d_plus(t).shape[:-1])
+
+
+def _as_2d_plus(t):
+    """``t`` with at least two dimensions (a 1-D ``h`` is one row)."""
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def _fwd_torch(h, index, A, a, B, C, c, spec, save_u):
+    """PyTorch forward with ``_fwd_triton``'s contract; ``hsave`` holds only the valid listed rows."""
+    A, a, B, C, c = (_cast(t, h.dtype) for t in (A, a, B, C, c))
+    if index is None:
+        x = as_rows(h)
+        z, u = _latent_torch(x, A, a, B, C, c, spec)
+        return torch.addmm(x, z, B), z, (u if save_u else None), None
+    rows = _selected_rows(h, index)
+    hv = _as_2d_plus(h)
+    hsave = hv[rows]
+    z, u = _latent_torch(hsave, A, a, B, C, c, spec)
+    hv.index_put_(rows, torch.addmm(hsave, z, B))
+    return h, z, (u if save_u else None), hsave
+
+
+def _bwd_torch(g, x, index, A, B, C, z, u, spec, need):
+    """PyTorch backward with ``_bwd_triton``'s contract."""
+    A, B, C = (_cast(t, x.dtype) for t in (A, B, C))
+    if index is None:
+        out = _bwd_rows_torch(as_rows(g), as_rows(x), z, u, A, B, C, spec, need)
+        return (out[0].reshape(g.shape) if need[0] else None), out[1:]
+    rows = _selected_rows(g, index)
+    out = _bwd_rows_torch(_as_2d_plus(g)[rows], x, z, u, A, B, C, spec, need)
+    dh = None
+    if need[0]:
+        dh = g.clone()
+        _as_2d_plus(dh)[rows] = out[0]
+    return dh, out[1:]
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class LowrankEditFunction(torch.autograd.Function):
@@ -460,29 +519,10 @@ class LowrankEditFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, A, a, B, C, c, spec, index):
         ctx.spec = spec
-        ctx.inplace = index is not None
-        ctx.h_shape = h.shape
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (A, a, B, C, c))
-        save_u = spec.act != IDENTITY
-        if spec.backend == "triton":
-            out, z, u, hsave = _fwd_triton(h, index, A, a, B, C, c, spec, save_u)
-            rows = None
-        else:
-            dt = h.dtype
-            Ac, ac, Bc, Cc, cc = (_cast(t, dt) for t in (A, a, B, C, c))
-            if index is None:
-                x = as_rows(h)
-                z, u = _latent_torch(x, Ac, ac, Bc, Cc, cc, spec)
-                out, hsave, rows = torch.addmm(x, z, Bc), None, None
-            else:
-                rows = torch.unravel_index(index[index >= 0], h.shape[:-1])
-                hsave = h[rows]
-                z, u = _latent_torch(hsave, Ac, ac, Bc, Cc, cc, spec)
-                h.index_put_(rows, torch.addmm(hsave, z, Bc))
-                out = h
-            u = u if save_u else None
-        ctx.rows = rows
-        if ctx.inplace:
+        fwd = _fwd_triton if spec.backend == "triton" else _fwd_torch
+        out, z, u, hsave = fwd(h, index, A, a, B, C, c, spec, spec.act != IDENTITY)
+        if index is not None:
             ctx.mark_dirty(h)
             ctx.save_for_backward(hsave, index, z, u, A, B, C)
             return out
@@ -492,41 +532,11 @@ class LowrankEditFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, index, z, u, A, B, C = ctx.saved_tensors
-        spec = ctx.spec
-        ni = ctx.needs_input_grad
-        need = tuple(ni[:6])  # (dh, dA, da, dB, dC, dc); with spec.tied, C is None and dB has both terms
-        if spec.backend == "triton":
-            if ctx.inplace:
-                # dh is g with the listed rows replaced: copy g once, then the kernels read each
-                # listed row of the copy and overwrite it in place.
-                if ni[0]:
-                    buf = g.clone(memory_format=torch.contiguous_format).view(-1, g.shape[-1])
-                else:
-                    buf = as_rows(g)
-                grads = _bwd_triton(buf, x, buf if ni[0] else None, index, A, B, C, z, u, spec, need)
-                dh = buf.view(ctx.h_shape) if ni[0] else None
-            else:
-                g2 = as_rows(g)
-                x2 = as_rows(x)
-                dh = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if ni[0] else None
-                grads = _bwd_triton(g2, x2, dh, None, A, B, C, z, u, spec, need)
-                dh = dh.view(ctx.h_shape) if ni[0] else None
-        else:
-            dt = x.dtype
-            Ac, Bc, Cc = (_cast(t, dt) for t in (A, B, C))
-            if ctx.inplace:
-                rows = ctx.rows
-                out = _bwd_rows_torch(g[rows], x, z, u, Ac, Bc, Cc, spec, need)
-                dh = None
-                if ni[0]:
-                    dh = g.clone()
-                    dh[rows] = out[0]
-            else:
-                out = _bwd_rows_torch(as_rows(g), as_rows(x), z, u, Ac, Bc, Cc, spec, need)
-                dh = out[0].reshape(ctx.h_shape) if ni[0] else None
-            grads = out[1:]
-        grads = tuple(None if gr is None else gr.to(dt_)
-                      for gr, dt_ in zip(grads, ctx.dtypes))
+        # (dh, dA, da, dB, dC, dc); with spec.tied, C is None and dB carries both of B's terms
+        need = tuple(ctx.needs_input_grad[:6])
+        bwd = _bwd_triton if ctx.spec.backend == "triton" else _bwd_torch
+        dh, grads = bwd(g, x, index, A, B, C, z, u, ctx.spec, need)
+        grads = tuple(None if gr is None else gr.to(dt) for gr, dt in zip(grads, ctx.dtypes))
         return (dh, *grads, None, None)
 
 

@@ -49,6 +49,8 @@ LAYOUTS = (
     "strided_rows",   # h = base[:, ::2], base (B, 2S, d)
     "sliced_cols",    # h = base[..., :d], base (..., d + 3): row stride > d
     "strided_cols",   # h = base[..., ::2], base (..., 2d): column stride 2
+    "col_major",      # h = base.t(), base (d, N): rows of stride 1, columns of stride N
+    "transposed_strided_cols",  # h = base.transpose(0, 1)[..., ::2], base (S, B, 2d)
 )
 
 
@@ -70,12 +72,18 @@ def make_base(layout: str, lead: tuple[int, ...], d: int, dtype=torch.float32, d
         shape, view = (*lead, d + 3), (lambda t: t[..., :d])
     elif layout == "strided_cols":
         shape, view = (*lead, 2 * d), (lambda t: t[..., ::2])
+    elif layout == "col_major":
+        assert len(lead) == 1
+        shape, view = (d, lead[0]), (lambda t: t.t())
+    elif layout == "transposed_strided_cols":
+        assert len(lead) == 2
+        shape, view = (lead[1], lead[0], 2 * d), (lambda t: t.transpose(0, 1)[..., ::2])
     else:
         raise AssertionError(f"unknown layout {layout}")
     base = torch.randn(shape, device=device).to(dtype)
     h = view(base)
     assert h.shape == (*lead, d), (layout, h.shape)
-    if layout != "contiguous" and h.numel() > 1:
+    if layout != "contiguous" and min(lead) > 1 and d > 1:
         assert not h.is_contiguous(), layout
     return base, view
 
@@ -148,7 +156,7 @@ def run_with_grads(fn, base, view, params: dict, g, *, inplace=False, **kwargs):
     out = fn(h, **params, **kwargs)
     if inplace:
         assert out is h, "in-place op must return h itself"
-    uniq, names = [base], {}
+    uniq, names = ([base] if base.requires_grad else []), {}
     for k, v in params.items():
         if v is None or not v.requires_grad:
             continue
@@ -156,7 +164,7 @@ def run_with_grads(fn, base, view, params: dict, g, *, inplace=False, **kwargs):
             names[id(v)] = len(uniq)
             uniq.append(v)
     gs = torch.autograd.grad(out, uniq, g, allow_unused=False)
-    grads = {"h": gs[0]}
+    grads = {"h": gs[0]} if base.requires_grad else {}
     for k, v in params.items():
         if v is not None and v.requires_grad:
             grads[k] = gs[names[id(v)]]
@@ -195,8 +203,10 @@ def check_against_reference(kernel_fn, ref_fn, base, view, params, *, inplace=Fa
     # dtypes and shapes
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected h's dtype {dtype}"
     assert out.shape == h_shape, f"output shape {tuple(out.shape)}, expected {tuple(h_shape)}"
-    assert grads["h"].dtype == dtype and grads["h"].shape == base.shape, \
-        f"grad h: {grads['h'].dtype} {tuple(grads['h'].shape)}"
+    assert ("h" in grads) == base.requires_grad
+    if base.requires_grad:
+        assert grads["h"].dtype == dtype and grads["h"].shape == base.shape, \
+            f"grad h: {grads['h'].dtype} {tuple(grads['h'].shape)}"
     for k, v in params.items():
         if v is not None and v.requires_grad:
             assert grads[k].dtype == v.dtype, f"grad {k} dtype {grads[k].dtype}, expected {v.dtype}"
@@ -208,7 +218,7 @@ def check_against_reference(kernel_fn, ref_fn, base, view, params, *, inplace=Fa
             assert torch.equal(v.detach(), params_before[k]), f"kernel modified parameter {k}"
 
     # float64 reference
-    base64 = base.detach().double().requires_grad_()
+    base64 = base.detach().double().requires_grad_(base.requires_grad)
     params64 = copy_params(params, torch.float64)
     ref_out, ref_grads = run_with_grads(ref_fn, base64, view, params64, g.double(), **ref_kwargs)
 
@@ -219,22 +229,21 @@ def check_against_reference(kernel_fn, ref_fn, base, view, params, *, inplace=Fa
 
     # size of the summed terms: the float64 reference on |inputs| with the identity activation
     abs_kwargs = {k: (None if k == "act" else v) for k, v in ref_kwargs.items()}
-    base_abs = base.detach().double().abs().requires_grad_()
-    params_abs = {k: (None if v is None else v.detach().double().abs()) for k, v in params64.items()}
-    for k, v in params64.items():  # keep C is B tying
-        if v is not None:
-            for k2, v2 in params64.items():
-                if v2 is v and k2 != k:
-                    params_abs[k2] = params_abs[k]
-    for v in params_abs.values():
-        if v is not None:
-            v.requires_grad_()
+    base_abs = base.detach().double().abs().requires_grad_(base.requires_grad)
+    params_abs, seen = {}, {}
+    for k, v in params64.items():  # keep C is B tying and the requires_grad flags
+        if v is None:
+            params_abs[k] = None
+        elif id(v) in seen:
+            params_abs[k] = seen[id(v)]
+        else:
+            params_abs[k] = seen[id(v)] = v.detach().abs().requires_grad_(v.requires_grad)
     mag_out, mag_grads = run_with_grads(ref_fn, base_abs, view, params_abs, g.double().abs(), **abs_kwargs)
     mag_vals = {"out": mag_out, **mag_grads}
 
     lowp = [k for k in names if dtype in LOW_PRECISION or kernel_vals[k].dtype in LOW_PRECISION]
     if lowp:
-        base_lp = base.detach().clone().requires_grad_()
+        base_lp = base.detach().clone().requires_grad_(base.requires_grad)
         params_lp = copy_params(params)
         eager_out, eager_grads = run_with_grads(ref_fn, base_lp, view, params_lp, g, **ref_kwargs)
         eager_vals = {"out": eager_out, **eager_grads}

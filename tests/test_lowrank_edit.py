@@ -12,7 +12,6 @@ from reft_kernels.reference import lowrank_edit_reference
 
 from _helpers import (
     DTYPES,
-    LAYOUTS,
     bits,
     check_against_reference,
     copy_params,
@@ -55,6 +54,8 @@ LAYOUT_CASES = [
     ("strided_rows", "strided_rows", (3, 5)),
     ("sliced_cols", "sliced_cols", (3, 7)),
     ("strided_cols", "strided_cols", (4, 5)),
+    ("col_major", "col_major", (21,)),
+    ("transposed_strided_cols", "transposed_strided_cols", (3, 5)),
     ("zero_rows", "contiguous", (0,)),
     ("zero_rows_bs", "transposed", (2, 0)),
 ]
@@ -93,20 +94,113 @@ DTYPE_CASES = [
     ("bf16_h_fp32_params", torch.bfloat16, torch.float32),
     ("fp16_h_fp32_params", torch.float16, torch.float32),
     ("fp32_h_bf16_params", torch.float32, torch.bfloat16),
+    ("fp32_h_fp64_params", torch.float32, torch.float64),
+    ("fp16_h_mixed_params", torch.float16, "mixed"),
 ]
+MIXED_PARAM_DTYPES = {"B": torch.bfloat16, "A": torch.float32, "a": torch.float16,
+                      "C": torch.float64, "c": torch.float32}
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("name,h_dtype,p_dtype", DTYPE_CASES, ids=[c[0] for c in DTYPE_CASES])
 def test_dtypes(backend, device, name, h_dtype, p_dtype, layout, mode):
+    """Forward and every gradient in low precision (judged against the same eager computation in
+    that precision) and with parameters in other dtypes than h (gradients in their own dtype).
+    The transposed cases also tie C to B."""
     d, r, lead = 100, 16, (4, 9)
     base, view = make_base(layout, lead, d, h_dtype, device=device)
     base.requires_grad_()
-    params = make_lowrank_params(d, r, p_dtype, device=device)
+    tied = layout == "transposed"
+    if p_dtype == "mixed":
+        params = make_lowrank_params(d, r, device=device, requires_grad=False)
+        params = {k: v.to(MIXED_PARAM_DTYPES[k]).requires_grad_() for k, v in params.items()}
+        if tied:
+            params["C"] = params["B"]
+    else:
+        params = make_lowrank_params(d, r, p_dtype, device=device, tied=tied)
     inplace, index = _mode_args(mode, lead, device)
-    # fp32 h with bf16 params: the parameters are exact bf16 values, so fp32 accuracy applies.
     _check(backend, base, view, params, inplace=inplace, index=index, act="gelu")
+
+
+# Triton's interpreter evaluates tanh as 2 sigmoid(2x) - 1 with numpy: exp overflows to inf for
+# large |x| (the result is still exact), which numpy reports as a RuntimeWarning.
+EXP_OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+@EXP_OVERFLOW_OK
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_lowp_activation_grads_many_rows(backend, device, dtype, act):
+    """fp16/bf16 with an activation, 512 rows, small d and r, so the error of the activation's
+    derivative dominates the gradients; five fixed seeds. The max error of every gradient must
+    stay within 2x that of eager PyTorch in the same precision (plus one ulp of slack)."""
+    d, r = 8, 2
+    for seed in range(5):
+        torch.manual_seed(seed)
+        base, view = make_base("contiguous", (512,), d, DTYPES[dtype], device=device)
+        base.requires_grad_()
+        params = make_lowrank_params(d, r, DTYPES[dtype], terms="BAa", device=device)
+        with torch.no_grad():
+            params["A"].mul_(2.0)
+        _check(backend, base, view, params, act=act)
+
+
+@pytest.mark.parametrize("mode", ["out", "inplace_index"])
+def test_noncontiguous_params(backend, device, mode):
+    """Parameters given as strided views (B as the transpose of a (d, r) tensor, a as a slice)."""
+    d, r, lead = 40, 6, (3, 7)
+    base, view = make_base("contiguous", lead, d, device=device)
+    base.requires_grad_()
+    src = make_lowrank_params(d, r, device=device, requires_grad=False)
+    leaves = {
+        "B": src["B"].t().contiguous().requires_grad_(),      # (d, r) leaf, passed as .t()
+        "A": src["A"].repeat(1, 2).requires_grad_(),           # (r, 2d) leaf, passed as [:, ::2]
+        "a": torch.stack([src["a"], src["a"]], 1).requires_grad_(),  # (r, 2), passed as [:, 1]
+        "C": src["C"].t().contiguous().requires_grad_(),
+        "c": src["c"].clone().requires_grad_(),
+    }
+    inplace, index = _mode_args(mode, lead, device)
+    fn = lowrank_edit_ if inplace else lowrank_edit
+
+    def op(h, B, A, a, C, c, **kw):
+        return fn(h, B.t(), A[:, ::2], a[:, 1], C.t(), c, **kw)
+
+    def ref(h, B, A, a, C, c, **kw):
+        return lowrank_ref_fn(h, B.t(), A[:, ::2], a[:, 1], C.t(), c, **kw)
+
+    check_against_reference(op, ref, base, view, leaves, inplace=inplace,
+                            kernel_kwargs=dict(act="silu", index=index, backend=backend),
+                            ref_kwargs=dict(act="silu", index=index))
+
+
+def test_chained_inplace_edits(backend, device):
+    """Two in-place edits of overlapping row sets, then a use of h: the second edit's backward
+    must see the rows as the first edit left them (each saves its own copy of its rows)."""
+    d, r, n = 24, 4, 18
+    leaf = torch.randn(n, d, device=device, requires_grad=True)
+    p1 = make_lowrank_params(d, r, device=device)
+    p2 = make_lowrank_params(d, r, device=device, tied=True)
+    i1 = torch.tensor([0, 3, 5, -1, 9, 12], device=device)
+    i2 = torch.tensor([12, 5, 1, 17], device=device)
+    w = torch.randn(n, d, device=device)
+
+    h = leaf * 1.0
+    lowrank_edit_(h, **p1, act="tanh", index=i1, backend=backend)
+    lowrank_edit_(h, **p2, act="relu", index=i2, backend=backend)
+    loss = (h * w).sum()
+    ins = [leaf, *(v for v in p1.values()), p2["B"], p2["A"], p2["a"], p2["c"]]
+    gk = torch.autograd.grad(loss, ins)
+
+    leaf64 = leaf.detach().double().requires_grad_()
+    q1, q2 = copy_params(p1, torch.float64), copy_params(p2, torch.float64)
+    y = lowrank_edit_reference(leaf64, **q1, act="tanh", index=i1)
+    y = lowrank_edit_reference(y, **q2, act="relu", index=i2)
+    loss64 = (y * w.double()).sum()
+    gr = torch.autograd.grad(loss64, [leaf64, *(v for v in q1.values()), q2["B"], q2["A"], q2["a"], q2["c"]])
+    assert max_err(h, y) <= 1e-5 * max_abs(y)
+    for i, (a, b) in enumerate(zip(gk, gr)):
+        assert max_err(a, b) <= 1e-5 * max_abs(b) + 1e-6, i
 
 
 @pytest.mark.parametrize("mode", ["out", "inplace_index"])
@@ -128,6 +222,50 @@ def test_mixed_dtype_result_dtypes(backend, device):
     gs = torch.autograd.grad(y.float().sum(), [h, p["B"], p["A"], p["a"], p["C"], p["c"]])
     assert gs[0].dtype == torch.bfloat16
     assert all(gr.dtype == torch.float32 for gr in gs[1:])
+
+
+# ----------------------------------------------------------------------------- partial grads, odd g
+
+@pytest.mark.parametrize("mode", ["out", "inplace_index"])
+@pytest.mark.parametrize("which", ["h", "B", "A_a", "C_c", "params", "tied_B"])
+def test_partial_requires_grad(backend, device, which, mode):
+    """Only some inputs require grad: the others get no gradient, the rest match the reference."""
+    d, r, lead = 20, 3, (3, 5)
+    base, view = make_base("contiguous", lead, d, device=device)
+    params = make_lowrank_params(d, r, device=device, requires_grad=False, tied=(which == "tied_B"))
+    want = {"h": "h", "B": "B", "A_a": "Aa", "C_c": "Cc", "params": "BAaCc", "tied_B": "B"}[which]
+    base.requires_grad_("h" in want)
+    for k in "BAaCc":
+        if k in want:
+            params[k].requires_grad_()
+    inplace, index = _mode_args(mode, lead, device)
+    res = _check(backend, base, view, params, inplace=inplace, index=index, act="gelu")
+    expected = {"out"} | ({"h"} if "h" in want else set()) | {k for k in "BAaCc" if params[k].requires_grad}
+    assert set(res) == expected
+
+
+@pytest.mark.parametrize("mode", ["out", "inplace_index"])
+@pytest.mark.parametrize("g_kind", ["expanded", "transposed"])
+def test_noncontiguous_upstream_grad(backend, device, g_kind, mode):
+    """Upstream gradients with stride 0 (``y.sum()``) or transposed strides."""
+    d, r, lead = 36, 5, (4, 6)
+    base, view = make_base("contiguous", lead, d, device=device)
+    base.requires_grad_()
+    params = make_lowrank_params(d, r, device=device)
+    if g_kind == "expanded":
+        g = torch.ones((), device=device).expand(*lead, d)
+    else:
+        g = torch.randn(lead[1], lead[0], d, device=device).transpose(0, 1)
+    inplace, index = _mode_args(mode, lead, device)
+    _check_g(backend, base, view, params, g, inplace=inplace, index=index)
+
+
+def _check_g(backend, base, view, params, g, *, inplace=False, index=None, act=None):
+    fn = lowrank_edit_ if inplace else lowrank_edit
+    return check_against_reference(
+        fn, lowrank_ref_fn, base, view, params, inplace=inplace, g=g,
+        kernel_kwargs=dict(act=act, index=index, backend=backend), ref_kwargs=dict(act=act, index=index),
+    )
 
 
 # ----------------------------------------------------------------------------- tied C is B
@@ -191,7 +329,8 @@ def test_optional_terms(backend, device, name, terms):
            act="sigmoid")
 
 
-@pytest.mark.parametrize("terms", ["BAaCc", "BAa"], ids=["all_terms", "tied_free"])
+@EXP_OVERFLOW_OK
+@pytest.mark.parametrize("terms", ["BAaCc", "BAa"], ids=["all_terms", "no_C"])
 @pytest.mark.parametrize("act", ACTIVATION_NAMES)
 def test_activations(backend, device, act, terms):
     d, r = 24, 7
@@ -201,6 +340,20 @@ def test_activations(backend, device, act, terms):
     params = make_lowrank_params(d, r, device=device, terms=terms)
     with torch.no_grad():
         params["A"].mul_(2.0)
+    _check(backend, base, view, params, act=act)
+
+
+@EXP_OVERFLOW_OK
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"])
+def test_activations_saturated(backend, device, act):
+    """Pre-activations up to |u| ~ 100: every activation and its derivative stay finite and
+    match the reference in their saturated ranges."""
+    d, r = 16, 4
+    base, view = make_base("contiguous", (20,), d, device=device)
+    base.requires_grad_()
+    params = make_lowrank_params(d, r, device=device, terms="BAa")
+    with torch.no_grad():
+        params["A"].mul_(40.0)
     _check(backend, base, view, params, act=act)
 
 
