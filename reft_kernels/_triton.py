@@ -67,6 +67,19 @@ def target_programs(device: torch.device) -> int:
     return 2
 
 
+def row_split(n_rows: int, block_m: int, n_col_blocks: int, device: torch.device) -> tuple[int, int]:
+    """Split ``n_rows`` (> 0) among the programs of a (P, n_col_blocks) grid that reduces over rows.
+
+    Returns (P, rows_per_program), ``rows_per_program`` a multiple of ``block_m``, P close to
+    ``target_programs(device) / n_col_blocks``. Each program writes one fp32 partial row, so the
+    partial buffers hold P x (width) values and the final sum over P is fixed-order.
+    """
+    n_row_blocks = cdiv(n_rows, block_m)
+    progs = max(1, min(n_row_blocks, cdiv(target_programs(device), n_col_blocks)))
+    rows_per_prog = cdiv(n_row_blocks, progs) * block_m
+    return cdiv(n_rows, rows_per_prog), rows_per_prog
+
+
 def dot_precision(h_dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for activations of ``h_dtype``.
 

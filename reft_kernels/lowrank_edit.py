@@ -42,6 +42,25 @@ TRITON_MAX_RANK = 128
 # ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
+def _row_source(idx_ptr, m, n_rows, HAS_INDEX: tl.constexpr):
+    """For block rows ``m`` (int64): (row of the edited tensor, is a real row, m < n_rows).
+
+    Without an index block row i is row i. With one it is row ``idx[i]``, and -1 padding (or a
+    row past the end of the index) is not real: its loads and stores are masked off and it reads
+    row 0's address, never a negative offset.
+    """
+    m_ok = m < n_rows
+    if HAS_INDEX:
+        src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+        row_ok = src >= 0
+        src = tl.where(row_ok, src, 0)
+    else:
+        row_ok = m_ok
+        src = m
+    return src, row_ok, m_ok
+
+
+@triton.jit
 def _lowrank_edit_fwd_kernel(
     h_ptr, y_ptr, hsave_ptr, idx_ptr,
     A_ptr, a_ptr, B_ptr, C_ptr, c_ptr,
@@ -64,14 +83,7 @@ def _lowrank_edit_fwd_kernel(
     needs every dimension >= 16 on NVIDIA GPUs; padded latent columns are masked to zero.
     """
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < n_rows
-    if HAS_INDEX:
-        src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
-        row_ok = src >= 0
-        src = tl.where(row_ok, src, 0)
-    else:
-        row_ok = m_ok
-        src = m
+    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
     h_row = src * stride_h_row
     y_row = src * stride_y_row
     k = tl.arange(0, R_PAD)
@@ -132,14 +144,7 @@ def _lowrank_edit_bwd_latent_kernel(
     """Backward pass 1 for BLOCK_M rows: ``gz = g B^T`` and ``ga = gz * act'(u)`` (when act is not
     the identity), stored as (n_rows, r) fp32, zero on padding rows. Grid (cdiv(n_rows, BLOCK_M),)."""
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < n_rows
-    if HAS_INDEX:
-        src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
-        row_ok = src >= 0
-        src = tl.where(row_ok, src, 0)
-    else:
-        row_ok = m_ok
-        src = m
+    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
     g_row = src * stride_g_row
     k = tl.arange(0, R_PAD)
     k_ok = k < r
@@ -202,14 +207,7 @@ def _lowrank_edit_bwd_kernel(
     row0 = pid_p.to(tl.int64) * rows_per_prog
     for m0 in range(0, rows_per_prog, BLOCK_M):
         m = row0 + m0 + tl.arange(0, BLOCK_M)
-        m_ok = m < n_rows
-        if HAS_INDEX:
-            src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
-            row_ok = src >= 0
-            src = tl.where(row_ok, src, 0)
-        else:
-            row_ok = m_ok
-            src = m
+        src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
         tile_ok = row_ok[:, None] & col_ok[None, :]
         lat_off = m[:, None] * r + k[None, :]
         lat_mask = m_ok[:, None] & k_ok[None, :]
@@ -369,10 +367,8 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     )
     need_dc = need_dc_w and C is not None
     block_m, block_d, warps = _tiles(n, d, r_pad, x.is_cuda, backward=True)
-    n_dblocks, n_rblocks = cdiv(d, block_d), cdiv(n, block_m)
-    progs = max(1, min(n_rblocks, cdiv(_triton.target_programs(dev), n_dblocks)))
-    rows_per_prog = cdiv(n_rblocks, progs) * block_m
-    progs = cdiv(n, rows_per_prog)
+    n_dblocks = cdiv(d, block_d)
+    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
     da_part = torch.empty((progs, r, d), **f32) if need_da_w else None
     db_part = torch.empty((progs, r, d), **f32) if need_db else None
     dc_part = torch.empty((progs, r, d), **f32) if need_dc else None

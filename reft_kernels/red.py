@@ -137,10 +137,7 @@ def _red_bwd_triton(g2, h2, scale, need_dh, need_ds, need_dt):
     block_m = 16 if g2.is_cuda else 64
     block_d = min(next_pow2(d), 256 if g2.is_cuda else 128)
     n_dblocks = cdiv(d, block_d)
-    n_rblocks = cdiv(n, block_m)
-    progs = max(1, min(n_rblocks, cdiv(_triton.target_programs(dev), n_dblocks)))
-    rows_per_prog = cdiv(n_rblocks, progs) * block_m
-    progs = cdiv(n, rows_per_prog)
+    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
     h2 = h2 if h2 is not None else g2  # only read when need_ds
     ds_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_ds else None
     dt_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_dt else None
