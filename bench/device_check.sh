@@ -23,7 +23,8 @@ step install 120 pip install --no-build-isolation --no-deps -e .
 step info 60 reft-kernels info
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 step check 180 reft-kernels check --device cuda --backend all
-step tests 420 python -m pytest -q --durations=20 -p no:cacheprovider
+# the ahead-of-time compile check is for GPU-less machines; here the kernels really run
+step tests 420 python -m pytest -q --durations=20 -p no:cacheprovider --deselect tests/test_triton_compile.py
 tail -n 3 "$OUT/tests.log" >> "$summary"
 grep -E "FAIL|Error" "$OUT/check.log" >> "$summary" || true
 cat "$summary"

@@ -83,9 +83,13 @@ def row_split(n_rows: int, block_m: int, n_col_blocks: int, device: torch.device
 def dot_precision(h_dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for activations of ``h_dtype``.
 
-    Every dot runs on fp32 operands with fp32 accumulation. For fp32 activations we ask for exact
-    IEEE products, so results match a float64 reference to ~1e-6 relative. For fp16/bf16
-    activations TF32 tensor-core products (10-bit mantissa) are already more precise than the
-    activations themselves (7 or 10 bits), so they cost no accuracy against eager low-precision math.
+    Every dot runs on fp32 operands with fp32 accumulation, on tensor cores:
+    - fp16/bf16 activations: TF32 products (10-bit mantissa), already more precise than the
+      activations themselves (7 or 10 bits), so they cost no accuracy against eager math.
+    - fp32 activations: "tf32x3", three TF32 products per multiply (hi*hi + hi*lo + lo*hi), about
+      fp32 accuracy (~1e-6 relative against float64). Exact "ieee" products would run on the FMA
+      units and keep the dot operands in registers: compiled for sm_80/sm_90 with this project's
+      tiles they used all 255 registers and spilled (tools/triton_compile_check.py).
+    The CPU interpreter ignores the setting and multiplies in fp32.
     """
-    return "ieee" if h_dtype == torch.float32 else "tf32"
+    return "tf32x3" if h_dtype == torch.float32 else "tf32"

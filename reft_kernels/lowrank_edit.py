@@ -7,8 +7,8 @@ Only ``B`` is required: a missing ``A``/``a``/``C``/``c`` drops its term. When `
 NoReFT, ConsReFT) the kernels read that matrix once and its gradient carries both terms.
 ``index`` (optional, 1-D int64) lists rows of ``h.reshape(-1, d)`` to edit; -1 entries are padding.
 
-Numerics (Triton): operands are loaded as fp32, every ``tl.dot`` accumulates in fp32 (IEEE products
-for fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows, r) latent stays
+Numerics (Triton): operands are loaded as fp32, every ``tl.dot`` accumulates in fp32 (3xTF32
+products for fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows, r) latent stays
 in registers between the two passes over ``h`` and is saved in fp32 for the backward, and ``y`` is
 rounded once to ``h``'s dtype. Parameter gradients are reduced deterministically: fp32 partials per
 program over a fixed row range, then one fixed-order sum (no atomics).
@@ -32,12 +32,6 @@ from ._backend import resolve_backend
 from ._rows import acc_dtype, as_rows
 from ._triton import cdiv, next_pow2, tl, triton
 from ._validate import check_backend_dtype, check_hidden, check_index, check_param
-
-# Largest rank the Triton kernels take: the latent tile (rows, r) and the per-program (r, BLOCK_D)
-# gradient accumulators live in registers, which past r = 128 would spill. The default dispatch
-# sends larger ranks to the PyTorch path.
-TRITON_MAX_RANK = 128
-
 
 # ----------------------------------------------------------------------------- Triton kernels
 
@@ -249,22 +243,41 @@ def _lowrank_edit_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _tiles(n: int, d: int, r_pad: int, on_gpu: bool, backward: bool):
-    """(BLOCK_M, BLOCK_D, num_warps) for the low-rank kernels.
+# GPU tiles (BLOCK_M, BLOCK_D, num_warps) per kernel, activation class and padded rank. Each was
+# compiled ahead of time for sm_90a with Triton 3.9 at d = 4096 with the heaviest flags (NoReFT's
+# terms, gelu, an index) and is the largest tile that used no local memory (no register spills);
+# tools/triton_compile_check.py re-checks all of them for sm_80 and sm_90. Larger tiles spilled,
+# e.g. a (32, 128) forward tile in fp32 at 255 registers. Speed on a GPU is not yet measured.
+_GPU_TILES = {
+    # kernel, fp32?: {r_pad: (BLOCK_M, BLOCK_D, warps)}
+    ("fwd", True): {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 16, 8)},
+    ("fwd", False): {16: (64, 64, 4), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8)},
+    ("lat", True): {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 8)},
+    ("lat", False): {16: (64, 64, 4), 32: (64, 128, 8), 64: (32, 128, 8), 128: (32, 64, 8)},
+    ("bwd", True): {16: (16, 128, 8), 32: (16, 64, 8), 64: (16, 32, 8)},
+    ("bwd", False): {16: (32, 128, 8), 32: (32, 64, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
+}
 
-    GPU: the (r_pad, BLOCK_D) weight and accumulator tiles are capped at 2048 fp32 values each so
-    that the backward's three accumulators, three weight tiles and the row tiles fit in registers
-    with 4 warps. These are first estimates, not yet measured on a GPU. Interpreter: big tiles,
-    since every program costs a fixed Python overhead there.
+
+def triton_max_rank(h_dtype: torch.dtype) -> int:
+    """Largest rank the Triton kernels take for activations of ``h_dtype``: the (rows, r) latents
+    and (r, BLOCK_D) accumulators live in registers, and no tile fits beyond these without
+    spilling (fp32 needs more registers per dot, see ``_triton.dot_precision``)."""
+    return 64 if h_dtype == torch.float32 else 128
+
+
+def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool):
+    """(BLOCK_M, BLOCK_D, num_warps) for kernel ``kind`` ("fwd", "lat" or "bwd").
+
+    GPU: from ``_GPU_TILES``, shrunk to the problem (BLOCK_M to the rows, BLOCK_D to d, never
+    below 16, which ``tl.dot`` needs). Interpreter: big tiles, since every program costs a fixed
+    Python overhead there.
     """
-    d_pow = max(16, next_pow2(d))
+    d_pow, n_pow = max(16, next_pow2(d)), max(16, next_pow2(n))
     if not on_gpu:
-        return min(64, max(16, next_pow2(n))), min(d_pow, 128), 4
-    block_d = min(d_pow, max(16, 2048 // r_pad))
-    block_m = 16 if (n <= 4096 or r_pad >= 128) else 32
-    if backward:
-        block_m = 16 if r_pad >= 64 else 32
-    return block_m, block_d, 4
+        return min(64, n_pow), min(d_pow, 128), 4
+    block_m, block_d, warps = _GPU_TILES[(kind, h_dtype == torch.float32)][r_pad]
+    return min(block_m, n_pow), min(block_d, d_pow), warps
 
 
 @dataclass(frozen=True)
@@ -319,7 +332,7 @@ def _fwd_triton(h, index, A, a, B, C, c, spec, save_u):
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
     if n > 0:
-        block_m, block_d, warps = _tiles(n, d, r_pad, h.is_cuda, backward=False)
+        block_m, block_d, warps = _tiles("fwd", n, d, r_pad, h.dtype, h.is_cuda)
         _lowrank_edit_fwd_kernel[(cdiv(n, block_m),)](
             src, dst, _dummy(hsave, z), idx,
             _dummy(A, B), _dummy(a, B), B, _dummy(C, B), _dummy(c, B),
@@ -358,7 +371,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     gz = torch.empty((n, r), **f32)
     ga = torch.empty((n, r), **f32) if has_act else None
     idx = index if index is not None else gz
-    block_m, block_d, warps = _tiles(n, d, r_pad, x.is_cuda, backward=False)
+    block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda)
     _lowrank_edit_bwd_latent_kernel[(cdiv(n, block_m),)](
         g2, idx, B, _dummy(u, gz), gz, _dummy(ga, gz),
         n, d, r, g2.stride(0), g2.stride(1),
@@ -366,7 +379,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
     )
     need_dc = need_dc_w and C is not None
-    block_m, block_d, warps = _tiles(n, d, r_pad, x.is_cuda, backward=True)
+    block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda)
     n_dblocks = cdiv(d, block_d)
     progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
     da_part = torch.empty((progs, r, d), **f32) if need_da_w else None
@@ -556,8 +569,8 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     code = act_code(act)
     tied = C is not None and C is B
     reason = None
-    if r > TRITON_MAX_RANK:
-        reason = f"the Triton kernels take ranks up to {TRITON_MAX_RANK}, got r = {r}"
+    if r > triton_max_rank(h.dtype):
+        reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
     be = resolve_backend(backend, h.device, triton_unsupported=reason)
     check_backend_dtype(be, h)
     n_rows = h.numel() // d

@@ -8,6 +8,7 @@ import torch
 
 import reft_kernels
 from reft_kernels import ACTIVATION_NAMES, lowrank_edit, lowrank_edit_
+from reft_kernels.lowrank_edit import triton_max_rank
 from reft_kernels.reference import lowrank_edit_reference
 
 from _helpers import (
@@ -734,22 +735,25 @@ def test_float64_with_triton_raises(device):
         lowrank_edit_(h, B, backend="triton")
 
 
-def test_rank_above_triton_limit(device):
-    d, r = 8, 129
-    h = torch.randn(3, d, device=device)
+@pytest.mark.parametrize("dtype,limit,rtol", [(torch.float32, 64, 1e-5), (torch.bfloat16, 128, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_rank_above_triton_limit(device, dtype, limit, rtol):
+    assert triton_max_rank(dtype) == limit
+    d, r = 8, limit + 1
+    h = torch.randn(3, d, device=device).to(dtype)
     p = make_lowrank_params(d, r, device=device, requires_grad=False)
-    with pytest.raises(ValueError, match="129"):
+    with pytest.raises(ValueError, match=str(r)):
         lowrank_edit(h, **p, backend="triton")
     # default dispatch quietly takes the PyTorch path
     ref = lowrank_edit_reference(h.double(), **copy_params(p, torch.float64, False))
     y = lowrank_edit(h, **p)
-    assert max_err(y, ref) <= 1e-5 * max_abs(ref)
-    # r = 128 is still accepted by the Triton backend
+    assert y.dtype == dtype and max_err(y, ref) <= rtol * max_abs(ref)
+    # r = limit is still accepted by the Triton backend
     if "triton" in reft_kernels._backend.available_backends(device):
-        p = make_lowrank_params(d, 128, device=device, requires_grad=False)
+        p = make_lowrank_params(d, limit, device=device, requires_grad=False)
         ref = lowrank_edit_reference(h.double(), **copy_params(p, torch.float64, False))
         y = lowrank_edit(h, **p, backend="triton")
-        assert max_err(y, ref) <= 1e-5 * max_abs(ref)
+        assert max_err(y, ref) <= rtol * max_abs(ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put params on another device")

@@ -1,0 +1,186 @@
+"""Compile every Triton kernel ahead of time for NVIDIA GPUs, with no GPU present, and check the
+GPU-only constraints that the CPU interpreter cannot see.
+
+For each kernel and a spread of the launch configurations the launchers pick on a GPU (tile
+sizes from ``_red_tiles`` / ``_tiles``, every dtype, rank, optional term, index and activation
+flag that changes the code), Triton compiles to a cubin for sm_80 (A100) and sm_90a (H100/H200);
+``cuobjdump --dump-resource-usage`` then reports registers, stack and local memory. The check
+fails on a compile error (e.g. a ``tl.dot`` dimension below 16), on any stack frame or local
+memory (register spills), or when the shared memory Triton asks for exceeds the SM's limit.
+
+    python tools/triton_compile_check.py [--quick] [--arch 80 90]
+
+Run without ``TRITON_INTERPRET`` (kernels must be real ``@triton.jit`` functions). Triton here
+may be newer than on the GPU machine, so this is strong evidence, not proof; the device run
+remains the final word.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from reft_kernels import _activations  # noqa: E402
+from reft_kernels.lowrank_edit import (  # noqa: E402  (modules shadowed by same-named functions)
+    _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _tiles,
+    triton_max_rank,
+)
+from reft_kernels.red import _red_bwd_kernel, _red_fwd_kernel, _red_tiles  # noqa: E402
+from reft_kernels._triton import dot_precision, next_pow2  # noqa: E402
+
+# Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _source(kernel, values, constexprs):
+    """ASTSource for ``kernel`` called with runtime ``values`` (name -> tensor or int), specialised
+    exactly as Triton's launcher does (ints equal to 1 become constants, multiples of 16 and
+    16-byte-aligned pointers get divisibility hints)."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        sig[name] = ty
+        if ty == "constexpr":
+            consts[name] = values[name]
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+
+
+def _t(dtype):
+    return torch.empty(16, dtype=DTYPES.get(dtype, dtype))
+
+
+def red_configs(quick, n=16384):
+    for dt, d in itertools.product(["fp32", "bf16"], [4096] if quick else [100, 4096]):
+        block_m, block_d, warps = _red_tiles(d, on_gpu=True)
+        vals = dict(h_ptr=_t(dt), s_ptr=_t("fp32"), t_ptr=_t("fp32"), y_ptr=_t(dt), n_rows=n, d=d,
+                    stride_h_row=d, stride_h_col=1, stride_y_row=d)
+        for scale, bias in [(True, True), (True, False), (False, True)]:
+            yield _red_fwd_kernel, vals, dict(
+                HAS_SCALE=scale, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
+        block_d = min(next_pow2(d), 256)
+        vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), s_ptr=_t("fp32"), dh_ptr=_t(dt), ds_part_ptr=_t("fp32"),
+                    dt_part_ptr=_t("fp32"), n_rows=n, d=d, rows_per_prog=1024, stride_g_row=d,
+                    stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d)
+        yield _red_bwd_kernel, vals, dict(
+            HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=16, BLOCK_D=block_d), 4, dt
+
+
+# (name, HAS_A, HAS_a, HAS_C, TIED, HAS_c): the term patterns of pyreft's six methods
+METHODS = [
+    ("loreft", True, True, False, True, False),
+    ("noreft", True, True, True, False, True),
+    ("direft", True, True, False, False, False),
+    ("lobireft", False, True, False, False, False),
+]
+
+
+def lowrank_configs(quick, d=4096):
+    ranks = [8, 64, 128] if quick else [1, 8, 33, 64, 128]
+    dtypes = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
+    for dt, r, (name, has_A, has_a, has_C, tied, has_c), index, act in itertools.product(
+            dtypes, ranks, METHODS, [False, True], [_activations.IDENTITY, _activations.GELU]):
+        if (quick and index and act) or r > triton_max_rank(DTYPES[dt]):
+            continue
+        r_pad = max(16, next_pow2(r))
+        prec = dot_precision(DTYPES[dt])
+        f32 = _t("fp32")
+        for n in [16384] if quick else [40, 16384]:
+            block_m, block_d, warps = _tiles("fwd", n, d, r_pad, DTYPES[dt], on_gpu=True)
+            vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64),
+                        A_ptr=f32, a_ptr=f32, B_ptr=f32, C_ptr=f32, c_ptr=f32, z_ptr=f32, u_ptr=f32,
+                        n_rows=n, d=d, r=r, stride_h_row=d, stride_h_col=1, stride_y_row=d, stride_y_col=1)
+            yield _lowrank_edit_fwd_kernel, vals, dict(
+                HAS_INDEX=index, HAS_A=has_A, HAS_a=has_a, HAS_C=has_C, TIED=tied, HAS_c=has_c,
+                ACT=act, SAVE_H=index, SAVE_U=act != 0, R_PAD=r_pad, BLOCK_M=block_m,
+                BLOCK_D=block_d, DOT_PREC=prec), warps, dt
+            vals = dict(g_ptr=_t(dt), idx_ptr=_t(torch.int64), B_ptr=f32, u_ptr=f32, gz_ptr=f32, ga_ptr=f32,
+                        n_rows=n, d=d, r=r, stride_g_row=d, stride_g_col=1)
+            block_m, block_d, warps = _tiles("lat", n, d, r_pad, DTYPES[dt], on_gpu=True)
+            yield _lowrank_edit_bwd_latent_kernel, vals, dict(
+                HAS_INDEX=index, ACT=act, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+                DOT_PREC=prec), warps, dt
+        block_m, block_d, warps = _tiles("bwd", 16384, d, r_pad, DTYPES[dt], on_gpu=True)
+        vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), dh_ptr=_t(dt), idx_ptr=_t(torch.int64), A_ptr=f32, B_ptr=f32,
+                    C_ptr=f32, z_ptr=f32, gz_ptr=f32, ga_ptr=f32, dA_part_ptr=f32, dB_part_ptr=f32,
+                    dC_part_ptr=f32, n_rows=16384, d=d, r=r, rows_per_prog=1024, stride_g_row=d,
+                    stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d, stride_dh_col=1)
+        yield _lowrank_edit_bwd_kernel, vals, dict(
+            HAS_INDEX=index, HAS_A=has_A, HAS_C=has_C, TIED=tied, ACT=act, NEED_DH=True,
+            NEED_DA=has_A, NEED_DB=True, NEED_DC=has_C, R_PAD=r_pad, BLOCK_M=block_m,
+            BLOCK_D=block_d, DOT_PREC=prec), warps, dt
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller spread of configurations")
+    ap.add_argument("--verbose", action="store_true", help="print every configuration, not only failures")
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    args = ap.parse_args(argv)
+    seen, failures, t0 = set(), 0, time.time()
+    configs = list(red_configs(args.quick)) + list(lowrank_configs(args.quick))
+    print(f"{'kernel':34s} {'arch':>4s} {'regs':>4s} {'smem':>6s} {'spill':>5s}  constexprs "
+          "(failures only unless --verbose)")
+    for kernel, values, consts, warps, dt in configs:
+        name = kernel.fn.__name__
+        key = (name, tuple(sorted(consts.items())), dt, warps,
+               tuple(sorted((k, v) for k, v in values.items() if isinstance(v, int))))
+        if key in seen:
+            continue
+        seen.add(key)
+        desc = " ".join(f"{k}={v}" for k, v in consts.items()) + f" warps={warps} {dt} d={values['d']}"
+        for arch in args.arch:
+            try:
+                k = triton.compile(_source(kernel, values, consts), target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": warps})
+                use = resource_usage(k.asm["cubin"])
+            except Exception as exc:  # a compile error is a finding, reported per config
+                failures += 1
+                print(f"{name:34s} {arch:4d} FAILED to compile: {str(exc).splitlines()[0][:200]}  {desc}")
+                continue
+            spill = use.get("STACK", 0) + use.get("LOCAL", 0)
+            smem = k.metadata.shared
+            bad = spill > 0 or smem > SHARED_LIMIT[arch]
+            failures += bad
+            if bad or args.verbose:
+                print(f"{name:34s} {arch:4d} {use.get('REG', -1):4d} {smem:6d} {spill:5d}  "
+                      f"{desc}{'  <-- FAIL' if bad else ''}")
+    print(f"{len(seen)} configurations x {len(args.arch)} archs in {time.time() - t0:.0f} s: "
+          f"{'all compiled within limits' if not failures else f'{failures} failed'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
