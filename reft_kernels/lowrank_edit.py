@@ -244,18 +244,20 @@ def _lowrank_edit_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 # GPU tiles (BLOCK_M, BLOCK_D, num_warps) per kernel, activation class and padded rank. Each was
-# compiled ahead of time for sm_90a with Triton 3.9 at d = 4096 with the heaviest flags (NoReFT's
-# terms, gelu, an index) and is the largest tile that used no local memory (no register spills);
-# tools/triton_compile_check.py re-checks all of them for sm_80 and sm_90. Larger tiles spilled,
-# e.g. a (32, 128) forward tile in fp32 at 255 registers. Speed on a GPU is not yet measured.
+# compiled ahead of time for sm_80 and sm_90a with Triton 3.9 at d = 4096 with the heaviest flags
+# (NoReFT's terms, gelu, an index): among the tiles that used no local memory (no register
+# spills) on both, the largest with some register headroom, BLOCK_M preferred (each program
+# reads the whole weight matrices, so taller tiles amortise them). Larger tiles spilled, e.g. a
+# (32, 128) fp32 forward tile at 255 registers. tools/triton_compile_check.py re-checks them all.
+# Speed on a GPU is not yet measured.
 _GPU_TILES = {
     # kernel, fp32?: {r_pad: (BLOCK_M, BLOCK_D, warps)}
-    ("fwd", True): {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 16, 8)},
-    ("fwd", False): {16: (64, 64, 4), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8)},
-    ("lat", True): {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 8)},
-    ("lat", False): {16: (64, 64, 4), 32: (64, 128, 8), 64: (32, 128, 8), 128: (32, 64, 8)},
+    ("fwd", True): {16: (64, 32, 4), 32: (64, 16, 8), 64: (32, 32, 8)},
+    ("fwd", False): {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("lat", True): {16: (64, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8)},
+    ("lat", False): {16: (64, 128, 8), 32: (64, 128, 8), 64: (32, 128, 8), 128: (32, 64, 8)},
     ("bwd", True): {16: (16, 128, 8), 32: (16, 64, 8), 64: (16, 32, 8)},
-    ("bwd", False): {16: (32, 128, 8), 32: (32, 64, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
+    ("bwd", False): {16: (32, 128, 8), 32: (32, 64, 8), 64: (64, 16, 8), 128: (32, 16, 8)},
 }
 
 
