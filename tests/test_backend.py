@@ -164,3 +164,13 @@ def test_triton_on_cpu_without_interpreter_subprocess():
         assert line.startswith("RuntimeError:"), line
         assert "TRITON_INTERPRET" in line, line
     assert lines[2] == "DEFAULT OK"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="triton is a dependency on Linux only")
+def test_triton_backend_is_exercised(device):
+    """On Linux triton is installed with the package: if it cannot run here, every Triton test
+    above would be skipped silently, so fail loudly instead."""
+    from reft_kernels import _triton
+
+    assert _triton.HAS_TRITON, f"triton failed to import: {_triton.TRITON_IMPORT_ERROR}"
+    assert "triton" in reft_kernels.available_backends(device)
