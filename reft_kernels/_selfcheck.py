@@ -31,17 +31,16 @@ def _index(device):
 def cases(device) -> list[Case]:
     h, v, m = SHAPE + (D,), (D,), (R, D)
     idx = _index(device)
-    lr = lambda *t, **kw: lowrank_edit(*t, **kw)  # noqa: E731
     return [
         Case("red", lambda be, h, s, t: red(h, s, t, backend=be), ref.red_reference, [h, v, v]),
         Case("red (scale only)", lambda be, h, s: red(h, s, backend=be), ref.red_reference, [h, v]),
         Case("red (bias only)", lambda be, h, t: red(h, None, t, backend=be),
              lambda h, t: ref.red_reference(h, None, t), [h, v]),
-        Case("lowrank_edit", lambda be, *t: lr(*t, backend=be), ref.lowrank_edit_reference,
+        Case("lowrank_edit", lambda be, *t: lowrank_edit(*t, backend=be), ref.lowrank_edit_reference,
              [h, m, m, (R,), m, (R,)]),
-        Case("lowrank_edit (act=gelu)", lambda be, *t: lr(*t, act="gelu", backend=be),
+        Case("lowrank_edit (act=gelu)", lambda be, *t: lowrank_edit(*t, act="gelu", backend=be),
              lambda *t: ref.lowrank_edit_reference(*t, act="gelu"), [h, m, m, (R,), m, (R,)]),
-        Case("lowrank_edit (index)", lambda be, *t: lr(*t, index=idx, backend=be),
+        Case("lowrank_edit (index)", lambda be, *t: lowrank_edit(*t, index=idx, backend=be),
              lambda *t: ref.lowrank_edit_reference(*t, index=idx), [h, m, m, (R,), m, (R,)]),
         Case("lowrank_edit_ (in place, index)",
              lambda be, h, *t: lowrank_edit_(h * 1, *t, index=idx, backend=be),

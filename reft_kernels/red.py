@@ -203,7 +203,7 @@ class RedFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, scale)
-        return y2.view(h.shape) if y2.is_contiguous() else y2.reshape(h.shape)
+        return y2.reshape(h.shape)
 
     @staticmethod
     def backward(ctx, g):
