@@ -33,3 +33,26 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard", default=None, metavar="I/N",
+        help="run only the I-th of N contiguous slices of the collected tests (0-based), so that "
+             "N processes can share one run; used by bench/device_check.sh, where compiling "
+             "each kernel specialisation for the GPU dominates the time",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"--shard must be I/N with 0 <= I < N, got {spec!r}") from None
+    lo, hi = len(items) * i // n, len(items) * (i + 1) // n
+    config.hook.pytest_deselected(items=items[:lo] + items[hi:])
+    items[:] = items[lo:hi]
