@@ -110,6 +110,14 @@ def _red_tiles(d: int, on_gpu: bool):
     return max(1, 8192 // block_d), block_d, 4
 
 
+def _red_bwd_tiles(d: int, on_gpu: bool):
+    """(BLOCK_M, BLOCK_D, num_warps) of the backward: each program loops over its rows in
+    BLOCK_M-row steps, keeping two fp32 column accumulators of BLOCK_D. Not yet tuned on a GPU."""
+    if on_gpu:
+        return 16, min(next_pow2(d), 256), 4
+    return 64, min(next_pow2(d), 128), 4
+
+
 def _red_fwd_triton(h2, scale, bias):
     n, d = h2.shape
     y = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
@@ -134,8 +142,7 @@ def _red_bwd_triton(g2, h2, scale, need_dh, need_ds, need_dt):
     if n == 0:
         zeros = torch.zeros(d, dtype=torch.float32, device=dev)
         return dh, (zeros if need_ds else None), (zeros.clone() if need_dt else None)
-    block_m = 16 if g2.is_cuda else 64
-    block_d = min(next_pow2(d), 256 if g2.is_cuda else 128)
+    block_m, block_d, warps = _red_bwd_tiles(d, g2.is_cuda)
     n_dblocks = cdiv(d, block_d)
     progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
     h2 = h2 if h2 is not None else g2  # only read when need_ds
@@ -148,7 +155,7 @@ def _red_bwd_triton(g2, h2, scale, need_dh, need_ds, need_dt):
         n, d, rows_per_prog,
         g2.stride(0), g2.stride(1), h2.stride(0), h2.stride(1), d,
         HAS_SCALE=scale is not None, NEED_DH=need_dh, NEED_DS=need_ds, NEED_DT=need_dt,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
     ds = ds_part.sum(0) if need_ds else None
     dt = dt_part.sum(0) if need_dt else None

@@ -2,7 +2,7 @@
 GPU-only constraints that the CPU interpreter cannot see.
 
 For each kernel and a spread of the launch configurations the launchers pick on a GPU (tile
-sizes from ``_red_tiles`` / ``_tiles``, every dtype, rank, optional term, index and activation
+sizes from ``_red_tiles`` / ``_red_bwd_tiles`` / ``_tiles``, every dtype, rank, optional term, index and activation
 flag that changes the code), Triton compiles to a cubin for sm_80 (A100) and sm_90a (H100/H200);
 ``cuobjdump --dump-resource-usage`` then reports registers, stack and local memory. The check
 fails on a compile error (e.g. a ``tl.dot`` dimension below 16), on any stack frame or local
@@ -42,7 +42,7 @@ from reft_kernels.lowrank_edit import (  # noqa: E402  (modules shadowed by same
     _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _tiles,
     triton_max_rank,
 )
-from reft_kernels.red import _red_bwd_kernel, _red_fwd_kernel, _red_tiles  # noqa: E402
+from reft_kernels.red import _red_bwd_kernel, _red_fwd_kernel, _red_bwd_tiles, _red_tiles  # noqa: E402
 from reft_kernels._triton import dot_precision, next_pow2  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
@@ -85,12 +85,12 @@ def red_configs(quick, n=16384):
         for scale, bias in [(True, True), (True, False), (False, True)]:
             yield _red_fwd_kernel, vals, dict(
                 HAS_SCALE=scale, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
-        block_d = min(next_pow2(d), 256)
+        block_m, block_d, warps = _red_bwd_tiles(d, on_gpu=True)
         vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), s_ptr=_t("fp32"), dh_ptr=_t(dt), ds_part_ptr=_t("fp32"),
                     dt_part_ptr=_t("fp32"), n_rows=n, d=d, rows_per_prog=1024, stride_g_row=d,
                     stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d)
         yield _red_bwd_kernel, vals, dict(
-            HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=16, BLOCK_D=block_d), 4, dt
+            HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
 
 
 # (name, HAS_A, HAS_a, HAS_C, TIED, HAS_c): the term patterns of pyreft's six methods
