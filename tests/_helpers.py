@@ -32,6 +32,15 @@ LOWP_FACTOR = 2.0
 LOWRANK_PARAMS = ("B", "A", "a", "C", "c")
 RED_PARAMS = ("scale", "bias")
 
+# (id, h dtype, parameter dtype): low-precision and mixed-dtype cases shared by the op tests
+MIXED_DTYPE_CASES = [
+    ("bf16", torch.bfloat16, torch.bfloat16),
+    ("fp16", torch.float16, torch.float16),
+    ("bf16_h_fp32_params", torch.bfloat16, torch.float32),
+    ("fp16_h_fp32_params", torch.float16, torch.float32),
+    ("fp32_h_bf16_params", torch.float32, torch.bfloat16),
+]
+
 DTYPES = {
     "fp32": torch.float32,
     "fp64": torch.float64,

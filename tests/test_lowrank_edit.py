@@ -12,6 +12,7 @@ from reft_kernels.lowrank_edit import triton_max_rank
 from reft_kernels.reference import lowrank_edit_reference
 
 from _helpers import (
+    MIXED_DTYPE_CASES,
     DTYPES,
     bits,
     check_against_reference,
@@ -88,13 +89,8 @@ def test_layouts_fp32(backend, device, d, r, name, layout, lead, mode):
 
 # ----------------------------------------------------------------------------- dtypes
 
-DTYPE_CASES = [
+DTYPE_CASES = MIXED_DTYPE_CASES + [
     # (id, h dtype, param dtype)
-    ("bf16", torch.bfloat16, torch.bfloat16),
-    ("fp16", torch.float16, torch.float16),
-    ("bf16_h_fp32_params", torch.bfloat16, torch.float32),
-    ("fp16_h_fp32_params", torch.float16, torch.float32),
-    ("fp32_h_bf16_params", torch.float32, torch.bfloat16),
     ("fp32_h_fp64_params", torch.float32, torch.float64),
     ("fp16_h_mixed_params", torch.float16, "mixed"),
 ]

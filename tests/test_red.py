@@ -10,6 +10,7 @@ from reft_kernels import red
 from reft_kernels.reference import red_reference
 
 from _helpers import (
+    MIXED_DTYPE_CASES,
     DTYPES,
     LAYOUTS,
     bits,
@@ -65,13 +66,7 @@ def test_red_layouts_and_terms_fp32(backend, device, layout, lead, terms):
         _check(backend, base, view, params)
 
 
-DTYPE_CASES = [
-    ("bf16", torch.bfloat16, torch.bfloat16),
-    ("fp16", torch.float16, torch.float16),
-    ("bf16_h_fp32_params", torch.bfloat16, torch.float32),
-    ("fp16_h_fp32_params", torch.float16, torch.float32),
-    ("fp32_h_bf16_params", torch.float32, torch.bfloat16),
-]
+DTYPE_CASES = MIXED_DTYPE_CASES
 
 
 @pytest.mark.parametrize("terms", ["scale_bias", "scale_only", "bias_only"])
