@@ -5,7 +5,8 @@ Backends:
   was enabled (``TRITON_INTERPRET=1`` before ``reft_kernels`` was imported).
 - ``"torch"``: the same autograd Functions computed with PyTorch ops (hand-written, memory-lean
   backward). Runs on any device and dtype, float64 included.
-- ``"cuda"``: the CUDA C++ extension ``reft_kernels._C``, when it was built.
+- ``"cuda"``: the CUDA C++ kernels of the extension ``reft_kernels._C`` (CUDA tensors, when it
+  was built; see ``reft_kernels._cuda``). Opt-in: never picked by default.
 
 ``backend=None`` picks the default: the ``REFT_KERNELS_BACKEND`` environment variable when set,
 otherwise Triton for CUDA tensors and the PyTorch path for everything else.
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from . import _triton
+from . import _cuda, _triton
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "REFT_KERNELS_BACKEND"
@@ -24,11 +25,7 @@ ENV_VAR = "REFT_KERNELS_BACKEND"
 
 def cuda_extension_available() -> bool:
     """True when the compiled extension ``reft_kernels._C`` can be imported."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _cuda.extension_available()
 
 
 def triton_usable_on(device: torch.device) -> bool:
@@ -40,12 +37,13 @@ def triton_usable_on(device: torch.device) -> bool:
     return _triton.INTERPRET and device.type == "cpu"
 
 
-def resolve_backend(backend: str | None, device: torch.device, *, triton_unsupported: str | None = None) -> str:
+def resolve_backend(backend: str | None, device: torch.device, *, triton_unsupported: str | None = None,
+                    cuda_unsupported: str | None = None) -> str:
     """Return the backend to run on ``device``; raise a clear error when it cannot run there.
 
-    ``triton_unsupported``: why the Triton kernels cannot take this particular call (None when
-    they can). The default dispatch then quietly picks the PyTorch path; an explicit request for
-    Triton (argument or environment variable) raises ValueError with that reason.
+    ``triton_unsupported`` / ``cuda_unsupported``: why those kernels cannot take this particular
+    call (None when they can). The default dispatch then quietly picks the PyTorch path; an
+    explicit request (argument or environment variable) raises ValueError with that reason.
     """
     source = "backend"
     if backend is None:
@@ -80,12 +78,9 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
     elif backend == "cuda":
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device.type}")
-        if not cuda_extension_available():
-            raise RuntimeError(
-                "backend='cuda' needs the compiled extension reft_kernels._C, which is not built in "
-                "this install; see the README's section on building the CUDA extension"
-            )
-        raise NotImplementedError("the CUDA C++ kernels are not wired into the dispatch yet")
+        if cuda_unsupported is not None:
+            raise ValueError(f"backend='cuda' (from {source}): {cuda_unsupported}; use backend='torch'")
+        _cuda.extension()  # raises RuntimeError with build instructions when it is not built
     return backend
 
 

@@ -66,14 +66,15 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
     index = index.to(torch.int64).contiguous()
     if index.numel() == 0:
         return index
-    valid = index[index >= 0]
-    sorted_rows = valid.sort().values
-    flags = torch.stack(
-        [
-            (index < -1).any() | (index >= n_rows).any(),
-            (sorted_rows[1:] == sorted_rows[:-1]).any(),
-        ]
-    ).tolist()
+    sorted_rows = index.sort().values
+    out_of_range = (index < -1).any() | (index >= n_rows).any()
+    duplicate = ((sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)).any()
+    if torch.compiler.is_compiling():
+        # No host sync inside a compiled graph: the same checks as device-side assertions.
+        torch._assert_async(~out_of_range, "index entries must lie in [-1, number of rows of h)")
+        torch._assert_async(~duplicate, "index lists a row more than once")
+        return index
+    flags = torch.stack([out_of_range, duplicate]).tolist()
     if flags[0]:
         lo, hi = int(index.min()), int(index.max())
         raise ValueError(
@@ -81,6 +82,7 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
             f"({n_rows} rows of width {h.shape[-1]}), got values in [{lo}, {hi}]"
         )
     if flags[1]:
-        dup = sorted_rows[1:][sorted_rows[1:] == sorted_rows[:-1]][0].item()
+        dup_mask = (sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)
+        dup = sorted_rows[1:][dup_mask][0].item()
         raise ValueError(f"index lists row {dup} more than once: each row may be edited at most once")
     return index

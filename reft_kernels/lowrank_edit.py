@@ -17,7 +17,14 @@ Memory: the forward saves ``h`` by reference (out of place) or a copy of the lis
 (in place), plus the (rows, r) latent; the backward allocates ``dh`` and (P, r, d) fp32 partials
 with P about 4 x the SM count / number of column blocks, never another (N, d) temporary.
 
-File layout: Triton kernels, launchers, the PyTorch path, ``LowrankEditFunction``, public API.
+CUDA backend (``backend="cuda"``, opt-in; ranks up to 64): ``csrc/lowrank_edit_fwd.cu`` and
+``csrc/lowrank_edit_bwd.cu``, with fp32 FMA products (not TF32), the same saved tensors and the
+same deterministic partial sums, reached through the torch.library ops
+``reft_kernels::lowrank_edit_fwd``, ``reft_kernels::lowrank_edit_fwd_`` (in place) and
+``reft_kernels::lowrank_edit_bwd``.
+
+File layout: Triton kernels, launchers, the PyTorch path, the CUDA ops, ``LowrankEditFunction``,
+public API.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _cuda, _triton
 from ._activations import IDENTITY, act_code, act_fwd_tl, act_grad_tl, act_grad_torch, act_torch
 from ._backend import resolve_backend
 from ._rows import acc_dtype, as_rows
@@ -517,6 +524,160 @@ def _bwd_torch(g, x, index, A, B, C, z, u, spec, need):
     return dh, out[1:]
 
 
+# ----------------------------------------------------------------------------- CUDA ops
+
+# torch.library ops. CUDA tensors run reft_kernels._C; other devices run the PyTorch path above
+# (so the registration and the fake implementations are testable anywhere). Latents (n, r) and
+# parameter gradients are in the accumulation dtype (float32; float64 for float64 h); an output
+# that was not asked for is an empty tensor. With an index, the (n, r) latents and the (n, d)
+# saved rows have one row per index entry, zero (latents) on -1 padding.
+
+_FWD_SCHEMA = "int act, bool tied, bool save_u) -> (Tensor, Tensor, Tensor)"
+_PARAMS_SCHEMA = "Tensor? A, Tensor? a, Tensor B, Tensor? C, Tensor? c, "
+
+
+def _latents_fake(n, r, like, save_u):
+    acc = acc_dtype(like.dtype)
+    return like.new_empty((n, r), dtype=acc), like.new_empty((n, r) if save_u else (0,), dtype=acc)
+
+
+@torch.library.custom_op("reft_kernels::lowrank_edit_fwd", mutates_args=(),
+                         schema="(Tensor h2, " + _PARAMS_SCHEMA + _FWD_SCHEMA)
+def _lowrank_edit_fwd_op(h2, A, a, B, C, c, act, tied, save_u):
+    """Out of place on the rows of ``h2`` (n, d): returns (y, z, u)."""
+    acc = acc_dtype(h2.dtype)
+    y, z, u, _ = _fwd_torch(h2, None, A, a, B, C, c, _Spec("torch", act, tied), save_u)
+    return y, z.to(acc, copy=True), (u.to(acc, copy=True) if save_u else _cuda.empty(h2, acc))
+
+
+@_lowrank_edit_fwd_op.register_kernel("cuda")
+def _lowrank_edit_fwd_op_cuda(h2, A, a, B, C, c, act, tied, save_u):
+    n, d = h2.shape
+    y = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
+    z, u, _ = _cuda.extension().lowrank_edit_fwd(
+        h2, y, None, n, d, h2.stride(0), h2.stride(1), d, 1,
+        A, a, B, (B if tied else C), c, act, False, save_u)
+    return y, z, u
+
+
+@_lowrank_edit_fwd_op.register_fake
+def _lowrank_edit_fwd_op_fake(h2, A, a, B, C, c, act, tied, save_u):
+    return (h2.new_empty(h2.shape), *_latents_fake(h2.shape[0], B.shape[0], h2, save_u))
+
+
+@torch.library.custom_op("reft_kernels::lowrank_edit_fwd_", mutates_args=("h",),
+                         schema="(Tensor(a!) h, Tensor index, " + _PARAMS_SCHEMA + _FWD_SCHEMA)
+def _lowrank_edit_fwd_inplace_op(h, index, A, a, B, C, c, act, tied, save_u):
+    """Edits rows ``index`` of ``h.reshape(-1, d)`` in place: returns (z, u, hsave)."""
+    acc = acc_dtype(h.dtype)
+    n, r, d = index.shape[0], B.shape[0], h.shape[-1]
+    _, zv, uv, hs = _fwd_torch(h, index, A, a, B, C, c, _Spec("torch", act, tied), save_u)
+    valid = index >= 0
+    z = h.new_zeros((n, r), dtype=acc)
+    z[valid] = zv.to(acc)
+    u = _cuda.empty(h, acc)
+    if save_u:
+        u = h.new_zeros((n, r), dtype=acc)
+        u[valid] = uv.to(acc)
+    hsave = h.new_zeros((n, d))
+    hsave[valid] = hs
+    return z, u, hsave
+
+
+@_lowrank_edit_fwd_inplace_op.register_kernel("cuda")
+def _lowrank_edit_fwd_inplace_op_cuda(h, index, A, a, B, C, c, act, tied, save_u):
+    d = h.shape[-1]
+    idx, s_row, s_col = _rows_addressing(h, index)
+    z, u, hsave = _cuda.extension().lowrank_edit_fwd(
+        h, h, idx, index.shape[0], d, s_row, s_col, s_row, s_col,
+        A, a, B, (B if tied else C), c, act, True, save_u)
+    return z, u, hsave
+
+
+@_lowrank_edit_fwd_inplace_op.register_fake
+def _lowrank_edit_fwd_inplace_op_fake(h, index, A, a, B, C, c, act, tied, save_u):
+    n = index.shape[0]
+    return (*_latents_fake(n, B.shape[0], h, save_u), h.new_empty((n, h.shape[-1])))
+
+
+@torch.library.custom_op(
+    "reft_kernels::lowrank_edit_bwd", mutates_args=(),
+    schema="(Tensor g, Tensor x, Tensor? index, Tensor? A, Tensor B, Tensor? C, Tensor z, Tensor? u, int act, "
+           "bool tied, bool need_dh, bool need_dA, bool need_da, bool need_dB, bool need_dC, bool need_dc) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _lowrank_edit_bwd_op(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB, need_dC,
+                         need_dc):
+    """Backward: (dh shaped like g, dA, da, dB, dC, dc). ``x`` (n, d): the input rows (with an
+    index, the forward's hsave); z, u (n, r) from the forward."""
+    acc = acc_dtype(x.dtype)
+    need = (need_dh, need_dA, need_da, need_dB, need_dC, need_dc)
+    if index is not None:
+        valid = index >= 0
+        x, z = x[valid], z[valid]
+        u = u[valid] if u is not None else None
+    u = u.to(x.dtype) if u is not None and u.numel() else None
+    dh, grads = _bwd_torch(g, x, index, A, B, C, z.to(x.dtype), u, _Spec("torch", act, tied), need)
+    dh = dh.contiguous().clone() if need_dh else _cuda.empty(g)
+    return (dh, *(gr.to(acc, copy=True) if gr is not None else _cuda.empty(g, acc) for gr in grads))
+
+
+@_lowrank_edit_bwd_op.register_kernel("cuda")
+def _lowrank_edit_bwd_op_cuda(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB, need_dC,
+                              need_dc):
+    n, d = x.shape
+    try:
+        g2 = g.view(-1, d)
+    except RuntimeError:  # one index serves g and dh: g needs a single row stride
+        g2 = g.contiguous().view(-1, d)
+    dh = None
+    if need_dh:
+        dh = g2.clone(memory_format=torch.contiguous_format) if index is not None else torch.empty_like(
+            g2, memory_format=torch.contiguous_format)
+    need_dc_w = need_dC and C is not None
+    gz, ga, dA, dB, dC = _cuda.extension().lowrank_edit_bwd(
+        g2, dh, index, n, d, g2.stride(0), g2.stride(1), d, 1, x, A, B, (B if tied else C), z,
+        (u if act != IDENTITY else None), act, need_dA, need_dB, need_dc_w)
+    lat = ga if act != IDENTITY else gz
+    empty = _cuda.empty(g, torch.float32)
+    return (dh.view(g.shape) if need_dh else _cuda.empty(g), dA, lat.sum(0) if need_da else empty,
+            dB, dC if need_dc_w else empty.clone(), gz.sum(0).neg_() if need_dc else empty.clone())
+
+
+@_lowrank_edit_bwd_op.register_fake
+def _lowrank_edit_bwd_op_fake(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB,
+                              need_dC, need_dc):
+    acc = acc_dtype(x.dtype)
+    r, d = B.shape
+
+    def out(need, shape):
+        return g.new_empty(shape if need else (0,), dtype=acc)
+
+    return (g.new_empty(g.shape) if need_dh else g.new_empty((0,)), out(need_dA, (r, d)), out(need_da, (r,)),
+            out(need_dB, (r, d)), out(need_dC and C is not None, (r, d)), out(need_dc, (r,)))
+
+
+def _fwd_cuda(h, index, A, a, B, C, c, spec, save_u):
+    """CUDA forward with ``_fwd_triton``'s contract."""
+    if index is None:
+        y, z, u = _lowrank_edit_fwd_op(as_rows(h), A, a, B, C, c, spec.act, spec.tied, save_u)
+        return y, z, (u if save_u else None), None
+    z, u, hsave = _lowrank_edit_fwd_inplace_op(h, index, A, a, B, C, c, spec.act, spec.tied, save_u)
+    return h, z, (u if save_u else None), hsave
+
+
+def _bwd_cuda(g, x, index, A, B, C, z, u, spec, need):
+    """CUDA backward with ``_bwd_triton``'s contract."""
+    x2 = as_rows(x) if index is None else x
+    dh, *grads = _lowrank_edit_bwd_op(g, x2, index, A, B, C, z, u, spec.act, spec.tied, *need)
+    need_grads = (need[1], need[2], need[3], need[4] and C is not None, need[5])
+    return (dh if need[0] else None), tuple(_cuda.none_if_empty(gr, nd) for gr, nd in zip(grads, need_grads))
+
+
+_FWD = {"triton": _fwd_triton, "cuda": _fwd_cuda, "torch": _fwd_torch}
+_BWD = {"triton": _bwd_triton, "cuda": _bwd_cuda, "torch": _bwd_torch}
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class LowrankEditFunction(torch.autograd.Function):
@@ -531,8 +692,7 @@ class LowrankEditFunction(torch.autograd.Function):
     def forward(ctx, h, A, a, B, C, c, spec, index):
         ctx.spec = spec
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (A, a, B, C, c))
-        fwd = _fwd_triton if spec.backend == "triton" else _fwd_torch
-        out, z, u, hsave = fwd(h, index, A, a, B, C, c, spec, spec.act != IDENTITY)
+        out, z, u, hsave = _FWD[spec.backend](h, index, A, a, B, C, c, spec, spec.act != IDENTITY)
         if index is not None:
             ctx.mark_dirty(h)
             ctx.save_for_backward(hsave, index, z, u, A, B, C)
@@ -545,8 +705,7 @@ class LowrankEditFunction(torch.autograd.Function):
         x, index, z, u, A, B, C = ctx.saved_tensors
         # (dh, dA, da, dB, dC, dc); with spec.tied, C is None and dB carries both of B's terms
         need = tuple(ctx.needs_input_grad[:6])
-        bwd = _bwd_triton if ctx.spec.backend == "triton" else _bwd_torch
-        dh, grads = bwd(g, x, index, A, B, C, z, u, ctx.spec, need)
+        dh, grads = _BWD[ctx.spec.backend](g, x, index, A, B, C, z, u, ctx.spec, need)
         grads = tuple(None if gr is None else gr.to(dt) for gr, dt in zip(grads, ctx.dtypes))
         return (dh, *grads, None, None)
 
@@ -570,10 +729,12 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     check_param(c, "c", (r,), h, optional=True)
     code = act_code(act)
     tied = C is not None and C is B
-    reason = None
+    reason = cuda_reason = None
     if r > triton_max_rank(h.dtype):
         reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
-    be = resolve_backend(backend, h.device, triton_unsupported=reason)
+    if r > _cuda.CUDA_MAX_RANK:
+        cuda_reason = f"the CUDA kernels take ranks up to {_cuda.CUDA_MAX_RANK}, got r = {r}"
+    be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason)
     check_backend_dtype(be, h)
     n_rows = h.numel() // d
     if index is not None:
@@ -582,6 +743,8 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
         index = torch.arange(n_rows, device=h.device)
     if be == "triton":
         A, a, B, C, c = (t.contiguous() if t is not None else None for t in (A, a, B, C, c))
+    elif be == "cuda":
+        A, a, B, C, c = _cuda.kernel_params(h.dtype, A, a, B, (None if tied else C), c)
     return _Spec(be, code, tied), A, a, B, (None if tied else C), c, index
 
 
@@ -597,7 +760,7 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
         index: optional 1-D int64 tensor of row numbers into ``h.reshape(-1, d)``; only those rows
             are edited, -1 entries are skipped, a row may be listed once (duplicates raise
             ValueError). The result equals ``h.clone()`` followed by ``lowrank_edit_`` on it.
-        backend: None (default dispatch), "triton" or "torch".
+        backend: None (default dispatch), "triton", "cuda" or "torch" (see ``reft_kernels._backend``).
 
     Returns ``y`` with ``h``'s shape and dtype; gradients flow to ``h`` and every parameter, each
     in its own dtype.

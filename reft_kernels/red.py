@@ -9,13 +9,18 @@ differ from it in the last bit. Backward: ``dh = g * s``, ``ds = sum_rows(g * h)
 ``dt = sum_rows(g)``; the column sums are accumulated in fp32, per program over a fixed range of
 rows, then summed over programs in a fixed order (no atomics: bitwise reproducible).
 
-File layout: Triton kernels, their launchers, the PyTorch path, then ``RedFunction`` and ``red``.
+CUDA backend (``backend="cuda"``, opt-in): the kernels of ``csrc/red_fwd.cu`` and ``csrc/red_bwd.cu``
+(same numerics; 16-byte vectors, the backward's partial sums finished by a fixed-order sum),
+reached through the torch.library ops ``reft_kernels::red_fwd`` and ``reft_kernels::red_bwd``.
+
+File layout: Triton kernels, their launchers, the PyTorch path, the CUDA ops, then
+``RedFunction`` and ``red``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _triton
+from . import _cuda, _triton
 from ._backend import resolve_backend
 from ._rows import acc_dtype, as_rows
 from ._triton import cdiv, next_pow2, tl, triton
@@ -197,16 +202,81 @@ def _red_bwd_torch(g2, h2, scale, need_dh, need_ds, need_dt):
     return dh, ds, dt
 
 
+# ----------------------------------------------------------------------------- CUDA ops
+
+# torch.library ops over (n, d) row matrices. CUDA tensors run reft_kernels._C; other devices
+# run the PyTorch path (so the registration and fake implementations are testable anywhere).
+# Outputs that were not asked for are empty tensors. ds/dt are in the accumulation dtype.
+
+@torch.library.custom_op("reft_kernels::red_fwd", mutates_args=(),
+                         schema="(Tensor h2, Tensor? scale, Tensor? bias) -> Tensor")
+def _red_fwd_op(h2, scale, bias):
+    return _red_fwd_torch(h2, scale, bias).contiguous()
+
+
+@_red_fwd_op.register_kernel("cuda")
+def _red_fwd_op_cuda(h2, scale, bias):
+    return _cuda.extension().red_fwd(h2, scale, bias)
+
+
+@_red_fwd_op.register_fake
+def _red_fwd_op_fake(h2, scale, bias):
+    return h2.new_empty(h2.shape)
+
+
+@torch.library.custom_op(
+    "reft_kernels::red_bwd", mutates_args=(),
+    schema="(Tensor g2, Tensor? h2, Tensor? scale, bool need_dh, bool need_ds, bool need_dt) -> (Tensor, Tensor, Tensor)",
+)
+def _red_bwd_op(g2, h2, scale, need_dh, need_ds, need_dt):
+    dh, ds, dt = _red_bwd_torch(g2, h2, scale, need_dh, need_ds, need_dt)
+    empty = _cuda.empty(g2, acc_dtype(g2.dtype))
+    dh = dh.clone(memory_format=torch.contiguous_format) if dh is g2 or (dh is not None and not dh.is_contiguous()) else dh
+    return (dh if need_dh else _cuda.empty(g2)), (ds if need_ds else empty), (dt if need_dt else empty.clone())
+
+
+@_red_bwd_op.register_kernel("cuda")
+def _red_bwd_op_cuda(g2, h2, scale, need_dh, need_ds, need_dt):
+    return tuple(_cuda.extension().red_bwd(g2, h2, scale, need_dh, need_ds, need_dt))
+
+
+@_red_bwd_op.register_fake
+def _red_bwd_op_fake(g2, h2, scale, need_dh, need_ds, need_dt):
+    acc = acc_dtype(g2.dtype)
+    d = g2.shape[1]
+    return (g2.new_empty(g2.shape) if need_dh else g2.new_empty((0,)),
+            g2.new_empty((d,) if need_ds else (0,), dtype=acc),
+            g2.new_empty((d,) if need_dt else (0,), dtype=acc))
+
+
+def _unit_cols(t):
+    return t if t is None or t.stride(1) == 1 else t.contiguous()
+
+
+def _red_fwd_cuda(h2, scale, bias):
+    scale, bias = _cuda.kernel_params(h2.dtype, scale, bias)
+    return _red_fwd_op(_unit_cols(h2), scale, bias)
+
+
+def _red_bwd_cuda(g2, h2, scale, need_dh, need_ds, need_dt):
+    (scale,) = _cuda.kernel_params(g2.dtype, scale)
+    dh, ds, dt = _red_bwd_op(_unit_cols(g2), _unit_cols(h2), scale, need_dh, need_ds, need_dt)
+    return (_cuda.none_if_empty(dh, need_dh), _cuda.none_if_empty(ds, need_ds), _cuda.none_if_empty(dt, need_dt))
+
+
+_RED_FWD = {"triton": _red_fwd_triton, "cuda": _red_fwd_cuda, "torch": _red_fwd_torch}
+_RED_BWD = {"triton": _red_bwd_triton, "cuda": _red_bwd_cuda, "torch": _red_bwd_torch}
+
+
 # ----------------------------------------------------------------------------- autograd + API
 
 class RedFunction(torch.autograd.Function):
-    """Autograd Function for ``red``; ``backend`` is "triton" or "torch"."""
+    """Autograd Function for ``red``; ``backend`` is "triton", "cuda" or "torch"."""
 
     @staticmethod
     def forward(ctx, h, scale, bias, backend):
         h2 = as_rows(h)
-        fwd = _red_fwd_triton if backend == "triton" else _red_fwd_torch
-        y2 = fwd(h2, scale, bias)
+        y2 = _RED_FWD[backend](h2, scale, bias)
         ctx.backend = backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, scale)
@@ -218,8 +288,7 @@ class RedFunction(torch.autograd.Function):
         need_dh, need_ds, need_dt = ctx.needs_input_grad[:3]
         g2 = as_rows(g)
         h2 = as_rows(h) if need_ds else None
-        bwd = _red_bwd_triton if ctx.backend == "triton" else _red_bwd_torch
-        dh, ds, dt = bwd(g2, h2, scale, need_dh, need_ds, need_dt)
+        dh, ds, dt = _RED_BWD[ctx.backend](g2, h2, scale, need_dh, need_ds, need_dt)
         if dh is not None:
             dh = dh.reshape(g.shape)
         if ds is not None:
@@ -234,14 +303,14 @@ def red(h, scale=None, bias=None, *, backend=None):
 
     Either parameter may be None. ``y`` has ``h``'s shape and dtype; gradients come back in each
     tensor's own dtype (parameters may be in another dtype than ``h``, e.g. fp32 with bf16 ``h``).
-    ``backend``: None (default dispatch), "triton" or "torch"; see ``reft_kernels._backend``.
+    ``backend``: None (default dispatch), "triton", "cuda" or "torch"; see ``reft_kernels._backend``.
     """
     d = check_hidden(h)
     check_param(scale, "scale", (d,), h, optional=True)
     check_param(bias, "bias", (d,), h, optional=True)
     be = resolve_backend(backend, h.device)
     check_backend_dtype(be, h)
-    if be == "triton":
+    if be in ("triton", "cuda"):
         scale = scale.contiguous() if scale is not None else None
         bias = bias.contiguous() if bias is not None else None
     return RedFunction.apply(h, scale, bias, be)

@@ -13,10 +13,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import reft_kernels  # noqa: E402,F401
-from reft_kernels._backend import triton_usable_on  # noqa: E402
+from reft_kernels._backend import available_backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch"] + (["triton"] if triton_usable_on(DEVICE) else [])
+# torch everywhere; triton on a GPU or through the interpreter; cuda where the extension is built
+# and a GPU is present.
+BACKENDS = available_backends(DEVICE)
 
 
 @pytest.fixture(params=BACKENDS)

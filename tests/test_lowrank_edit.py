@@ -612,10 +612,11 @@ def test_gradcheck_torch_backend(case):
 
 # ----------------------------------------------------------------------------- determinism
 
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace_index"])
-def test_triton_backward_deterministic(device, inplace):
-    if "triton" not in reft_kernels._backend.available_backends(device):
-        pytest.skip("triton backend unavailable")
+def test_kernel_backward_deterministic(device, inplace, kernels):
+    if kernels not in reft_kernels._backend.available_backends(device):
+        pytest.skip(f"{kernels} backend unavailable")
     d, r, n = 96, 8, 80  # 80 rows: more than one program in the row-split reduction
     h0 = torch.randn(n, d, device=device)
     p = make_lowrank_params(d, r, device=device, tied=True)
@@ -625,14 +626,14 @@ def test_triton_backward_deterministic(device, inplace):
     for _ in range(2):
         base = h0.clone().requires_grad_()
         res.append(run_with_grads(lowrank_edit_ if inplace else lowrank_edit, base, lambda t: t, p, g,
-                                  inplace=inplace, act="silu", index=index, backend="triton"))
+                                  inplace=inplace, act="silu", index=index, backend=kernels))
     (y1, g1), (y2, g2) = res
     assert torch.equal(bits(y1), bits(y2))
     for k in g1:
         assert torch.equal(bits(g1[k]), bits(g2[k])), k
     # and the two-stage reduction is right
     base = h0.clone().requires_grad_()
-    _check("triton", base, lambda t: t, p, inplace=inplace, act="silu", index=index)
+    _check(kernels, base, lambda t: t, p, inplace=inplace, act="silu", index=index)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -171,9 +171,10 @@ def test_red_gradcheck_torch_backend(case):
 
 # ----------------------------------------------------------------------------- determinism
 
-def test_red_triton_backward_deterministic(device):
-    if "triton" not in reft_kernels._backend.available_backends(device):
-        pytest.skip("triton backend unavailable")
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_red_kernel_backward_deterministic(device, kernels):
+    if kernels not in reft_kernels._backend.available_backends(device):
+        pytest.skip(f"{kernels} backend unavailable")
     d, n = 64, 80  # 80 rows: the column sums are split over more than one program
     h0 = torch.randn(n, d, device=device)
     p = make_red_params(d, device=device)
@@ -181,13 +182,13 @@ def test_red_triton_backward_deterministic(device):
     res = []
     for _ in range(2):
         base = h0.clone().requires_grad_()
-        res.append(run_with_grads(red, base, lambda t: t, p, g, backend="triton"))
+        res.append(run_with_grads(red, base, lambda t: t, p, g, backend=kernels))
     (y1, g1), (y2, g2) = res
     assert torch.equal(bits(y1), bits(y2))
     for k in g1:
         assert torch.equal(bits(g1[k]), bits(g2[k])), k
     base = h0.clone().requires_grad_()
-    _check("triton", base, lambda t: t, p, g=g)
+    _check(kernels, base, lambda t: t, p, g=g)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,0 +1,31 @@
+// Compile-time switches: turn a runtime flag into a constexpr so that a kernel is instantiated
+// only with the terms it needs (an absent A or P drops its loads, FMAs and registers).
+//
+//   REFT_BOOL_SWITCH(has_a, HAS_A, [&] { launch<HAS_A>(...); });
+#pragma once
+
+#define REFT_BOOL_SWITCH(COND, NAME, ...)      \
+  [&] {                                        \
+    if (COND) {                                \
+      constexpr static bool NAME = true;       \
+      return __VA_ARGS__();                    \
+    } else {                                   \
+      constexpr static bool NAME = false;      \
+      return __VA_ARGS__();                    \
+    }                                          \
+  }()
+
+// Rank chunk of the parameter-gradient kernel: the smallest of 4, 8, 16 that covers min(r, 16).
+#define REFT_RANK_CHUNK_SWITCH(R, NAME, ...)   \
+  [&] {                                        \
+    if ((R) <= 4) {                            \
+      constexpr static int NAME = 4;           \
+      return __VA_ARGS__();                    \
+    } else if ((R) <= 8) {                     \
+      constexpr static int NAME = 8;           \
+      return __VA_ARGS__();                    \
+    } else {                                   \
+      constexpr static int NAME = 16;          \
+      return __VA_ARGS__();                    \
+    }                                          \
+  }()
