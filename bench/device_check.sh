@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (H100/H200 with a CUDA build of torch, Triton, nvcc; no
-# network): install the package in place, print the environment, run the self-check and the
-# whole test suite on CUDA tensors with Triton compiled for the GPU, and write logs plus a short
-# summary under $OUT (default: bench/results/device-run). Budget: a few minutes on an H100.
+# One prepared run for a GPU machine (H100/H200 with a CUDA build of torch, Triton, nvcc and
+# ninja; no network). Writes logs plus a short summary under $OUT (default
+# bench/results/device-run):
+#   build      the CUDA extension reft_kernels._C in place, for this GPU's architecture only
+#   install    the package in place (pip --no-build-isolation --no-deps; nothing downloaded)
+#   info       versions, device, backends
+#   check      every op and backend (torch, triton, cuda) against float64
+#   memcheck   compute-sanitizer memcheck on a short run of every CUDA kernel (bench/cuda_sanitize.py)
+#   racecheck  compute-sanitizer racecheck on the same run
+#   tests      the whole suite on CUDA tensors in 8 processes (every op, backend and dtype)
+# Budget: under 6 minutes on an H100 (the sanitizer runs overlap the test shards).
 #
 #     OUT=/some/dir bash bench/device_check.sh
 set -uo pipefail
@@ -18,25 +25,43 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record rc and
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" | tee -a "$summary"
+    return $rc
 }
-step install 120 pip install --no-build-isolation --no-deps -e .
-step info 60 reft-kernels info
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
+ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+export REFT_KERNELS_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}"
+step build 300 python setup.py build_ext --inplace
+# the extension is already in place: the editable install must not build it again
+step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
+step import 60 python -c "import reft_kernels._C as C; print(C.__file__)"
+step info 60 reft-kernels info
 step check 180 reft-kernels check --device cuda --backend all
-# The suite compiles about 580 distinct kernel specialisations (counted on the CPU run), roughly
-# a second each: one process would need about 10 minutes, so 8 processes each take a contiguous
-# slice (--shard, see tests/conftest.py). The ahead-of-time compile check is for GPU-less
-# machines; here the kernels really run.
+
+SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
+sanitize() {  # sanitize TOOL: only our kernels are instrumented (kernel names contain "reft")
+    if [ -z "$SAN" ]; then echo "compute-sanitizer not found" > "$OUT/$1.log"; printf '%-10s skipped (no compute-sanitizer)\n' "$1" >> "$summary"; return; fi
+    step "$1" 240 "$SAN" --tool "$1" --error-exitcode 1 --kernel-name kns=reft python bench/cuda_sanitize.py
+}
+( sanitize memcheck; sanitize racecheck ) &
+san_pid=$!
+
+# The suite compiles about 580 distinct Triton kernel specialisations, roughly a second each: one
+# process would need about 10 minutes, so 8 processes each take a contiguous slice (--shard, see
+# tests/conftest.py). The ahead-of-time compile checks are for GPU-less machines: here the
+# kernels really run.
 t0=$SECONDS
 for i in 0 1 2 3 4 5 6 7; do
     timeout 420 python -m pytest -q -p no:cacheprovider --shard "$i/8" \
-        --deselect tests/test_triton_compile.py > "$OUT/tests.$i.log" 2>&1 &
+        --deselect tests/test_triton_compile.py \
+        --deselect tests/test_cuda_backend.py::test_cuda_compile_check_script > "$OUT/tests.$i.log" 2>&1 &
 done
-wait
+wait $(jobs -p | grep -v "^$san_pid$")
 printf '%-10s %4ss  8 shards of python -m pytest\n' tests "$((SECONDS - t0))" | tee -a "$summary"
+wait "$san_pid"
 for i in 0 1 2 3 4 5 6 7; do
     printf 'shard %s: %s\n' "$i" "$(tail -n 1 "$OUT/tests.$i.log")" | tee -a "$summary"
 done
 grep -h "^FAILED\|^ERROR" "$OUT"/tests.*.log >> "$summary" || true
 grep -E "FAIL|Error" "$OUT/check.log" >> "$summary" || true
+grep -h "ERROR SUMMARY\|MISMATCH\|all ok" "$OUT"/memcheck.log "$OUT"/racecheck.log >> "$summary" 2>/dev/null || true
 cat "$summary"

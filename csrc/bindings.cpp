@@ -278,7 +278,8 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
                                          int64_t d, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
                                          int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A,
                                          const at::Tensor& B, const OptTensor& P, const at::Tensor& z,
-                                         const OptTensor& u, int64_t act, bool need_dA, bool need_dB, bool need_dC) {
+                                         const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
+                                         bool need_dC) {
   TORCH_CHECK_VALUE(g.is_cuda(), "lowrank_edit_bwd: g must be a CUDA tensor");
   TORCH_CHECK_VALUE(act >= 0 && act <= 6, "lowrank_edit_bwd: unknown activation code ", act);
   const c10::cuda::CUDAGuard guard(g.device());
@@ -296,7 +297,8 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
                                u->sizes() == at::IntArrayRef({n, r}) && u->is_contiguous()),
                     "lowrank_edit_bwd: a non-identity activation needs u, contiguous float32 (n, r)");
   TORCH_CHECK_VALUE(!need_dA || A.has_value(), "lowrank_edit_bwd: need_dA without A");
-  TORCH_CHECK_VALUE(!need_dC || P.has_value(), "lowrank_edit_bwd: need_dC without C");
+  TORCH_CHECK_VALUE(!need_dC || (P.has_value() && !tied), "lowrank_edit_bwd: need_dC without an untied C");
+  TORCH_CHECK_VALUE(!tied || (P.has_value() && P->data_ptr() == B.data_ptr()), "lowrank_edit_bwd: tied needs P = B");
   if (dh.has_value()) {
     check_cuda(*dh, g, "dh");
     TORCH_CHECK_TYPE(dh->scalar_type() == g.scalar_type(), "lowrank_edit_bwd: dh must have g's dtype");
@@ -350,6 +352,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
     p.dh_col_stride = dh_col_stride;
     p.rows_per_block = rpb;
     p.act = static_cast<int>(act);
+    p.tied = tied;
     p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
                (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
     p.wvec_ok = d % V == 0 && aligned(p.B, V * sizeof(W)) && (!p.A || aligned(p.A, V * sizeof(W))) &&

@@ -80,6 +80,8 @@ struct LowrankBwdParams {
   int64_t g_row_stride, g_col_stride, x_row_stride, x_col_stride, dh_row_stride, dh_col_stride;
   int64_t rows_per_block;
   int act;
+  bool tied;          // P is B itself (C is B): dB also carries -gz^T x. A flag, not a pointer
+                      // comparison: a distinct C may share B's memory and still be untied.
   bool vec_ok;        // g/dh rows allow 16-byte vectors
   bool wvec_ok;
   int sm_count;

@@ -29,8 +29,8 @@ def _info(_args) -> int:
 
 def _check(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.backend == "all":
-        wanted = ["torch", "triton"]
+    if args.backend == "all":  # the CUDA C++ kernels only run on CUDA tensors
+        wanted = ["torch", "triton"] + (["cuda"] if device.type == "cuda" else [])
     elif args.backend:
         wanted = [args.backend]
     else:
@@ -43,7 +43,11 @@ def _check(args) -> int:
         cmd += ["--backend", args.backend] if args.backend else []
         return subprocess.call(cmd, env=env)
     for be in wanted:
-        _backend.resolve_backend(be, device)  # clear error if it cannot run here
+        try:
+            _backend.resolve_backend(be, device)
+        except (RuntimeError, ValueError) as exc:
+            print(f"reft-kernels check: backend {be!r} cannot run on {device}: {exc}", file=sys.stderr)
+            return 2
 
     from ._selfcheck import run_all
 
@@ -65,9 +69,10 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device and available backends")
     chk = sub.add_parser("check", help="every op against the float64 reference, as a pass/fail table")
     chk.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    chk.add_argument("--backend", choices=["torch", "triton", "all"],
+    chk.add_argument("--backend", choices=["torch", "triton", "cuda", "all"],
                      help="default: every backend usable on the device (on CPU: torch; "
-                          "'triton' or 'all' on CPU runs Triton through its interpreter)")
+                          "'triton' or 'all' on CPU runs Triton through its interpreter; "
+                          "'all' on CUDA includes the CUDA C++ extension, which must be built)")
     args = ap.parse_args(argv)
     return _info(args) if args.command == "info" else _check(args)
 

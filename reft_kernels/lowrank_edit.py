@@ -637,7 +637,7 @@ def _lowrank_edit_bwd_op_cuda(g, x, index, A, B, C, z, u, act, tied, need_dh, ne
     need_dc_w = need_dC and C is not None
     gz, ga, dA, dB, dC = _cuda.extension().lowrank_edit_bwd(
         g2, dh, index, n, d, g2.stride(0), g2.stride(1), d, 1, x, A, B, (B if tied else C), z,
-        (u if act != IDENTITY else None), act, need_dA, need_dB, need_dc_w)
+        (u if act != IDENTITY else None), act, tied, need_dA, need_dB, need_dc_w)
     lat = ga if act != IDENTITY else gz
     empty = _cuda.empty(g, torch.float32)
     return (dh.view(g.shape) if need_dh else _cuda.empty(g), dA, lat.sum(0) if need_da else empty,

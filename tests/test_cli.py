@@ -37,3 +37,9 @@ def test_check_triton_through_interpreter_subprocess():
 def test_bad_command():
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_check_cuda_backend_on_cpu_is_a_clear_error(capsys):
+    assert main(["check", "--device", "cpu", "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'cuda' cannot run on cpu" in err and "CUDA tensors" in err
