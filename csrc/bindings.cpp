@@ -53,12 +53,22 @@ void dispatch_act(at::ScalarType act, const char* op, F&& f) {
   }
 }
 
+// Where the kernels' tensors live: CUDA memory, or host memory in the REFT_CPU_EMULATION build
+// (tests/cuda_emulation), which runs the same kernels with one host thread per CUDA thread.
+bool on_kernel_device(const at::Tensor& t) {
+#ifdef REFT_CPU_EMULATION
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 const void* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(), ", got ",
+  TORCH_CHECK_VALUE(on_kernel_device(t) && t.device() == ref.device(), name, " must be on ", ref.device(), ", got ",
                     t.device());
 }
 
@@ -100,7 +110,7 @@ at::Tensor f32_empty(at::IntArrayRef shape, const at::Tensor& like) {
 // ------------------------------------------------------------------------------------------ RED
 
 at::Tensor red_fwd(const at::Tensor& h, const OptTensor& scale, const OptTensor& bias) {
-  TORCH_CHECK_VALUE(h.is_cuda() && h.dim() == 2 && h.stride(1) == 1, "red_fwd: h must be a CUDA (n, d) matrix ",
+  TORCH_CHECK_VALUE(on_kernel_device(h) && h.dim() == 2 && h.stride(1) == 1, "red_fwd: h must be a CUDA (n, d) matrix ",
                     "with unit column stride");
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0), d = h.size(1);
@@ -132,7 +142,7 @@ at::Tensor red_fwd(const at::Tensor& h, const OptTensor& scale, const OptTensor&
 // Returns (dh, ds, dt); a gradient that is not needed is an empty tensor. ds, dt are float32.
 std::vector<at::Tensor> red_bwd(const at::Tensor& g, const OptTensor& h, const OptTensor& scale, bool need_dh,
                                 bool need_ds, bool need_dt) {
-  TORCH_CHECK_VALUE(g.is_cuda() && g.dim() == 2 && g.stride(1) == 1, "red_bwd: g must be a CUDA (n, d) matrix ",
+  TORCH_CHECK_VALUE(on_kernel_device(g) && g.dim() == 2 && g.stride(1) == 1, "red_bwd: g must be a CUDA (n, d) matrix ",
                     "with unit column stride");
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t n = g.size(0), d = g.size(1);
@@ -221,7 +231,7 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
                                          int64_t y_col_stride, const OptTensor& A, const OptTensor& a,
                                          const at::Tensor& B, const OptTensor& P, const OptTensor& c, int64_t act,
                                          bool save_h, bool save_u) {
-  TORCH_CHECK_VALUE(h.is_cuda(), "lowrank_edit_fwd: h must be a CUDA tensor");
+  TORCH_CHECK_VALUE(on_kernel_device(h), "lowrank_edit_fwd: h must be a CUDA tensor");
   check_cuda(y, h, "y");
   TORCH_CHECK_TYPE(y.scalar_type() == h.scalar_type(), "lowrank_edit_fwd: y must have h's dtype");
   TORCH_CHECK_VALUE(act >= 0 && act <= 6, "lowrank_edit_fwd: unknown activation code ", act);
@@ -280,7 +290,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
                                          const at::Tensor& B, const OptTensor& P, const at::Tensor& z,
                                          const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
                                          bool need_dC) {
-  TORCH_CHECK_VALUE(g.is_cuda(), "lowrank_edit_bwd: g must be a CUDA tensor");
+  TORCH_CHECK_VALUE(on_kernel_device(g), "lowrank_edit_bwd: g must be a CUDA tensor");
   TORCH_CHECK_VALUE(act >= 0 && act <= 6, "lowrank_edit_bwd: unknown activation code ", act);
   const c10::cuda::CUDAGuard guard(g.device());
   const Weights w = check_weights(g, d, A, OptTensor(), B, P, OptTensor());
@@ -289,7 +299,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
   check_cuda(x, g, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == n && x.size(1) == d && x.scalar_type() == g.scalar_type(),
                     "lowrank_edit_bwd: x must be (", n, ", ", d, ") in g's dtype, got ", x.sizes());
-  TORCH_CHECK_VALUE(z.is_cuda() && z.scalar_type() == at::kFloat && z.sizes() == at::IntArrayRef({n, r}) &&
+  TORCH_CHECK_VALUE(on_kernel_device(z) && z.scalar_type() == at::kFloat && z.sizes() == at::IntArrayRef({n, r}) &&
                         z.is_contiguous(),
                     "lowrank_edit_bwd: z must be contiguous float32 (n, r)");
   const bool has_u = act != 0;

@@ -14,6 +14,14 @@
 
 #include "reft_params.h"
 
+// Kernel launch. REFT_CPU_EMULATION builds (tests/cuda_emulation) run each CUDA thread as a host
+// thread instead; `kernel` is a plain name (assign a template instance to a variable first).
+#ifdef REFT_CPU_EMULATION
+#define REFT_LAUNCH(kernel, grid, block, stream, ...) ::reft_emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
+#else
+#define REFT_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace reft {
 
 // Elements of T per 16-byte vector: the unit every row kernel loads and stores.

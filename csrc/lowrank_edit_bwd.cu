@@ -157,7 +157,8 @@ void launch_lowrank_edit_bwd_dh(const LowrankBwdParams& p, cudaStream_t stream) 
   const int64_t blocks = cdiv(cdiv(p.n_rows, kRowsPerWarp), kWarps);
   REFT_BOOL_SWITCH(p.A != nullptr, HAS_A, [&] {
     REFT_BOOL_SWITCH(p.P != nullptr, HAS_P, [&] {
-      lowrank_edit_bwd_dh_kernel<T, W, HAS_A, HAS_P><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(p);
+      const auto kernel = lowrank_edit_bwd_dh_kernel<T, W, HAS_A, HAS_P>;
+      REFT_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -170,7 +171,8 @@ void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stre
     REFT_BOOL_SWITCH(p.tied, TIED, [&] {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n_rows, p.rows_per_block)),
                       static_cast<unsigned>(cdiv(p.d, kParamCols)), static_cast<unsigned>(cdiv(p.r, RK)));
-      lowrank_edit_bwd_params_kernel<T, RK, TIED><<<grid, kParamCols, 0, stream>>>(p);
+      const auto kernel = lowrank_edit_bwd_params_kernel<T, RK, TIED>;
+      REFT_LAUNCH(kernel, grid, kParamCols, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -83,7 +83,8 @@ void launch_lowrank_edit_fwd(const LowrankFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = cdiv(cdiv(p.n_rows, kRowsPerWarp), kWarps);
   REFT_BOOL_SWITCH(p.A != nullptr, HAS_A, [&] {
     REFT_BOOL_SWITCH(p.P != nullptr, HAS_P, [&] {
-      lowrank_edit_fwd_kernel<T, W, HAS_A, HAS_P><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(p);
+      const auto kernel = lowrank_edit_fwd_kernel<T, W, HAS_A, HAS_P>;
+      REFT_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -20,7 +20,7 @@ void launch_partial_sum(const float* parts, int64_t n_blocks, int64_t width, flo
                         cudaStream_t stream) {
   if (width == 0) return;
   const int64_t blocks = std::min<int64_t>(cdiv(width, 256), 65535);
-  partial_sum_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(parts, n_blocks, width, sign, out);
+  REFT_LAUNCH(partial_sum_kernel, static_cast<unsigned>(blocks), 256, stream, parts, n_blocks, width, sign, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

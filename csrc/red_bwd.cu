@@ -100,8 +100,9 @@ void launch_red_bwd(const RedBwdParams& p, cudaStream_t stream) {
   const int ty = kRedThreads / tx;
   const int64_t col_blocks = cdiv(cdiv(p.d, vec_of<T>()), tx);
   const int64_t row_blocks = cdiv(p.n_rows, p.rows_per_block);
-  red_bwd_kernel<T, W><<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks)),
-                         dim3(tx, ty), 0, stream>>>(p);
+  const auto kernel = red_bwd_kernel<T, W>;
+  REFT_LAUNCH(kernel, dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks)), dim3(tx, ty),
+              stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

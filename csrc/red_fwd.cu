@@ -50,7 +50,8 @@ void launch_red_fwd(const RedFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(cdiv(p.n_rows, ty), 8LL * p.sm_count);
   REFT_BOOL_SWITCH(p.scale != nullptr, HAS_SCALE, [&] {
     REFT_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
-      red_fwd_kernel<T, W, HAS_SCALE, HAS_BIAS><<<static_cast<unsigned>(blocks), dim3(tx, ty), 0, stream>>>(p);
+      const auto kernel = red_fwd_kernel<T, W, HAS_SCALE, HAS_BIAS>;
+      REFT_LAUNCH(kernel, static_cast<unsigned>(blocks), dim3(tx, ty), stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

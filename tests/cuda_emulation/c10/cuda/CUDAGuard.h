@@ -1,0 +1,10 @@
+// Host stand-in (tests/cuda_emulation): one emulated device, nothing to switch.
+#pragma once
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  template <typename Device>
+  explicit CUDAGuard(const Device&) {}
+};
+}  // namespace cuda
+}  // namespace c10

@@ -1,0 +1,213 @@
+"""The CUDA C++ kernels of ``csrc/``, run on the CPU through the host-thread emulation of
+``tests/cuda_emulation`` (each CUDA thread a host thread; warp shuffles and barriers emulated),
+against the float64 reference, every gradient included.
+
+The kernels and ``bindings.cpp`` are compiled from the same source nvcc builds (only the launch
+macro and the CUDA headers differ), and the "cuda" backend's Python side is used unchanged
+except that its torch.library ops are bypassed: they would send CPU tensors to their PyTorch
+implementation (their registration is tested in test_cuda_backend.py). What this cannot see:
+anything about real GPU execution (speed, occupancy, memory-model races); the device script
+covers those with compute-sanitizer. Shapes are small: the emulation runs ~1e5x slower.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
+from reft_kernels.reference import lowrank_edit_reference, red_reference
+
+from _helpers import (
+    bits, check_against_reference, make_base, make_lowrank_params, make_red_params, padded_index, run_with_grads,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+
+red_mod = importlib.import_module("reft_kernels.red")
+lowrank_mod = importlib.import_module("reft_kernels.lowrank_edit")
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_cuda_backend():
+    """backend="cuda" on CPU tensors, running the emulated kernels."""
+    import build
+
+    ext = build.build()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_cuda, "_EXT", ext)
+    for name in ("_red_fwd_op", "_red_bwd_op"):
+        mp.setattr(red_mod, name, getattr(red_mod, name + "_cuda"))
+    for name in ("_lowrank_edit_fwd_op", "_lowrank_edit_fwd_inplace_op", "_lowrank_edit_bwd_op"):
+        mp.setattr(lowrank_mod, name, getattr(lowrank_mod, name + "_cuda"))
+    for mod in (red_mod, lowrank_mod):
+        original = mod.resolve_backend
+
+        def resolve(backend, device, *, original=original, **reasons):
+            if backend == "cuda":  # the same rank check as on a GPU, then the emulated kernels
+                if reasons.get("cuda_unsupported"):
+                    raise ValueError(f"backend='cuda': {reasons['cuda_unsupported']}")
+                return "cuda"
+            return original(backend, device, **reasons)
+
+        mp.setattr(mod, "resolve_backend", resolve)
+    yield ext
+    mp.undo()
+
+
+def red_ref_fn(h, scale=None, bias=None):
+    return red_reference(h, scale, bias)
+
+
+def lowrank_ref_fn(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None):
+    return lowrank_edit_reference(h, B, A, a, C, c, act=act, index=index)
+
+
+# ----------------------------------------------------------------------------- RED
+
+@pytest.mark.parametrize("d", [1, 7, 64, 100, 257, 1024])
+@pytest.mark.parametrize("terms", ["st", "s", "t"])
+def test_red_fp32(d, terms):
+    base, view = make_base("contiguous", (5, 7), d)
+    base.requires_grad_()
+    check_against_reference(red, red_ref_fn, base, view, make_red_params(d, terms=terms), kernel_kwargs={"backend": "cuda"})
+
+
+@pytest.mark.parametrize("h_dtype,p_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["bf16", "fp16", "bf16_h_fp32_p", "fp32_h_bf16_p"])
+@pytest.mark.parametrize("d", [24, 256, 100])
+def test_red_dtypes(h_dtype, p_dtype, d):
+    base, view = make_base("contiguous", (9, 7), d, dtype=h_dtype)
+    base.requires_grad_()
+    check_against_reference(red, red_ref_fn, base, view, make_red_params(d, p_dtype), kernel_kwargs={"backend": "cuda"})
+
+
+@pytest.mark.parametrize("layout,lead", [("strided_rows", (3, 4)), ("sliced_cols", (6,)), ("strided_cols", (5,)),
+                                         ("col_major", (9,))])
+def test_red_layouts(layout, lead):
+    base, view = make_base(layout, lead, 40)
+    base.requires_grad_()
+    check_against_reference(red, red_ref_fn, base, view, make_red_params(40), kernel_kwargs={"backend": "cuda"})
+
+
+def test_red_unaligned_params_take_the_scalar_path():
+    """Parameters that are views at an odd offset cannot be read as 16-byte vectors."""
+    d = 64
+    p = {"scale": torch.randn(d + 1)[1:].requires_grad_(), "bias": torch.randn(d + 1)[1:].requires_grad_()}
+    assert p["scale"].data_ptr() % 16 != 0
+    base = torch.randn(33, d, requires_grad=True)
+    check_against_reference(red, red_ref_fn, base, lambda t: t, p, kernel_kwargs={"backend": "cuda"})
+
+
+def test_red_deterministic_over_many_row_blocks():
+    h0 = torch.randn(300, 48)
+    p = make_red_params(48)
+    g = torch.randn(300, 48)
+    (y1, g1), (y2, g2) = (run_with_grads(red, h0.clone().requires_grad_(), lambda t: t, p, g, backend="cuda")
+                          for _ in range(2))
+    assert torch.equal(bits(y1), bits(y2)) and all(torch.equal(bits(g1[k]), bits(g2[k])) for k in g1)
+    check_against_reference(red, red_ref_fn, h0.clone().requires_grad_(), lambda t: t, p, g=g,
+                            kernel_kwargs={"backend": "cuda"})
+
+
+# ----------------------------------------------------------------------------- low-rank edit
+
+FAMILY = {  # name: (terms, tied, act)
+    "loreft": ("BAac", True, None),
+    "noreft_gelu": ("BAaCc", False, "gelu"),
+    "direft_relu": ("BAa", False, "relu"),
+    "consreft": ("Ba", True, None),
+    "lobireft_silu": ("BCc", True, "silu"),
+    "consts_tanh": ("Bac", False, "tanh"),
+}
+
+
+def _check_lowrank(base, view, p, *, mode, act, index=None, rtol=None):
+    inplace = mode.startswith("inplace")
+    fn = lowrank_edit_ if inplace else lowrank_edit
+    vw = (lambda t: view(t) * 1.0) if inplace else view
+    return check_against_reference(fn, lowrank_ref_fn, base, vw, p, inplace=inplace, rtol=rtol,
+                                   kernel_kwargs=dict(act=act, index=index, backend="cuda"),
+                                   ref_kwargs=dict(act=act, index=index))
+
+
+@pytest.mark.parametrize("d,r", [(1, 1), (7, 3), (100, 8), (64, 9), (257, 17), (128, 33), (96, 64)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_lowrank_ranks_and_widths(d, r, name):
+    """Rank chunks of 8 (forward) and 4/8/16 (parameter gradients) with their ragged ends, d tails."""
+    terms, tied, act = FAMILY[name]
+    base, view = make_base("contiguous", (3, 7), d)
+    base.requires_grad_()
+    _check_lowrank(base, view, make_lowrank_params(d, r, terms=terms, tied=tied), mode="out", act=act)
+
+
+@pytest.mark.parametrize("mode", ["out_index", "inplace_index", "inplace_all"])
+@pytest.mark.parametrize("name", ["loreft", "noreft_gelu", "direft_relu", "consreft"])
+@pytest.mark.parametrize("layout,lead", [("contiguous", (4, 9)), ("transposed", (5, 6)), ("strided_cols", (4, 5)),
+                                         ("col_major", (23,))])
+def test_lowrank_index_and_layouts(mode, name, layout, lead):
+    terms, tied, act = FAMILY[name]
+    d, r = 40, 5
+    base, view = make_base(layout, lead, d)
+    base.requires_grad_()
+    n_rows = view(base).numel() // d
+    index = padded_index(n_rows, n_rows - 5, 3) if mode.endswith("index") else None
+    _check_lowrank(base, view, make_lowrank_params(d, r, terms=terms, tied=tied), mode=mode, act=act, index=index)
+
+
+@pytest.mark.parametrize("h_dtype,p_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16)],
+                         ids=["bf16", "fp16", "bf16_h_fp32_p", "fp16_h_fp32_p", "fp32_h_bf16_p"])
+@pytest.mark.parametrize("mode", ["out", "inplace_index"])
+@pytest.mark.parametrize("d", [64, 68, 100])
+def test_lowrank_dtypes(h_dtype, p_dtype, mode, d):
+    """d = 64: 16-byte vectors for every dtype; d = 68 and 100 (not multiples of 8): the fp16/bf16
+    rows and weights take the scalar path, fp32 rows still move in vectors of 4."""
+    base, view = make_base("contiguous", (6, 8), d, dtype=h_dtype)
+    base.requires_grad_()
+    index = padded_index(48, 30, 4) if mode.endswith("index") else None
+    _check_lowrank(base, view, make_lowrank_params(d, 6, p_dtype, tied=True), mode=mode, act="gelu", index=index)
+
+
+@pytest.mark.parametrize("wanted", ["h", "B", "A", "a", "C", "c"])
+def test_lowrank_partial_requires_grad(wanted):
+    d, r = 48, 4
+    base, view = make_base("contiguous", (30,), d)
+    base.requires_grad_(wanted == "h")
+    p = make_lowrank_params(d, r, requires_grad=False)
+    if wanted != "h":
+        p[wanted].requires_grad_()
+    _check_lowrank(base, view, p, mode="out", act="silu")
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace_index"])
+def test_lowrank_deterministic_over_many_row_blocks(inplace):
+    d, r, n = 56, 12, 260
+    h0 = torch.randn(n, d)
+    p = make_lowrank_params(d, r, tied=True)
+    g = torch.randn(n, d)
+    index = padded_index(n, 200, 6) if inplace else None
+    fn = lowrank_edit_ if inplace else lowrank_edit
+    res = [run_with_grads(fn, h0.clone().requires_grad_(), lambda t: t, p, g, inplace=inplace, act="silu",
+                          index=index, backend="cuda") for _ in range(2)]
+    (y1, g1), (y2, g2) = res
+    assert torch.equal(bits(y1), bits(y2)) and all(torch.equal(bits(g1[k]), bits(g2[k])) for k in g1)
+    _check_lowrank(h0.clone().requires_grad_(), lambda t: t, p, mode="inplace_index" if inplace else "out",
+                   act="silu", index=index)
+
+
+def test_lowrank_rank_limit():
+    """r = 64 fills the kernels' latent buffers exactly; r = 65 is refused before any launch."""
+    d = 24
+    base = torch.randn(10, d, requires_grad=True)
+    _check_lowrank(base, lambda t: t, make_lowrank_params(d, 64, tied=True), mode="out", act=None)
+    with pytest.raises(ValueError, match="up to 64"):
+        lowrank_edit(torch.randn(3, d), torch.randn(65, d), backend="cuda")
