@@ -230,8 +230,9 @@ def _red_fwd_op_fake(h2, scale, bias):
 )
 def _red_bwd_op(g2, h2, scale, need_dh, need_ds, need_dt):
     dh, ds, dt = _red_bwd_torch(g2, h2, scale, need_dh, need_ds, need_dt)
+    if need_dh and (dh is g2 or not dh.is_contiguous()):  # an op's output may not alias its input
+        dh = dh.clone(memory_format=torch.contiguous_format)
     empty = _cuda.empty(g2, acc_dtype(g2.dtype))
-    dh = dh.clone(memory_format=torch.contiguous_format) if dh is g2 or (dh is not None and not dh.is_contiguous()) else dh
     return (dh if need_dh else _cuda.empty(g2)), (ds if need_ds else empty), (dt if need_dt else empty.clone())
 
 
