@@ -52,6 +52,10 @@ inline int64_t rows_per_block(int64_t n_rows, int64_t row_quantum, int64_t col_b
 // Low-rank edit, row-group kernels (forward; backward dh): each warp owns kRowsPerWarp rows and
 // computes their latents kRankChunk ranks at a time (kRowsPerWarp * kRankChunk = 32, one value
 // per lane after the reduce-scatter); kWarps warps per block.
+// ptxas guards the warp shuffles with re-convergence subroutine calls; with a plain
+// __launch_bounds__(128) it aimed at 168 registers and spilled around those calls in some
+// instantiations (tools/cuda_compile_check.py, sm_80 and sm_90). __launch_bounds__(128, 1)
+// lets it use up to 255: the kernels then take 92-200 registers with no spills.
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kRankChunk = 8;

@@ -15,6 +15,7 @@
 
 namespace reft {
 
+// __launch_bounds__(128, 1): see kWarps in launch.h.
 template <typename T, typename W, bool HAS_A, bool HAS_P>
 __global__ void __launch_bounds__(kWarps * 32, 1) lowrank_edit_bwd_dh_kernel(const LowrankBwdParams p) {
   __shared__ float s_ga[kWarps][kRowsPerWarp][kMaxRank];
@@ -28,21 +29,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) lowrank_edit_bwd_dh_kernel(con
   const int64_t n = p.n_rows, d = p.d, r = p.r;
   const int li = lane / kRankChunk, lk = lane % kRankChunk;
 
-  // One row group per warp and no early exit: every lane of every warp reaches the shuffles, so
-  // ptxas needs no re-convergence calls around them (with a grid-stride loop over groups it
-  // emitted them, and the registers saved around the calls spilled in the fp32 kernels).
+  // One row group per warp and no early exit (rows past the end are masked): every lane of every
+  // warp reaches the shuffles.
   {
     const int64_t grp = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
     const int64_t m0 = grp * kRowsPerWarp;
     int64_t g_off[kRowsPerWarp], dh_off[kRowsPerWarp];
     bool ok[kRowsPerWarp];
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      int64_t src;
-      ok[i] = row_source(p.idx, m0 + i, n, src);
-      g_off[i] = src * p.g_row_stride;
-      dh_off[i] = src * p.dh_row_stride;
-    }
+    group_rows(p.idx, m0, n, p.g_row_stride, p.dh_row_stride, g_off, dh_off, ok);
     const int64_t ml = m0 + li;
     int64_t src_l;
     const bool ok_l = row_source(p.idx, ml, n, src_l);

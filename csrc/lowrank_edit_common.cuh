@@ -31,6 +31,33 @@ __device__ __forceinline__ bool row_source(const int64_t* idx, int64_t m, int64_
   return true;
 }
 
+// A warp's row group m0 .. m0 + kRowsPerWarp - 1: element offsets of its rows in two row tensors
+// addressed through the same index (h and y; g and dh), and whether each row is real.
+__device__ __forceinline__ void group_rows(const int64_t* idx, int64_t m0, int64_t n_rows, int64_t stride_a,
+                                           int64_t stride_b, int64_t (&off_a)[kRowsPerWarp],
+                                           int64_t (&off_b)[kRowsPerWarp], bool (&ok)[kRowsPerWarp]) {
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    int64_t src;
+    ok[i] = row_source(idx, m0 + i, n_rows, src);
+    off_a[i] = src * stride_a;
+    off_b[i] = src * stride_b;
+  }
+}
+
+// acc[i * kRankChunk + kk] += dot(x[i], w_row[col .. col + V)) for the rows of a group. kk is a
+// compile-time constant after inlining into the unrolled rank loop (acc stays in registers).
+template <typename W, int V>
+__device__ __forceinline__ void dot_rank_term(float (&acc)[32], const float (&x)[kRowsPerWarp][V], int kk,
+                                              const W* w_row, int64_t col, int64_t d, bool wvec) {
+  float w[V];
+  load_f32<W, V>(w_row, col, d, 1, wvec, true, w);
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[i * kRankChunk + kk] = fmaf(x[i][v], w[v], acc[i * kRankChunk + kk]);
+}
+
 template <typename T, typename W, bool HAS1, bool HAS2>
 __device__ __forceinline__ void group_latent(const T* base, const int64_t (&off)[kRowsPerWarp],
                                              const bool (&ok)[kRowsPerWarp], int64_t col_stride, bool vec,
@@ -39,9 +66,8 @@ __device__ __forceinline__ void group_latent(const T* base, const int64_t (&off)
   constexpr int V = vec_of<T>();
 #pragma unroll
   for (int j = 0; j < 32; ++j) acc1[j] = acc2[j] = 0.f;
-  // The trip count is the same for every lane (tails are masked in the loads), so the warp is
-  // converged at the shuffles that follow; a lane-dependent bound made ptxas guard them with
-  // re-convergence calls, and the registers saved around those calls spilled.
+  // Every lane runs the same iterations (tails are masked in the loads), so that all 32 reach
+  // the shuffles of the reduce-scatter that follows together.
   for (int64_t col0 = 0; col0 < d; col0 += 32 * V) {
     const int64_t col = col0 + static_cast<int64_t>(lane) * V;
     float x[kRowsPerWarp][V];
@@ -51,24 +77,24 @@ __device__ __forceinline__ void group_latent(const T* base, const int64_t (&off)
     for (int kk = 0; kk < kRankChunk; ++kk) {
       const int64_t k = k0 + kk;
       if (k < r) {  // uniform across the warp
-        if (HAS1) {
-          float w[V];
-          load_f32<W, V>(W1 + k * d, col, d, 1, wvec, true, w);
-#pragma unroll
-          for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc1[i * kRankChunk + kk] = fmaf(x[i][v], w[v], acc1[i * kRankChunk + kk]);
-        }
-        if (HAS2) {
-          float w[V];
-          load_f32<W, V>(W2 + k * d, col, d, 1, wvec, true, w);
-#pragma unroll
-          for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc2[i * kRankChunk + kk] = fmaf(x[i][v], w[v], acc2[i * kRankChunk + kk]);
-        }
+        if (HAS1) dot_rank_term<W, V>(acc1, x, kk, W1 + k * d, col, d, wvec);
+        if (HAS2) dot_rank_term<W, V>(acc2, x, kk, W2 + k * d, col, d, wvec);
       }
     }
+  }
+}
+
+// acc[i][v] += lat[i][k] * w_row[col + v] for the rows of a group.
+template <typename W, int V>
+__device__ __forceinline__ void add_rank_term(float (&acc)[kRowsPerWarp][V], const float (*lat)[kMaxRank], int64_t k,
+                                              const W* w_row, int64_t col, int64_t d, bool wvec) {
+  float w[V];
+  load_f32<W, V>(w_row, col, d, 1, wvec, true, w);
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const float l = lat[i][k];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[i][v] = fmaf(l, w[v], acc[i][v]);
   }
 }
 
@@ -93,26 +119,8 @@ __device__ __forceinline__ void group_expand(const T* in, const int64_t (&in_off
     if (HAS1 || HAS2) {
 #pragma unroll 2
       for (int64_t k = 0; k < r; ++k) {
-        if (HAS1) {
-          float w[V];
-          load_f32<W, V>(W1 + k * d, col, d, 1, wvec, true, w);
-#pragma unroll
-          for (int i = 0; i < kRowsPerWarp; ++i) {
-            const float l = lat1[i][k];
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc[i][v] = fmaf(l, w[v], acc[i][v]);
-          }
-        }
-        if (HAS2) {
-          float w[V];
-          load_f32<W, V>(W2 + k * d, col, d, 1, wvec, true, w);
-#pragma unroll
-          for (int i = 0; i < kRowsPerWarp; ++i) {
-            const float l = lat2[i][k];
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc[i][v] = fmaf(l, w[v], acc[i][v]);
-          }
-        }
+        if (HAS1) add_rank_term<W, V>(acc, lat1, k, W1 + k * d, col, d, wvec);
+        if (HAS2) add_rank_term<W, V>(acc, lat2, k, W2 + k * d, col, d, wvec);
       }
     }
 #pragma unroll

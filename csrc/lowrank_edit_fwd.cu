@@ -14,6 +14,7 @@
 
 namespace reft {
 
+// __launch_bounds__(128, 1): see kWarps in launch.h.
 template <typename T, typename W, bool HAS_A, bool HAS_P>
 __global__ void __launch_bounds__(kWarps * 32, 1) lowrank_edit_fwd_kernel(const LowrankFwdParams p) {
   __shared__ float s_z[kWarps][kRowsPerWarp][kMaxRank];
@@ -28,21 +29,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) lowrank_edit_fwd_kernel(const 
   const int64_t n = p.n_rows, d = p.d, r = p.r;
   const int li = lane / kRankChunk, lk = lane % kRankChunk;  // this lane's latent: row li, rank k0 + lk
 
-  // One row group per warp and no early exit: every lane of every warp reaches the shuffles, so
-  // ptxas needs no re-convergence calls around them (with a grid-stride loop over groups it
-  // emitted them, and the registers saved around the calls spilled in the fp32 kernels).
+  // One row group per warp and no early exit (rows past the end are masked): every lane of every
+  // warp reaches the shuffles.
   {
     const int64_t grp = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
     const int64_t m0 = grp * kRowsPerWarp;
     int64_t h_off[kRowsPerWarp], y_off[kRowsPerWarp];
     bool ok[kRowsPerWarp];
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      int64_t src;
-      ok[i] = row_source(p.idx, m0 + i, n, src);
-      h_off[i] = src * p.h_row_stride;
-      y_off[i] = src * p.y_row_stride;
-    }
+    group_rows(p.idx, m0, n, p.h_row_stride, p.y_row_stride, h_off, y_off, ok);
     const int64_t ml = m0 + li;
     int64_t src_l;
     const bool ok_l = row_source(p.idx, ml, n, src_l);
