@@ -38,9 +38,13 @@ step info 60 reft-kernels info
 step check 180 reft-kernels check --device cuda --backend all
 
 SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
-sanitize() {  # sanitize TOOL: only our kernels are instrumented (kernel names contain "reft")
+# Only our kernels are instrumented (their names contain "reft"); without torch's caching
+# allocator every tensor is its own allocation, so an access past a tensor's end is reported
+# instead of landing in a neighbour inside one cached segment.
+sanitize() {  # sanitize TOOL
     if [ -z "$SAN" ]; then echo "compute-sanitizer not found" > "$OUT/$1.log"; printf '%-10s skipped (no compute-sanitizer)\n' "$1" >> "$summary"; return; fi
-    step "$1" 240 "$SAN" --tool "$1" --error-exitcode 1 --kernel-name kns=reft python bench/cuda_sanitize.py
+    step "$1" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$1" --error-exitcode 1 --kernel-name kns=reft \
+        python bench/cuda_sanitize.py
 }
 ( sanitize memcheck; sanitize racecheck ) &
 san_pid=$!

@@ -13,12 +13,25 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import reft_kernels  # noqa: E402,F401
-from reft_kernels._backend import available_backends  # noqa: E402
+from reft_kernels import _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if os.environ.get("REFT_KERNELS_TEST_CUDA_EMULATION") == "1" and DEVICE.type == "cpu":
+    # Opt-in: the whole suite also runs backend="cuda" on CPU tensors through the host-thread
+    # emulation of the CUDA kernels (tests/cuda_emulation; slow: minutes).
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+    import build  # noqa: E402
+    import route  # noqa: E402
+
+    route.route_cuda_backend(build.build(), setattr)
+
 # torch everywhere; triton on a GPU or through the interpreter; cuda where the extension is built
 # and a GPU is present.
-BACKENDS = available_backends(DEVICE)
+BACKENDS = _backend.available_backends(DEVICE)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -11,14 +11,13 @@ covers those with compute-sanitizer. Shapes are small: the emulation runs ~1e5x 
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
+from reft_kernels import lowrank_edit, lowrank_edit_, red
 from reft_kernels.reference import lowrank_edit_reference, red_reference
 
 from _helpers import (
@@ -27,9 +26,6 @@ from _helpers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 
-red_mod = importlib.import_module("reft_kernels.red")
-lowrank_mod = importlib.import_module("reft_kernels.lowrank_edit")
-
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
 
 
@@ -37,26 +33,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is pres
 def emulated_cuda_backend():
     """backend="cuda" on CPU tensors, running the emulated kernels."""
     import build
+    import route
 
-    ext = build.build()
     mp = pytest.MonkeyPatch()
-    mp.setattr(_cuda, "_EXT", ext)
-    for name in ("_red_fwd_op", "_red_bwd_op"):
-        mp.setattr(red_mod, name, getattr(red_mod, name + "_cuda"))
-    for name in ("_lowrank_edit_fwd_op", "_lowrank_edit_fwd_inplace_op", "_lowrank_edit_bwd_op"):
-        mp.setattr(lowrank_mod, name, getattr(lowrank_mod, name + "_cuda"))
-    for mod in (red_mod, lowrank_mod):
-        original = mod.resolve_backend
-
-        def resolve(backend, device, *, original=original, **reasons):
-            if backend == "cuda":  # the same rank check as on a GPU, then the emulated kernels
-                if reasons.get("cuda_unsupported"):
-                    raise ValueError(f"backend='cuda': {reasons['cuda_unsupported']}")
-                return "cuda"
-            return original(backend, device, **reasons)
-
-        mp.setattr(mod, "resolve_backend", resolve)
-    yield ext
+    route.route_cuda_backend(build.build(), mp.setattr)
+    yield
     mp.undo()
 
 
