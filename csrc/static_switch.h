@@ -2,6 +2,11 @@
 // only with the terms it needs (an absent A or P drops its loads, FMAs and registers).
 //
 //   REFT_BOOL_SWITCH(has_a, HAS_A, [&] { launch<HAS_A>(...); });
+//
+// Switched at compile time: the matrices A and P (C, or B when tied) of the low-rank kernels,
+// which shape their inner loops and register use; `C is B` in the parameter-gradient kernel;
+// RED's scale and bias. The vectors a and c stay runtime checks: each is read once per latent
+// value, not per element.
 #pragma once
 
 #define REFT_BOOL_SWITCH(COND, NAME, ...)      \

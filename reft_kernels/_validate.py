@@ -53,7 +53,8 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
 
     Entries must lie in [-1, n_rows); -1 is padding (skipped). Listed rows must be distinct: an
     edit applied twice to one row has no single meaning, so duplicates are rejected. The check
-    costs one small reduction and one host synchronisation.
+    costs one small reduction and one host synchronisation; inside ``torch.compile`` it becomes
+    device-side assertions instead (no graph break, an error at run time).
     """
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a 1-D integer torch.Tensor or None, got {type(index).__name__}")
