@@ -192,3 +192,16 @@ def test_lowrank_rank_limit():
     _check_lowrank(base, lambda t: t, make_lowrank_params(d, 64, tied=True), mode="out", act=None)
     with pytest.raises(ValueError, match="up to 64"):
         lowrank_edit(torch.randn(3, d), torch.randn(65, d), backend="cuda")
+
+
+def test_lowrank_untied_C_sharing_B_memory():
+    """C = B.detach() is a different tensor over B's memory: untied (only ``C is B`` ties), so
+    B's gradient must not take the -gz^T x term, whatever the kernels see as pointers."""
+    d, r = 40, 5
+    p = make_lowrank_params(d, r, terms="BAac")
+    p["C"] = p["B"].detach()
+    assert p["C"].data_ptr() == p["B"].data_ptr()
+    base = torch.randn(12, d, requires_grad=True)
+    for mode in ("out", "inplace_index"):
+        index = padded_index(12, 8, 2) if mode == "inplace_index" else None
+        _check_lowrank(base, lambda t: t, p, mode=mode, act="gelu", index=index)
