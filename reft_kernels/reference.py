@@ -7,7 +7,6 @@ computation in that precision" that kernel errors are judged against.
 """
 from __future__ import annotations
 
-import torch
 
 from ._activations import act_code, act_torch
 
