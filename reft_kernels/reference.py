@@ -7,7 +7,6 @@ computation in that precision" that kernel errors are judged against.
 """
 from __future__ import annotations
 
-
 from ._activations import act_code, act_torch
 
 
