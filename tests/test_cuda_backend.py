@@ -25,10 +25,10 @@ import reft_kernels
 from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
 from reft_kernels.lowrank_edit import _lowrank_edit_bwd_op, _lowrank_edit_fwd_inplace_op, _lowrank_edit_fwd_op
 from reft_kernels.red import _red_bwd_op, _red_fwd_op
-from reft_kernels.reference import lowrank_edit_reference, red_reference
 
 from _helpers import (
-    MIXED_DTYPE_CASES, check_against_reference, make_base, make_lowrank_params, make_red_params, padded_index,
+    MIXED_DTYPE_CASES, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params,
+    padded_index, red_ref_fn,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +51,6 @@ def cuda_route(monkeypatch):
         monkeypatch.setattr(mod, "resolve_backend", lambda *args, **kwargs: "cuda")
 
 
-def lowrank_ref_fn(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None):
-    return lowrank_edit_reference(h, B, A, a, C, c, act=act, index=index)
-
-
-def red_ref_fn(h, scale=None, bias=None):
-    return red_reference(h, scale, bias)
 
 
 # ----------------------------------------------------------------------------- opcheck

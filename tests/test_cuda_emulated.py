@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from reft_kernels import lowrank_edit, lowrank_edit_, red
-from reft_kernels.reference import lowrank_edit_reference, red_reference
 
 from _helpers import (
-    bits, check_against_reference, make_base, make_lowrank_params, make_red_params, padded_index, run_with_grads,
+    bits, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params,
+    padded_index, red_ref_fn, run_with_grads,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
@@ -32,8 +32,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is pres
 @pytest.fixture(scope="module", autouse=True)
 def emulated_cuda_backend():
     """backend="cuda" on CPU tensors, running the emulated kernels."""
-    import build
     import route
+
+    import build
 
     mp = pytest.MonkeyPatch()
     route.route_cuda_backend(build.build(), mp.setattr)
@@ -41,12 +42,6 @@ def emulated_cuda_backend():
     mp.undo()
 
 
-def red_ref_fn(h, scale=None, bias=None):
-    return red_reference(h, scale, bias)
-
-
-def lowrank_ref_fn(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None):
-    return lowrank_edit_reference(h, B, A, a, C, c, act=act, index=index)
 
 
 # ----------------------------------------------------------------------------- RED
