@@ -65,6 +65,12 @@ bool on_kernel_device(const at::Tensor& t) {
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// The (r, d) weights can be read in packs of V elements of `elem` bytes (those that are present).
+bool weights_vec_ok(int64_t d, int V, size_t elem, const void* A, const void* B, const void* P) {
+  const int64_t pack = V * static_cast<int64_t>(elem);
+  return d % V == 0 && aligned(B, pack) && (!A || aligned(A, pack)) && (!P || aligned(P, pack));
+}
+
 const void* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
@@ -273,9 +279,7 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
     p.act = static_cast<int>(act);
     p.vec_ok = aligned(p.h, 16) && aligned(p.y, 16) && h_col_stride == 1 && y_col_stride == 1 &&
                h_row_stride % V == 0 && y_row_stride % V == 0 && (!save_h || d % V == 0);
-    p.wvec_ok = d % V == 0 && aligned(p.B, V * sizeof(W)) && (!p.A || aligned(p.A, V * sizeof(W))) &&
-                (!p.P || aligned(p.P, V * sizeof(W)));
-    p.sm_count = sm_count(h);
+    p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
     launch_lowrank_edit_fwd<T, W>(p, c10::cuda::getCurrentCUDAStream());
   });
   return {z, u, hsave};
@@ -330,8 +334,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
     constexpr int V = vec_of<T>();
-    const int64_t rank_chunk = r <= 4 ? 4 : (r <= 8 ? 8 : kParamMaxRankChunk);
-    const int64_t col_blocks = cdiv(d, kParamCols) * cdiv(r, rank_chunk);
+    const int64_t col_blocks = cdiv(d, kParamCols) * cdiv(r, param_rank_chunk(r));
     const int64_t rpb = rows_per_block(n, kParamRows, col_blocks, sm_count(g));
     const int64_t blocks = cdiv(n, rpb);
     auto part = [&](bool need) { return need ? f32_empty({blocks, r, d}, g) : at::Tensor(); };
@@ -365,9 +368,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
     p.tied = tied;
     p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
                (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
-    p.wvec_ok = d % V == 0 && aligned(p.B, V * sizeof(W)) && (!p.A || aligned(p.A, V * sizeof(W))) &&
-                (!p.P || aligned(p.P, V * sizeof(W)));
-    p.sm_count = sm_count(g);
+    p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_lowrank_edit_bwd_dh<T, W>(p, stream);
     launch_lowrank_edit_bwd_params<T>(p, stream);

@@ -67,6 +67,9 @@ constexpr int kParamCols = 128;
 constexpr int kParamRows = 32;
 constexpr int kParamMaxRankChunk = 16;
 
+// Ranks per block of the parameter-gradient kernel: the smallest of 4, 8, 16 covering min(r, 16).
+inline int param_rank_chunk(int64_t r) { return r <= 4 ? 4 : (r <= 8 ? 8 : kParamMaxRankChunk); }
+
 template <typename T, typename W> void launch_red_fwd(const RedFwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_red_bwd(const RedBwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_lowrank_edit_fwd(const LowrankFwdParams& p, cudaStream_t stream);

@@ -161,7 +161,7 @@ void launch_lowrank_edit_bwd_dh(const LowrankBwdParams& p, cudaStream_t stream) 
 template <typename T>
 void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stream) {
   if (p.n_rows == 0 || (p.dA_part == nullptr && p.dB_part == nullptr && p.dC_part == nullptr)) return;
-  REFT_RANK_CHUNK_SWITCH(p.r, RK, [&] {
+  REFT_RANK_CHUNK_SWITCH(param_rank_chunk(p.r), RK, [&] {
     REFT_BOOL_SWITCH(p.tied, TIED, [&] {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n_rows, p.rows_per_block)),
                       static_cast<unsigned>(cdiv(p.d, kParamCols)), static_cast<unsigned>(cdiv(p.r, RK)));

@@ -1,6 +1,6 @@
 // Low-rank edit forward: y = h + (act(h A^T + a) - h P^T - c) B, P = C or (tied) B.
 //
-// A warp owns 4 rows at a time (grid-stride over row groups): group_latent streams them once
+// A warp owns one group of 4 rows (the grid covers every group): group_latent streams them once
 // per chunk of 8 ranks to form u = h A^T and p = h P^T in fp32 (products as fp32 FMAs, not
 // TF32), lane L finishes latent (row L / 8, rank L % 8), writes it to z (and u, for the
 // backward of a non-identity act) and to shared memory; group_expand then streams the rows

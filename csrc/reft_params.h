@@ -55,7 +55,6 @@ struct LowrankFwdParams {
   int act;            // activation code, as in reft_kernels/_activations.py
   bool vec_ok;        // h/y rows allow 16-byte vectors (column stride 1, aligned row starts)
   bool wvec_ok;       // the (r, d) weights allow vectors of the same number of elements
-  int sm_count;
 };
 
 // Low-rank edit backward. Kernel 1 (dh): gz = g B^T, ga = gz * act'(u), dh = g + ga A - gz P.
@@ -84,7 +83,6 @@ struct LowrankBwdParams {
                       // comparison: a distinct C may share B's memory and still be untied.
   bool vec_ok;        // g/dh rows allow 16-byte vectors
   bool wvec_ok;
-  int sm_count;
 };
 
 }  // namespace reft

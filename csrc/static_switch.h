@@ -20,13 +20,13 @@
     }                                          \
   }()
 
-// Rank chunk of the parameter-gradient kernel: the smallest of 4, 8, 16 that covers min(r, 16).
-#define REFT_RANK_CHUNK_SWITCH(R, NAME, ...)   \
+// Rank chunk of the parameter-gradient kernel: CHUNK is param_rank_chunk(r), one of 4, 8, 16.
+#define REFT_RANK_CHUNK_SWITCH(CHUNK, NAME, ...) \
   [&] {                                        \
-    if ((R) <= 4) {                            \
+    if ((CHUNK) == 4) {                        \
       constexpr static int NAME = 4;           \
       return __VA_ARGS__();                    \
-    } else if ((R) <= 8) {                     \
+    } else if ((CHUNK) == 8) {                 \
       constexpr static int NAME = 8;           \
       return __VA_ARGS__();                    \
     } else {                                   \

@@ -626,10 +626,7 @@ def _lowrank_edit_bwd_op(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA
 def _lowrank_edit_bwd_op_cuda(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB, need_dC,
                               need_dc):
     n, d = x.shape
-    try:
-        g2 = g.view(-1, d)
-    except RuntimeError:  # one index serves g and dh: g needs a single row stride
-        g2 = g.contiguous().view(-1, d)
+    g2 = as_rows(g)  # one index serves g and dh: g needs a single row stride (a copy otherwise)
     dh = None
     if need_dh:
         dh = g2.clone(memory_format=torch.contiguous_format) if index is not None else torch.empty_like(
