@@ -58,8 +58,8 @@ def kernel_params(h_dtype: torch.dtype, *params):
     return tuple(None if p is None else p.float().contiguous() for p in params)
 
 
-def none_if_empty(t: torch.Tensor, needed: bool):
-    """The ops return an empty tensor for an output that was not asked for."""
+def if_needed(t: torch.Tensor, needed: bool):
+    """``t``, or None for an output that was not asked for (the ops return an empty tensor there)."""
     return t if needed else None
 
 

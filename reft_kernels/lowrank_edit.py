@@ -668,7 +668,7 @@ def _bwd_cuda(g, x, index, A, B, C, z, u, spec, need):
     x2 = as_rows(x) if index is None else x
     dh, *grads = _lowrank_edit_bwd_op(g, x2, index, A, B, C, z, u, spec.act, spec.tied, *need)
     need_grads = (need[1], need[2], need[3], need[4] and C is not None, need[5])
-    return (dh if need[0] else None), tuple(_cuda.none_if_empty(gr, nd) for gr, nd in zip(grads, need_grads))
+    return (dh if need[0] else None), tuple(_cuda.if_needed(gr, nd) for gr, nd in zip(grads, need_grads))
 
 
 _FWD = {"triton": _fwd_triton, "cuda": _fwd_cuda, "torch": _fwd_torch}

@@ -262,7 +262,7 @@ def _red_fwd_cuda(h2, scale, bias):
 def _red_bwd_cuda(g2, h2, scale, need_dh, need_ds, need_dt):
     (scale,) = _cuda.kernel_params(g2.dtype, scale)
     dh, ds, dt = _red_bwd_op(_unit_cols(g2), _unit_cols(h2), scale, need_dh, need_ds, need_dt)
-    return (_cuda.none_if_empty(dh, need_dh), _cuda.none_if_empty(ds, need_ds), _cuda.none_if_empty(dt, need_dt))
+    return (_cuda.if_needed(dh, need_dh), _cuda.if_needed(ds, need_ds), _cuda.if_needed(dt, need_dt))
 
 
 _RED_FWD = {"triton": _red_fwd_triton, "cuda": _red_fwd_cuda, "torch": _red_fwd_torch}
