@@ -54,7 +54,7 @@ void dispatch_act(at::ScalarType act, const char* op, F&& f) {
 }
 
 // Where the kernels' tensors live: CUDA memory, or host memory in the REFT_CPU_EMULATION build
-// (tests/cuda_emulation), which runs the same kernels with one host thread per CUDA thread.
+// (tests/cuda/emulation), which runs the same kernels with one host thread per CUDA thread.
 bool on_kernel_device(const at::Tensor& t) {
 #ifdef REFT_CPU_EMULATION
   return t.is_cpu();
@@ -240,7 +240,7 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
   TORCH_CHECK_VALUE(on_kernel_device(h), "lowrank_edit_fwd: h must be a CUDA tensor");
   check_cuda(y, h, "y");
   TORCH_CHECK_TYPE(y.scalar_type() == h.scalar_type(), "lowrank_edit_fwd: y must have h's dtype");
-  TORCH_CHECK_VALUE(act >= 0 && act <= 6, "lowrank_edit_fwd: unknown activation code ", act);
+  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "lowrank_edit_fwd: unknown activation code ", act);
   const c10::cuda::CUDAGuard guard(h.device());
   const Weights w = check_weights(h, d, A, a, B, P, c);
   const int64_t r = B.size(0);
@@ -295,7 +295,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
                                          const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
                                          bool need_dC) {
   TORCH_CHECK_VALUE(on_kernel_device(g), "lowrank_edit_bwd: g must be a CUDA tensor");
-  TORCH_CHECK_VALUE(act >= 0 && act <= 6, "lowrank_edit_bwd: unknown activation code ", act);
+  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "lowrank_edit_bwd: unknown activation code ", act);
   const c10::cuda::CUDAGuard guard(g.device());
   const Weights w = check_weights(g, d, A, OptTensor(), B, P, OptTensor());
   const int64_t r = B.size(0);
@@ -388,5 +388,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("red_bwd", &reft::red_bwd, "RED backward: (dh, dscale fp32, dbias fp32)");
   m.def("lowrank_edit_fwd", &reft::lowrank_edit_fwd, "low-rank edit forward: (z, u, hsave)");
   m.def("lowrank_edit_bwd", &reft::lowrank_edit_bwd, "low-rank edit backward: (gz, ga, dA, dB, dC)");
+  // checked against reft_kernels/_constants.py when the extension is loaded
   m.attr("MAX_RANK") = reft::kMaxRank;
+  m.attr("NUM_ACTIVATIONS") = reft::kNumActivations;
 }

@@ -14,7 +14,7 @@
 
 #include "reft_params.h"
 
-// Kernel launch. REFT_CPU_EMULATION builds (tests/cuda_emulation) run each CUDA thread as a host
+// Kernel launch. REFT_CPU_EMULATION builds (tests/cuda/emulation) run each CUDA thread as a host
 // thread instead; `kernel` is a plain name (assign a template instance to a variable first).
 #ifdef REFT_CPU_EMULATION
 #define REFT_LAUNCH(kernel, grid, block, stream, ...) ::reft_emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
@@ -23,6 +23,11 @@
 #endif
 
 namespace reft {
+
+// Activation codes: the values of reft_kernels/_constants.py (the extension exports
+// kNumActivations and Python refuses a build whose count differs).
+enum ActCode : int { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6 };
+constexpr int kNumActivations = 7;
 
 // Elements of T per 16-byte vector: the unit every row kernel loads and stores.
 template <typename T> __host__ __device__ constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
@@ -59,6 +64,7 @@ inline int64_t rows_per_block(int64_t n_rows, int64_t row_quantum, int64_t col_b
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kRankChunk = 8;
+// Also reft_kernels/_constants.py CUDA_MAX_RANK (the extension exports it; Python checks on load).
 constexpr int kMaxRank = 64;
 
 // Low-rank edit, parameter-gradient kernel: each block owns kParamCols columns (one per thread),

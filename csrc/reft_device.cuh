@@ -102,8 +102,6 @@ __device__ __forceinline__ void warp_reduce_scatter32(float (&v)[32], int lane) 
   reduce_scatter_step<1>(v, lane);
 }
 
-enum ActCode : int { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6 };
-
 // sigmoid through tanhf: an IEEE fp32 division compiles to a subroutine call on its slow path,
 // and the registers saved around that call showed up as spills in the low-rank kernels.
 __device__ __forceinline__ float sigmoidf_(float x) { return fmaf(0.5f, tanhf(0.5f * x), 0.5f); }

@@ -7,14 +7,15 @@ Functional ops (autograd-aware, any leading shape (..., d)): ``red``, ``lowrank_
 """
 from ._activations import ACTIVATION_NAMES
 from ._backend import available_backends
+from .functional import lowrank_edit, lowrank_edit_, red
 from .interventions import (
     consreft, consreft_, direft, direft_, lobireft, lobireft_, loreft, loreft_, nodireft, nodireft_,
     noreft, noreft_,
 )
-from .lowrank_edit import LowrankEditFunction, lowrank_edit, lowrank_edit_
 from .modules import RED, ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
+from .ops.lowrank_edit.function import LowrankEditFunction
+from .ops.red.function import RedFunction
 from .orthogonal import orthonormal_rows
-from .red import RedFunction, red
 
 __version__ = "0.1.0"
 __all__ = [

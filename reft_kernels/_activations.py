@@ -1,7 +1,8 @@
 """The activations ``act`` that ``lowrank_edit`` accepts, in three forms: names (Hugging Face
 ``ACT2FN`` spellings), PyTorch functions with their derivatives, and Triton device functions.
 
-Codes are compile-time constants of the Triton kernels (``ACT: tl.constexpr``).
+Codes (``reft_kernels._constants``) are compile-time constants of the Triton kernels
+(``ACT: tl.constexpr``) and of the CUDA kernels' ``ActCode`` enum.
 """
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._constants import GELU, GELU_TANH, IDENTITY, RELU, SIGMOID, SILU, TANH
 from ._triton import tl, triton
-
-IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID = range(7)
 
 _NAMES = {
     None: IDENTITY, "identity": IDENTITY, "linear": IDENTITY,
@@ -24,6 +24,14 @@ _NAMES = {
     "sigmoid": SIGMOID,
 }
 ACTIVATION_NAMES = tuple(k for k in _NAMES if k is not None)
+
+# The codes as Triton compile-time globals, so the device functions below name them.
+_RELU = tl.constexpr(RELU)
+_GELU = tl.constexpr(GELU)
+_GELU_TANH = tl.constexpr(GELU_TANH)
+_SILU = tl.constexpr(SILU)
+_TANH = tl.constexpr(TANH)
+_SIGMOID = tl.constexpr(SIGMOID)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -91,17 +99,17 @@ def _tanh(x):
 @triton.jit
 def act_fwd_tl(u, ACT: tl.constexpr):
     """act(u) on an fp32 tile."""
-    if ACT == 1:
+    if ACT == _RELU:
         u = tl.maximum(u, 0.0)
-    elif ACT == 2:
+    elif ACT == _GELU:
         u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    elif ACT == 3:
+    elif ACT == _GELU_TANH:
         u = 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
-    elif ACT == 4:
+    elif ACT == _SILU:
         u = u * tl.sigmoid(u)
-    elif ACT == 5:
+    elif ACT == _TANH:
         u = _tanh(u)
-    elif ACT == 6:
+    elif ACT == _SIGMOID:
         u = tl.sigmoid(u)
     return u
 
@@ -109,17 +117,17 @@ def act_fwd_tl(u, ACT: tl.constexpr):
 @triton.jit
 def act_grad_tl(u, ACT: tl.constexpr):
     """d act(u) / du on an fp32 tile (only called for ACT != identity)."""
-    if ACT == 1:
+    if ACT == _RELU:
         g = tl.where(u > 0.0, 1.0, 0.0)
-    elif ACT == 2:
+    elif ACT == _GELU:
         g = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-    elif ACT == 3:
+    elif ACT == _GELU_TANH:
         t = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
         g = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
-    elif ACT == 4:
+    elif ACT == _SILU:
         s = tl.sigmoid(u)
         g = s * (1.0 + u * (1.0 - s))
-    elif ACT == 5:
+    elif ACT == _TANH:
         t = _tanh(u)
         g = 1.0 - t * t
     else:

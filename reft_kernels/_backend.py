@@ -71,16 +71,22 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
                     "backend='triton' on CUDA tensors cannot run while TRITON_INTERPRET is set: "
                     "unset it before importing reft_kernels"
                 )
+            if device.type == "cpu":
+                raise RuntimeError(
+                    "backend='triton' on cpu tensors needs Triton's CPU interpreter: set "
+                    "TRITON_INTERPRET=1 before importing reft_kernels, or use backend='torch'"
+                )
             raise RuntimeError(
-                f"backend='triton' on {device.type} tensors needs Triton's CPU interpreter: set "
-                "TRITON_INTERPRET=1 before importing reft_kernels, or use backend='torch'"
+                f"backend='triton' cannot run on {device.type} tensors: the Triton kernels take CUDA "
+                "tensors (or cpu tensors through Triton's interpreter); use backend='torch'"
             )
     elif backend == "cuda":
-        if device.type != "cuda":
+        if device.type != "cuda" and not (device.type == "cpu" and _cuda.host_mode()):
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device.type}")
         if cuda_unsupported is not None:
             raise ValueError(f"backend='cuda' (from {source}): {cuda_unsupported}; use backend='torch'")
-        _cuda.extension()  # raises RuntimeError with build instructions when it is not built
+        if not _cuda.host_mode():
+            _cuda.extension()  # raises RuntimeError with build instructions when it is not built
     return backend
 
 
@@ -89,6 +95,6 @@ def available_backends(device: torch.device) -> list[str]:
     out = ["torch"]
     if triton_usable_on(device):
         out.append("triton")
-    if device.type == "cuda" and cuda_extension_available():
+    if (device.type == "cuda" and cuda_extension_available()) or (device.type == "cpu" and _cuda.host_kernels()):
         out.append("cuda")
     return out

@@ -1,19 +1,20 @@
 """Shared pieces of the CUDA C++ backend (``backend="cuda"``): access to the compiled extension
-``reft_kernels._C`` and the argument conventions of its entry points.
+``reft_kernels._C``, its argument conventions, and the one supported way to run its kernels on
+host tensors (the CPU emulation of the test suite).
 
 The extension is optional: a CPU-only or pure-Python install has no ``_C`` and everything else
-works; asking for ``backend="cuda"`` then raises a RuntimeError that says how to build it.
-Each op file registers its CUDA ops with ``torch.library`` (namespace ``reft_kernels``); those
-ops have a fake implementation for torch.compile and a PyTorch implementation for tensors on
-other devices, so their registration is testable without a GPU.
+works; asking for ``backend="cuda"`` then raises a RuntimeError that says how to build it. The
+ops of ``reft_kernels/ops/*/cuda_impl.py`` are registered with ``torch.library`` (namespace
+``reft_kernels``); each has a fake implementation for torch.compile and a PyTorch implementation
+for tensors on other devices, so their registration is testable without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-# The CUDA kernels keep the (rows, r) latents of a row group in shared memory sized for this
-# rank (csrc/launch.h, kMaxRank).
-CUDA_MAX_RANK = 64
+from ._constants import CUDA_MAX_RANK, NUM_ACTIVATIONS
 
 BUILD_HINT = (
     "build it next to a CUDA build of torch with `pip install --no-build-isolation -e .` "
@@ -22,16 +23,32 @@ BUILD_HINT = (
 
 _EXT = None
 _EXT_ERROR = None
+# Set by ``on_host``: (extension or None) whose kernels take host tensors.
+_HOST = None
+
+
+def _check_constants(ext) -> None:
+    """Refuse a build whose constants differ from ``reft_kernels._constants`` (a stale build)."""
+    theirs = (getattr(ext, "MAX_RANK", None), getattr(ext, "NUM_ACTIVATIONS", None))
+    ours = (CUDA_MAX_RANK, NUM_ACTIVATIONS)
+    if theirs != ours:
+        raise ImportError(
+            f"reft_kernels._C was built from other sources: (MAX_RANK, NUM_ACTIVATIONS) = {theirs}, "
+            f"this package expects {ours}; rebuild it"
+        )
 
 
 def extension():
     """The compiled module ``reft_kernels._C``; RuntimeError with build instructions if missing."""
     global _EXT, _EXT_ERROR
+    if _HOST is not None and _HOST[0] is not None:
+        return _HOST[0]
     if _EXT is None and _EXT_ERROR is None:
         try:
             from . import _C
+            _check_constants(_C)
             _EXT = _C
-        except ImportError as exc:  # not built, or built against another torch
+        except ImportError as exc:  # not built, built against another torch, or stale
             _EXT_ERROR = exc
     if _EXT is None:
         raise RuntimeError(
@@ -46,6 +63,36 @@ def extension_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def on_host(ext=None):
+    """Let ``backend="cuda"`` take CPU tensors while the context is open (for tests).
+
+    ``ext``: an extension built from ``csrc/`` for the host (``tests/cuda/emulation``), whose
+    entry points take CPU tensors: the CUDA backend's Python side then calls it exactly as it
+    calls ``reft_kernels._C`` on a GPU. ``ext=None``: CPU tensors go through the backend's
+    ``torch.library`` ops, which run their PyTorch implementation there (what the op
+    registration, the op contracts and torch.compile are tested with).
+    """
+    global _HOST
+    if ext is not None:
+        _check_constants(ext)
+    previous, _HOST = _HOST, (ext,)
+    try:
+        yield
+    finally:
+        _HOST = previous
+
+
+def host_mode() -> bool:
+    """True inside ``on_host``: backend="cuda" accepts CPU tensors."""
+    return _HOST is not None
+
+
+def host_kernels() -> bool:
+    """True inside ``on_host(ext)`` with an extension: call its kernels directly on CPU tensors."""
+    return _HOST is not None and _HOST[0] is not None
 
 
 def kernel_params(h_dtype: torch.dtype, *params):

@@ -8,8 +8,7 @@ import torch
 
 from . import interventions as iv
 from . import reference as ref
-from .lowrank_edit import lowrank_edit, lowrank_edit_
-from .red import red
+from .functional import lowrank_edit, lowrank_edit_, red
 
 # (N rows as (B, S), d, r): ragged on purpose (d not a power of two, r not a multiple of 16).
 SHAPE, D, R = (3, 37), 100, 5

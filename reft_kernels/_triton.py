@@ -30,7 +30,9 @@ except Exception as exc:  # ImportError, or a broken install raising something e
     class _Stub:
         """Just enough of ``triton`` / ``triton.language`` to define (never run) kernels."""
 
-        constexpr = object
+        @staticmethod
+        def constexpr(value=None):
+            return value
 
         @staticmethod
         def jit(fn=None, **_kwargs):

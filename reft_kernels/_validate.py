@@ -2,6 +2,8 @@
 argument and the shapes involved, before any kernel runs."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,13 +50,24 @@ def check_backend_dtype(backend: str, h: torch.Tensor) -> None:
         )
 
 
+_INDEX_CHECKED: dict = {}  # id(index) -> (weakref, version, data_ptr, n_rows): values already checked
+_INDEX_CACHE_SIZE = 256
+
+
 def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
     """Check a row index into ``h.reshape(-1, d)`` and return it as a contiguous int64 tensor.
 
     Entries must lie in [-1, n_rows); -1 is padding (skipped). Listed rows must be distinct: an
-    edit applied twice to one row has no single meaning, so duplicates are rejected. The check
-    costs one small reduction and one host synchronisation; inside ``torch.compile`` it becomes
-    device-side assertions instead (no graph break, an error at run time).
+    edit applied twice to one row has no single meaning, so duplicates are rejected.
+
+    Cost: the type, shape and device checks are free. The values are checked eagerly, with an
+    error that names the bad entry, once per index tensor: the result is remembered for that
+    tensor until its version counter moves (an in-place write) or ``n_rows`` changes, so a model
+    that passes one index to every layer pays one check (one host synchronisation on a GPU) per
+    index, not per call. Inside ``torch.compile`` and while a CUDA graph is being captured, where
+    a host synchronisation is not allowed, the same checks run as asynchronous device-side
+    assertions instead (an error at run time, without the entry named). Meta tensors hold no
+    values and are not value-checked.
     """
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a 1-D integer torch.Tensor or None, got {type(index).__name__}")
@@ -64,17 +77,40 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
     if index.device != h.device:
         raise ValueError(f"index is on {index.device} but h is on {h.device}")
-    index = index.to(torch.int64).contiguous()
-    if index.numel() == 0:
+    given, index = index, index.to(torch.int64).contiguous()
+    if index.numel() == 0 or index.device.type == "meta":
         return index
-    sorted_rows = index.sort().values
-    out_of_range = (index < -1).any() | (index >= n_rows).any()
-    duplicate = ((sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)).any()
-    if torch.compiler.is_compiling():
-        # No host sync inside a compiled graph: the same checks as device-side assertions.
+    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        out_of_range, duplicate = _index_flags(index, n_rows)
         torch._assert_async(~out_of_range, "index entries must lie in [-1, number of rows of h)")
         torch._assert_async(~duplicate, "index lists a row more than once")
         return index
+    if torch.is_inference(given):  # no version counter to key a cache on: check every call
+        _check_index_values(index, n_rows, h)
+        return index
+    key = id(given)
+    seen = _INDEX_CHECKED.get(key)
+    state = (given._version, given.data_ptr(), n_rows)
+    if seen is not None and seen[0]() is given and seen[1:] == state:
+        return index
+    _check_index_values(index, n_rows, h)
+    if len(_INDEX_CHECKED) >= _INDEX_CACHE_SIZE:
+        _INDEX_CHECKED.clear()
+    _INDEX_CHECKED[key] = (weakref.ref(given), *state)
+    return index
+
+
+def _index_flags(index: torch.Tensor, n_rows: int):
+    """(any entry out of [-1, n_rows), any row listed twice) as 0-d bool tensors (no sync)."""
+    sorted_rows = index.sort().values
+    out_of_range = (index < -1).any() | (index >= n_rows).any()
+    duplicate = ((sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)).any()
+    return out_of_range, duplicate
+
+
+def _check_index_values(index: torch.Tensor, n_rows: int, h: torch.Tensor) -> None:
+    """The eager value check (one host synchronisation), with errors that name the entry."""
+    out_of_range, duplicate = _index_flags(index, n_rows)
     flags = torch.stack([out_of_range, duplicate]).tolist()
     if flags[0]:
         lo, hi = int(index.min()), int(index.max())
@@ -83,7 +119,82 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
             f"({n_rows} rows of width {h.shape[-1]}), got values in [{lo}, {hi}]"
         )
     if flags[1]:
+        sorted_rows = index.sort().values
         dup_mask = (sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)
         dup = sorted_rows[1:][dup_mask][0].item()
         raise ValueError(f"index lists row {dup} more than once: each row may be edited at most once")
-    return index
+
+
+# ----------------------------------------------------------------------------- in-place targets
+
+def _byte_span(t: torch.Tensor):
+    """[lo, hi) bytes of ``t``'s storage that ``t`` can touch (None when empty)."""
+    if t.numel() == 0:
+        return None
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        if stride >= 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    es = t.element_size()
+    return lo * es, (hi + 1) * es
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may touch a common byte: same storage and overlapping spans
+    (conservative: interleaved views that never meet are reported too)."""
+    if a.device != b.device or a.device.type == "meta":
+        return False
+    sa, sb = _byte_span(a), _byte_span(b)
+    if sa is None or sb is None:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return sa[0] < sb[1] and sb[0] < sa[1]
+
+
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share a memory location: a stride-0 (expanded) dimension,
+    or strides that do not nest (``as_strided`` views whose rows overlap). Conservative: a layout
+    whose strides interleave without overlapping is reported too."""
+    extent = 0
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def check_inplace_target(h: torch.Tensor, others: dict) -> None:
+    """Everything that would make an in-place edit of ``h`` fail or go wrong, checked before the
+    first write (PyTorch's own in-place ops raise the same kinds of RuntimeError, also before
+    writing). ``others``: name -> tensor (or None) read by the op, which ``h`` must not share
+    memory with."""
+    if torch.is_inference(h) and not torch.is_inference_mode_enabled():
+        raise RuntimeError("h is an inference tensor: it cannot be edited in place outside torch.inference_mode()")
+    if torch.is_grad_enabled() and h.requires_grad:
+        if h.is_leaf:
+            raise RuntimeError(
+                "a leaf Variable that requires grad (h) cannot be edited in place: use the "
+                "out-of-place op, or edit a clone (h.clone())"
+            )
+        if h._base is not None and h._base.is_leaf:
+            raise RuntimeError(
+                "a view of a leaf Variable that requires grad (h) cannot be edited in place: use "
+                "the out-of-place op, or edit a view of a clone"
+            )
+    if torch.compiler.is_compiling():
+        return  # storage addresses are not traceable
+    if may_overlap_itself(h):
+        raise RuntimeError(
+            f"unsupported operation: more than one element of h (shape {tuple(h.shape)}, strides "
+            f"{tuple(h.stride())}) may refer to a single memory location (an expanded or overlapping "
+            "view); clone() it before editing it in place"
+        )
+    for name, t in others.items():
+        if t is not None and shares_memory(h, t):
+            raise RuntimeError(
+                f"h shares memory with {name}: an in-place edit of h would change {name} while the "
+                f"op reads it; clone() one of them first"
+            )

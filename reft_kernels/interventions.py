@@ -12,7 +12,7 @@ the listed rows of ``h`` itself (see ``lowrank_edit_``).
 """
 from __future__ import annotations
 
-from .lowrank_edit import lowrank_edit, lowrank_edit_
+from .functional import lowrank_edit, lowrank_edit_
 
 
 def loreft(h, R, W, b, *, act=None, index=None, backend=None):

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import nn
 
-from .lowrank_edit import lowrank_edit, lowrank_edit_
-from .orthogonal import orthonormal_rows, random_orthonormal_rows
+from ._rows import as_2d_plus, put_rows_, row_selector
 from ._validate import check_hidden, check_index
-from .red import red
+from .functional import lowrank_edit, lowrank_edit_, red
+from .orthogonal import orthonormal_rows, random_orthonormal_rows
 
 
 def _check_dims(d, rank=None):
@@ -57,12 +57,15 @@ class RED(nn.Module):
     def forward(self, h, index=None):
         if index is None:
             return red(h, self.scale, self.bias, backend=self.backend)
-        check_hidden(h)
-        flat = h.reshape(-1, h.shape[-1])
-        rows = check_index(index, flat.shape[0], h)
-        rows = rows[rows >= 0]
-        edited = red(flat[rows], self.scale, self.bias, backend=self.backend)
-        return flat.index_put((rows,), edited).reshape(h.shape)
+        d = check_hidden(h)
+        index = check_index(index, h.numel() // d, h)
+        # one row per entry, padding included: no host sync, no data-dependent shape
+        sel, _ = row_selector(h, index)
+        out = as_2d_plus(h).clone()
+        if out.numel():
+            edited = red(out[sel], self.scale, self.bias, backend=self.backend)
+            put_rows_(out, sel, index, edited)
+        return out.view(h.shape)
 
     def extra_repr(self):
         return f"d={self.d}"
@@ -92,11 +95,14 @@ class _LowRankEdit(nn.Module):
 
 
 class _Orthonormal(_LowRankEdit):
-    """Holds ``rotation`` (r, d) and exposes ``R``, its orthonormal-row form (fp32)."""
+    """Holds ``rotation`` (r, d) and exposes ``R``, its orthonormal-row form: float64 in a float64
+    module, float32 otherwise (pyreft keeps R in fp32 beside bf16 weights; QR has no half-precision
+    kernels)."""
 
-    def __init__(self, d, rank, act, backend, device):
+    def __init__(self, d, rank, act, backend, device, dtype):
         super().__init__(d, rank, act, backend)
-        self.rotation = nn.Parameter(random_orthonormal_rows(rank, d, device=device))
+        r_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.rotation = nn.Parameter(random_orthonormal_rows(rank, d, dtype=r_dtype, device=device))
 
     @property
     def R(self) -> torch.Tensor:
@@ -116,7 +122,7 @@ class LoReFT(_Orthonormal):
     """LoReFT: ``h + (act(h W^T + b) - h R^T) R`` (pyreft ``LoreftIntervention``)."""
 
     def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
-        super().__init__(d, rank, act, backend, device)
+        super().__init__(d, rank, act, backend, device, dtype)
         self.weight, self.bias = _linear_init(rank, d, dtype, device)
 
     def edit_terms(self):
@@ -128,7 +134,7 @@ class DiReFT(_Orthonormal):
     """DiReFT: ``h + act(h W^T + b) R`` (pyreft ``DireftIntervention``)."""
 
     def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
-        super().__init__(d, rank, act, backend, device)
+        super().__init__(d, rank, act, backend, device, dtype)
         self.weight, self.bias = _linear_init(rank, d, dtype, device)
 
     def edit_terms(self):
@@ -139,7 +145,7 @@ class ConsReFT(_Orthonormal):
     """ConsReFT: ``h + (b - h R^T) R`` (pyreft ``ConsreftIntervention``)."""
 
     def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
-        super().__init__(d, rank, None, backend, device)
+        super().__init__(d, rank, None, backend, device, dtype)
         self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
 
     def edit_terms(self):
@@ -151,7 +157,7 @@ class LoBiReFT(_Orthonormal):
     """LoBiReFT: ``h + b R`` (pyreft ``LobireftIntervention``)."""
 
     def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
-        super().__init__(d, rank, None, backend, device)
+        super().__init__(d, rank, None, backend, device, dtype)
         self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
 
     def edit_terms(self):

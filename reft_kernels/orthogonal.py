@@ -32,5 +32,6 @@ def orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
 
 def random_orthonormal_rows(r: int, d: int, *, dtype=None, device=None, generator=None) -> torch.Tensor:
     """A random (r, d) matrix with orthonormal rows (Haar-distributed row space)."""
-    g = torch.randn(r, d, dtype=torch.float32, device=device, generator=generator)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn(r, d, dtype=work, device=device, generator=generator)
     return orthonormal_rows(g).to(dtype or torch.float32)

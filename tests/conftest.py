@@ -19,15 +19,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 if os.environ.get("REFT_KERNELS_TEST_CUDA_EMULATION") == "1" and DEVICE.type == "cpu":
     # Opt-in: the whole suite also runs backend="cuda" on CPU tensors through the host-thread
-    # emulation of the CUDA kernels (tests/cuda_emulation; slow: minutes).
-    import sys
-    from pathlib import Path
+    # emulation of the CUDA kernels (tests/cuda/emulation; slow: minutes), for the whole session.
+    from reft_kernels import _cuda  # noqa: E402
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-    import build  # noqa: E402
-    import route  # noqa: E402
+    from .cuda.emulation.build import build  # noqa: E402
 
-    route.route_cuda_backend(build.build(), setattr)
+    _cuda.on_host(build()).__enter__()
 
 # torch everywhere; triton on a GPU or through the interpreter; cuda where the extension is built
 # and a GPU is present.
@@ -54,7 +51,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--shard", default=None, metavar="I/N",
         help="run only the I-th of N contiguous slices of the collected tests (0-based), so that "
-             "N processes can share one run; used by bench/device_check.sh, where compiling "
+             "N processes can share one run; used by tools/device_check.sh, where compiling "
              "each kernel specialisation for the GPU dominates the time",
     )
 

@@ -38,11 +38,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
-from reft_kernels.lowrank_edit import (  # noqa: E402  (modules shadowed by same-named functions)
+from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
     _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _tiles,
     triton_max_rank,
 )
-from reft_kernels.red import _red_bwd_kernel, _red_fwd_kernel, _red_bwd_tiles, _red_tiles  # noqa: E402
+from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_bwd_tiles, _red_fwd_kernel, _red_tiles  # noqa: E402
 from reft_kernels._triton import dot_precision, next_pow2  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).

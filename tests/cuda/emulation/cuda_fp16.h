@@ -1,4 +1,4 @@
-// Host stand-in for cuda_fp16.h (tests/cuda_emulation): __half with round-to-nearest-even.
+// Host stand-in for cuda_fp16.h (tests/cuda/emulation): __half with round-to-nearest-even.
 #pragma once
 #include <cstdint>
 #include <cstring>

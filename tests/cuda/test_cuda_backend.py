@@ -13,7 +13,6 @@ fixture adds "cuda" to every op test of the suite).
 """
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -23,21 +22,19 @@ import torch
 
 import reft_kernels
 from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
-from reft_kernels.lowrank_edit import _lowrank_edit_bwd_op, _lowrank_edit_fwd_inplace_op, _lowrank_edit_fwd_op
-from reft_kernels.red import _red_bwd_op, _red_fwd_op
+from reft_kernels.ops.lowrank_edit.cuda_impl import (
+    lowrank_edit_bwd_op, lowrank_edit_fwd_inplace_op, lowrank_edit_fwd_op,
+)
+from reft_kernels.ops.red.cuda_impl import red_bwd_op, red_fwd_op
 
-from _helpers import (
+from .._helpers import (
     MIXED_DTYPE_CASES, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params,
     padded_index, red_ref_fn,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "csrc"))
 import build_config  # noqa: E402
-
-# the modules (the package's ``red`` and ``lowrank_edit`` attributes are the functions)
-red_mod = importlib.import_module("reft_kernels.red")
-lowrank_mod = importlib.import_module("reft_kernels.lowrank_edit")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_ops = pytest.mark.skipif(DEVICE.type == "cuda" and not _cuda.extension_available(),
@@ -46,11 +43,11 @@ needs_ops = pytest.mark.skipif(DEVICE.type == "cuda" and not _cuda.extension_ava
 
 @pytest.fixture
 def cuda_route(monkeypatch):
-    """Make red/lowrank_edit pick the "cuda" backend on this machine's device."""
-    for mod in (red_mod, lowrank_mod):
-        monkeypatch.setattr(mod, "resolve_backend", lambda *args, **kwargs: "cuda")
-
-
+    """red/lowrank_edit pick the "cuda" backend on this machine's device (on the CPU, through the
+    ops' PyTorch implementations: ``_cuda.on_host()`` without an extension)."""
+    monkeypatch.setenv("REFT_KERNELS_BACKEND", "cuda")
+    with _cuda.on_host():
+        yield
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -60,9 +57,9 @@ def cuda_route(monkeypatch):
 def test_red_ops_opcheck(terms):
     h = torch.randn(5, 12, device=DEVICE)
     p = make_red_params(12, terms=terms, device=DEVICE, requires_grad=False)
-    torch.library.opcheck(_red_fwd_op, (h, p["scale"], p["bias"]))
+    torch.library.opcheck(red_fwd_op, (h, p["scale"], p["bias"]))
     for need in [(True, True, True), (True, False, False), (False, True, True)]:
-        torch.library.opcheck(_red_bwd_op, (h, h, p["scale"], *need))
+        torch.library.opcheck(red_bwd_op, (h, h, p["scale"], *need))
 
 
 @needs_ops
@@ -76,16 +73,16 @@ def test_lowrank_ops_opcheck(act, tied, terms):
     A, a, B, c = p["A"], p["a"], p["B"], p["c"]
     C = None if tied else p["C"]
     save_u = act != 0
-    torch.library.opcheck(_lowrank_edit_fwd_op, (h, A, a, B, C, c, act, tied, save_u))
+    torch.library.opcheck(lowrank_edit_fwd_op, (h, A, a, B, C, c, act, tied, save_u))
     idx = torch.tensor([4, -1, 0, 2], device=DEVICE)
-    torch.library.opcheck(_lowrank_edit_fwd_inplace_op, (h.clone(), idx, A, a, B, C, c, act, tied, save_u))
-    _, z, u = _lowrank_edit_fwd_op(h, A, a, B, C, c, act, tied, save_u)
-    z2, u2, hsave = _lowrank_edit_fwd_inplace_op(h.clone(), idx, A, a, B, C, c, act, tied, save_u)
+    torch.library.opcheck(lowrank_edit_fwd_inplace_op, (h.clone(), idx, A, a, B, C, c, act, tied, save_u))
+    _, z, u = lowrank_edit_fwd_op(h, A, a, B, C, c, act, tied, save_u)
+    z2, u2, hsave = lowrank_edit_fwd_inplace_op(h.clone(), idx, A, a, B, C, c, act, tied, save_u)
     g = torch.randn(n, d, device=DEVICE)
     for need in [(True,) * 6, (False, A is not None, False, True, False, False), (True, False, False, False, False, False)]:
-        torch.library.opcheck(_lowrank_edit_bwd_op,
+        torch.library.opcheck(lowrank_edit_bwd_op,
                               (g, h, None, A, B, C, z, u if save_u else None, act, tied, *need))
-        torch.library.opcheck(_lowrank_edit_bwd_op,
+        torch.library.opcheck(lowrank_edit_bwd_op,
                               (g, hsave, idx, A, B, C, z2, u2 if save_u else None, act, tied, *need))
 
 

@@ -1,7 +1,7 @@
 """A short run of every CUDA C++ kernel of reft_kernels._C, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/cuda_sanitize.py
-    compute-sanitizer --tool racecheck --error-exitcode 1 python bench/cuda_sanitize.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tools/cuda_sanitize.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tools/cuda_sanitize.py
 
 Covers both RED kernels and the partial sums, and the low-rank forward, backward dh and
 parameter-gradient kernels: with and without an index (-1 padding, in place), every optional

@@ -1,4 +1,4 @@
-// Host stand-in (tests/cuda_emulation): the emulated launches ignore the stream.
+// Host stand-in (tests/cuda/emulation): the emulated launches ignore the stream.
 #pragma once
 #include <cuda_runtime.h>
 namespace c10 {

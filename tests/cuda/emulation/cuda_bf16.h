@@ -1,4 +1,4 @@
-// Host stand-in for cuda_bf16.h (tests/cuda_emulation): __nv_bfloat16 with round-to-nearest-even.
+// Host stand-in for cuda_bf16.h (tests/cuda/emulation): __nv_bfloat16 with round-to-nearest-even.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -3,7 +3,7 @@ by the C++ compiler with ``-DREFT_CPU_EMULATION`` against the stand-in headers o
 as a torch extension whose entry points take CPU tensors. The kernels' source is the very text
 nvcc compiles; only the launch macro and the headers differ. See ``cuda_runtime.h`` here.
 
-    python tests/cuda_emulation/build.py      # builds (or reuses) and prints the module path
+    python tests/cuda/emulation/build.py      # builds (or reuses) and prints the module path
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 CSRC = ROOT / "csrc"
 BUILD_DIR = Path(os.environ.get("REFT_KERNELS_EMULATION_BUILD_DIR", ROOT / "build" / "cuda_emulation"))
 

@@ -9,7 +9,7 @@ import reft_kernels
 from reft_kernels import red
 from reft_kernels.reference import red_reference
 
-from _helpers import (
+from .._helpers import (
     MIXED_DTYPE_CASES,
     DTYPES,
     LAYOUTS,

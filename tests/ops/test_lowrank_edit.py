@@ -8,10 +8,10 @@ import torch
 
 import reft_kernels
 from reft_kernels import ACTIVATION_NAMES, lowrank_edit, lowrank_edit_
-from reft_kernels.lowrank_edit import triton_max_rank
+from reft_kernels.ops.lowrank_edit.triton_impl import triton_max_rank
 from reft_kernels.reference import lowrank_edit_reference
 
-from _helpers import (
+from .._helpers import (
     MIXED_DTYPE_CASES,
     DTYPES,
     bits,

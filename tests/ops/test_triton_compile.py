@@ -10,7 +10,7 @@ import pytest
 
 from reft_kernels import _triton
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")

@@ -1,5 +1,5 @@
 // A host-thread emulation of the small part of the CUDA programming model that csrc/ uses, for
-// testing the kernels on a machine without a GPU (build: tests/cuda_emulation/build.py).
+// testing the kernels on a machine without a GPU (build: tests/cuda/emulation/build.py).
 //
 // Every CUDA thread of a block runs as one std::thread; blocks run one after another, so a
 // kernel's `__shared__` variables (emulated as function statics) belong to the running block.

@@ -1,30 +1,26 @@
 """The CUDA C++ kernels of ``csrc/``, run on the CPU through the host-thread emulation of
-``tests/cuda_emulation`` (each CUDA thread a host thread; warp shuffles and barriers emulated),
+``tests/cuda/emulation`` (each CUDA thread a host thread; warp shuffles and barriers emulated),
 against the float64 reference, every gradient included.
 
 The kernels and ``bindings.cpp`` are compiled from the same source nvcc builds (only the launch
 macro and the CUDA headers differ), and the "cuda" backend's Python side is used unchanged
-except that its torch.library ops are bypassed: they would send CPU tensors to their PyTorch
+except that ``reft_kernels._cuda.on_host(ext)`` has it call the emulated extension's entry points
+directly instead of its torch.library ops, which would send CPU tensors to their PyTorch
 implementation (their registration is tested in test_cuda_backend.py). What this cannot see:
 anything about real GPU execution (speed, occupancy, memory-model races); the device script
 covers those with compute-sanitizer. Shapes are small: the emulation runs ~1e5x slower.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from reft_kernels import lowrank_edit, lowrank_edit_, red
+from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
 
-from _helpers import (
+from .._helpers import (
     bits, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params,
     padded_index, red_ref_fn, run_with_grads,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
 
@@ -32,16 +28,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is pres
 @pytest.fixture(scope="module", autouse=True)
 def emulated_cuda_backend():
     """backend="cuda" on CPU tensors, running the emulated kernels."""
-    import route
+    from .emulation.build import build
 
-    import build
-
-    mp = pytest.MonkeyPatch()
-    route.route_cuda_backend(build.build(), mp.setattr)
-    yield
-    mp.undo()
-
-
+    with _cuda.on_host(build()):
+        yield
 
 
 # ----------------------------------------------------------------------------- RED

@@ -1,4 +1,4 @@
-// Host stand-in (tests/cuda_emulation): one emulated device, nothing to switch.
+// Host stand-in (tests/cuda/emulation): one emulated device, nothing to switch.
 #pragma once
 namespace c10 {
 namespace cuda {

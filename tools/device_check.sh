@@ -6,12 +6,12 @@
 #   install    the package in place (pip --no-build-isolation --no-deps; nothing downloaded)
 #   info       versions, device, backends
 #   check      every op and backend (torch, triton, cuda) against float64
-#   memcheck   compute-sanitizer memcheck on a short run of every CUDA kernel (bench/cuda_sanitize.py)
+#   memcheck   compute-sanitizer memcheck on a short run of every CUDA kernel (tools/cuda_sanitize.py)
 #   racecheck  compute-sanitizer racecheck on the same run
 #   tests      the whole suite on CUDA tensors in 8 processes (every op, backend and dtype)
 # Budget: under 6 minutes on an H100 (the sanitizer runs overlap the test shards).
 #
-#     OUT=/some/dir bash bench/device_check.sh
+#     OUT=/some/dir bash tools/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device-run}"
@@ -44,7 +44,7 @@ SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/com
 sanitize() {  # sanitize TOOL
     if [ -z "$SAN" ]; then echo "compute-sanitizer not found" > "$OUT/$1.log"; printf '%-10s skipped (no compute-sanitizer)\n' "$1" >> "$summary"; return; fi
     step "$1" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$1" --error-exitcode 1 --kernel-name kns=reft \
-        python bench/cuda_sanitize.py
+        python tools/cuda_sanitize.py
 }
 ( sanitize memcheck; sanitize racecheck ) &
 san_pid=$!
@@ -56,8 +56,8 @@ san_pid=$!
 t0=$SECONDS
 for i in 0 1 2 3 4 5 6 7; do
     timeout 420 python -m pytest -q -p no:cacheprovider --shard "$i/8" \
-        --deselect tests/test_triton_compile.py \
-        --deselect tests/test_cuda_backend.py::test_cuda_compile_check_script > "$OUT/tests.$i.log" 2>&1 &
+        --deselect tests/ops/test_triton_compile.py \
+        --deselect tests/cuda/test_cuda_backend.py::test_cuda_compile_check_script > "$OUT/tests.$i.log" 2>&1 &
 done
 wait $(jobs -p | grep -v "^$san_pid$")
 printf '%-10s %4ss  8 shards of python -m pytest\n' tests "$((SECONDS - t0))" | tee -a "$summary"

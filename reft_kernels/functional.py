@@ -1,0 +1,121 @@
+"""The public ops: ``red``, ``lowrank_edit`` and its in-place twin ``lowrank_edit_``.
+
+Each checks its inputs (every bad input becomes a ValueError/TypeError naming the argument and
+the shapes, or, for an in-place edit that cannot be done, a RuntimeError like PyTorch's own
+in-place ops raise, always before anything is written), picks the backend
+(``reft_kernels._backend``) and applies the autograd Function of ``reft_kernels/ops/<op>/``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _cuda
+from ._activations import act_code
+from ._backend import resolve_backend
+from ._constants import CUDA_MAX_RANK
+from ._validate import check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param
+from .ops.lowrank_edit.contract import Spec
+from .ops.lowrank_edit import function as lowrank_function
+from .ops.lowrank_edit.triton_impl import triton_max_rank
+from .ops.red.function import RedFunction
+
+
+def red(h, scale=None, bias=None, *, backend=None):
+    """RED edit ``y = h * scale + bias`` of ``h`` (..., d) with ``scale``, ``bias`` of shape (d,).
+
+    Either parameter may be None. ``y`` has ``h``'s shape and dtype; gradients come back in each
+    tensor's own dtype (parameters may be in another dtype than ``h``, e.g. fp32 with bf16 ``h``).
+    ``backend``: None (default dispatch), "triton", "cuda" or "torch"; see ``reft_kernels._backend``.
+
+    Numerics: the kernels compute ``fma(h, s, t)`` in fp32 and round once (RED's own code rounds
+    ``h * s`` before adding ``t``); the column sums of the backward accumulate in fp32 in a fixed
+    order. Runs outside autocast; one backward (no double backward).
+    """
+    d = check_hidden(h)
+    check_param(scale, "scale", (d,), h, optional=True)
+    check_param(bias, "bias", (d,), h, optional=True)
+    be = resolve_backend(backend, h.device)
+    check_backend_dtype(be, h)
+    if be in ("triton", "cuda"):
+        scale = scale.contiguous() if scale is not None else None
+        bias = bias.contiguous() if bias is not None else None
+    return RedFunction.apply(h, scale, bias, be)
+
+
+def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
+    d = check_hidden(h)
+    if not isinstance(B, torch.Tensor):
+        raise TypeError(f"B must be a torch.Tensor of shape (r, d), got {type(B).__name__}")
+    if B.dim() != 2 or B.shape[0] < 1 or B.shape[1] != d:
+        raise ValueError(
+            f"B must have shape (r, d) with r >= 1 and d = {d} (h has shape {tuple(h.shape)}), "
+            f"got {tuple(B.shape)}"
+        )
+    r = B.shape[0]
+    check_param(B, "B", (r, d), h, optional=False)
+    check_param(A, "A", (r, d), h, optional=True)
+    check_param(C, "C", (r, d), h, optional=True)
+    check_param(a, "a", (r,), h, optional=True)
+    check_param(c, "c", (r,), h, optional=True)
+    code = act_code(act)
+    tied = C is not None and C is B
+    reason = cuda_reason = None
+    if r > triton_max_rank(h.dtype):
+        reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
+    if r > CUDA_MAX_RANK:
+        cuda_reason = f"the CUDA kernels take ranks up to {CUDA_MAX_RANK}, got r = {r}"
+    be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason)
+    check_backend_dtype(be, h)
+    n_rows = h.numel() // d
+    if index is not None:
+        index = check_index(index, n_rows, h)
+    if inplace:
+        check_inplace_target(h, {"B": B, "A": A, "a": a, "C": C, "c": c, "index": index})
+        if index is None:
+            index = torch.arange(n_rows, device=h.device)
+    if be == "triton":
+        A, a, B, C, c = (t.contiguous() if t is not None else None for t in (A, a, B, C, c))
+    elif be == "cuda":
+        A, a, B, C, c = _cuda.kernel_params(h.dtype, A, a, B, (None if tied else C), c)
+    return Spec(be, code, tied), A, a, B, (None if tied else C), c, index
+
+
+def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, backend=None):
+    """Low-rank edit ``y = h + (act(h A^T + a) - h C^T - c) B``, out of place.
+
+    Args:
+        h: (..., d) activations, float16 / bfloat16 / float32 (float64 with backend="torch").
+        B: (r, d), required. A, C: (r, d) or None. a, c: (r,) or None. Any r >= 1 and any d;
+            parameters may be in a different floating dtype than ``h``. Pass the same tensor as
+            ``C`` and ``B`` (LoReFT, NoReFT, ConsReFT) to have it read once.
+        act: None (identity) or an activation name (``reft_kernels.ACTIVATION_NAMES``).
+        index: optional 1-D int64 tensor of row numbers into ``h.reshape(-1, d)``; only those rows
+            are edited, -1 entries are skipped, a row may be listed once (duplicates raise
+            ValueError). The result equals ``h.clone()`` followed by ``lowrank_edit_`` on it.
+            Checked once per index tensor (see ``reft_kernels._validate.check_index``).
+        backend: None (default dispatch), "triton", "cuda" or "torch" (see ``reft_kernels._backend``).
+
+    Returns ``y`` with ``h``'s shape and dtype; gradients flow to ``h`` and every parameter, each
+    in its own dtype. Runs outside autocast (``y`` in ``h``'s dtype inside ``torch.autocast``
+    too); one backward (no double backward).
+    """
+    spec, A, a, B, C, c, index = _prepare(h, B, A, a, C, c, act, index, backend, inplace=False)
+    if index is not None:
+        h = h.clone(memory_format=torch.contiguous_format)
+    return lowrank_function.apply(h, A, a, B, C, c, spec, index)
+
+
+def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, backend=None):
+    """In-place ``lowrank_edit``: edits the rows of ``h`` listed by ``index`` (all rows when None)
+    and returns ``h``. Forward time and memory scale with ``len(index)``: it reads and writes only
+    the listed rows and saves a copy of them (n, d) plus the (n, r) latent for the backward. The
+    backward's gradient for ``h`` is the incoming gradient with the listed rows updated, one
+    (N, d) copy.
+
+    Raises RuntimeError, before writing anything, where PyTorch's in-place ops would refuse too:
+    ``h`` a leaf that requires grad or a view of one (with grad mode on), an inference tensor
+    outside inference mode, an ``h`` whose elements may share memory (expanded or overlapping
+    views), or an ``h`` that shares memory with a parameter or the index.
+    """
+    spec, A, a, B, C, c, index = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True)
+    return lowrank_function.apply(h, A, a, B, C, c, spec, index)

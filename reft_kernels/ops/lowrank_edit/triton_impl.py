@@ -1,0 +1,382 @@
+"""Triton kernels of the low-rank edit (``backend="triton"``) and their launchers, following the
+contract of ``function.py``.
+
+Numerics: operands are loaded as fp32, every ``tl.dot`` accumulates in fp32 (3xTF32 products for
+fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows, r) latent stays
+in registers between the two passes over ``h`` and is saved in fp32 for the backward, and ``y``
+is rounded once to ``h``'s dtype. Parameter gradients are reduced deterministically: fp32
+partials per program over a fixed row range, then one fixed-order sum (no atomics).
+
+Memory: the forward saves ``h`` by reference (out of place) or a copy of the listed rows only
+(in place), plus the (rows, r) latent; the backward allocates ``dh`` and (P, r, d) fp32 partials
+with P about 4 x the SM count / number of column blocks, never another (N, d) temporary.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import _triton
+from ..._activations import IDENTITY, act_fwd_tl, act_grad_tl
+from ..._rows import as_rows, rows_addressing
+from ..._triton import cdiv, next_pow2, tl, triton
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _row_source(idx_ptr, m, n_rows, HAS_INDEX: tl.constexpr):
+    """For block rows ``m`` (int64): (row of the edited tensor, is a real row, m < n_rows).
+
+    Without an index block row i is row i. With one it is row ``idx[i]``, and -1 padding (or a
+    row past the end of the index) is not real: its loads and stores are masked off and it reads
+    row 0's address, never a negative offset.
+    """
+    m_ok = m < n_rows
+    if HAS_INDEX:
+        src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+        row_ok = src >= 0
+        src = tl.where(row_ok, src, 0)
+    else:
+        row_ok = m_ok
+        src = m
+    return src, row_ok, m_ok
+
+
+@triton.jit
+def _lowrank_edit_fwd_kernel(
+    h_ptr, y_ptr, hsave_ptr, idx_ptr,
+    A_ptr, a_ptr, B_ptr, C_ptr, c_ptr,
+    z_ptr, u_ptr,
+    n_rows, d, r,
+    stride_h_row, stride_h_col, stride_y_row, stride_y_col,
+    HAS_INDEX: tl.constexpr, HAS_A: tl.constexpr, HAS_a: tl.constexpr, HAS_C: tl.constexpr,
+    TIED: tl.constexpr, HAS_c: tl.constexpr, ACT: tl.constexpr,
+    SAVE_H: tl.constexpr, SAVE_U: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Forward for BLOCK_M rows; grid (cdiv(n_rows, BLOCK_M),).
+
+    Pass 1 streams the rows once to build the fp32 latent ``z`` (BLOCK_M, R_PAD) in registers;
+    pass 2 streams them again and writes ``y = h + z B``. ``z`` (and the pre-activation ``u`` when
+    ``act`` is not the identity) is stored as (n_rows, r) fp32 for the backward. With HAS_INDEX,
+    row i of the block is row ``idx[i]`` of ``h`` (skipped when -1), ``y`` may alias ``h`` (each
+    element is read before it is written, by the same program), and SAVE_H copies the original
+    rows to the dense (n_rows, d) ``hsave``. R_PAD >= 16 and BLOCK_M, BLOCK_D >= 16: ``tl.dot``
+    needs every dimension >= 16 on NVIDIA GPUs; padded latent columns are masked to zero.
+    """
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    h_row = src * stride_h_row
+    y_row = src * stride_y_row
+    k = tl.arange(0, R_PAD)
+    k_ok = k < r
+
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    p = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if HAS_A or HAS_C or TIED:
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            col_ok = cols < d
+            x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            wmask = col_ok[:, None] & k_ok[None, :]
+            if HAS_A:
+                at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+                u = tl.dot(x, at, u, input_precision=DOT_PREC)
+            if HAS_C:
+                ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+                p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+            elif TIED:
+                ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+                p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+    if HAS_a:
+        u += tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    z = act_fwd_tl(u, ACT) - p
+    if HAS_c:
+        z -= tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    lat_ok = row_ok[:, None] & k_ok[None, :]
+    z = tl.where(lat_ok, z, 0.0)
+    lat_off = m[:, None] * r + k[None, :]
+    tl.store(z_ptr + lat_off, z, mask=m_ok[:, None] & k_ok[None, :])
+    if SAVE_U:
+        tl.store(u_ptr + lat_off, u, mask=m_ok[:, None] & k_ok[None, :])
+
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        col_ok = cols < d
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
+        if SAVE_H:
+            tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
+        b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
+        tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty),
+                 mask=tile_ok)
+
+
+@triton.jit
+def _lowrank_edit_bwd_latent_kernel(
+    g_ptr, idx_ptr, B_ptr, u_ptr, gz_ptr, ga_ptr,
+    n_rows, d, r,
+    stride_g_row, stride_g_col,
+    HAS_INDEX: tl.constexpr, ACT: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Backward pass 1 for BLOCK_M rows: ``gz = g B^T`` and ``ga = gz * act'(u)`` (when act is not
+    the identity), stored as (n_rows, r) fp32, zero on padding rows. Grid (cdiv(n_rows, BLOCK_M),)."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    g_row = src * stride_g_row
+    k = tl.arange(0, R_PAD)
+    k_ok = k < r
+    gz = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        col_ok = cols < d
+        g = tl.load(g_ptr + g_row[:, None] + cols[None, :] * stride_g_col,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=col_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        gz = tl.dot(g, bt, gz, input_precision=DOT_PREC)
+    lat_off = m[:, None] * r + k[None, :]
+    lat_mask = m_ok[:, None] & k_ok[None, :]
+    tl.store(gz_ptr + lat_off, gz, mask=lat_mask)
+    if ACT != 0:
+        u = tl.load(u_ptr + lat_off, mask=lat_mask, other=0.0)
+        ga = tl.where(row_ok[:, None] & k_ok[None, :], gz * act_grad_tl(u, ACT), 0.0)
+        tl.store(ga_ptr + lat_off, ga, mask=lat_mask)
+
+
+@triton.jit
+def _lowrank_edit_bwd_kernel(
+    g_ptr, h_ptr, dh_ptr, idx_ptr,
+    A_ptr, B_ptr, C_ptr,
+    z_ptr, gz_ptr, ga_ptr,
+    dA_part_ptr, dB_part_ptr, dC_part_ptr,
+    n_rows, d, r, rows_per_prog,
+    stride_g_row, stride_g_col, stride_h_row, stride_h_col, stride_dh_row, stride_dh_col,
+    HAS_INDEX: tl.constexpr, HAS_A: tl.constexpr, HAS_C: tl.constexpr, TIED: tl.constexpr,
+    ACT: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, NEED_DC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Backward pass 2; grid (P, cdiv(d, BLOCK_D)).
+
+    Program (p, j) owns columns block j of rows [p * rows_per_prog, (p+1) * rows_per_prog) and
+    computes ``dh = g + ga A - gz C`` there, plus fp32 partial parameter gradients over its rows,
+    ``ga^T h``, ``z^T g`` (minus ``gz^T h`` when TIED) and ``gz^T h``, stored to row p of the
+    (P, r, d) partial buffers. ``h`` rows are always the dense rows 0..n_rows-1 (the saved copy
+    when HAS_INDEX); ``g``/``dh`` rows follow ``idx`` when HAS_INDEX (``dh`` may alias ``g``).
+    """
+    pid_p = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    k = tl.arange(0, R_PAD)
+    k_ok = k < r
+    wmask = k_ok[:, None] & col_ok[None, :]
+    w_off = k[:, None] * d + cols[None, :]
+    if NEED_DH:
+        if HAS_A:
+            a_w = tl.load(A_ptr + w_off, mask=wmask, other=0.0).to(tl.float32)
+        if HAS_C:
+            c_w = tl.load(C_ptr + w_off, mask=wmask, other=0.0).to(tl.float32)
+        elif TIED:
+            c_w = tl.load(B_ptr + w_off, mask=wmask, other=0.0).to(tl.float32)
+    acc_a = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    acc_b = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    acc_c = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    row0 = pid_p.to(tl.int64) * rows_per_prog
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        m = row0 + m0 + tl.arange(0, BLOCK_M)
+        src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        lat_off = m[:, None] * r + k[None, :]
+        lat_mask = m_ok[:, None] & k_ok[None, :]
+        gz = tl.load(gz_ptr + lat_off, mask=lat_mask, other=0.0)
+        if ACT != 0:
+            ga = tl.load(ga_ptr + lat_off, mask=lat_mask, other=0.0)
+        else:
+            ga = gz
+        g = tl.load(g_ptr + src[:, None] * stride_g_row + cols[None, :] * stride_g_col,
+                    mask=tile_ok, other=0.0).to(tl.float32)
+        if NEED_DA or NEED_DC or (NEED_DB and TIED):
+            x = tl.load(h_ptr + m[:, None] * stride_h_row + cols[None, :] * stride_h_col,
+                        mask=tile_ok, other=0.0).to(tl.float32)
+        if NEED_DH:
+            dh = g
+            if HAS_A:
+                dh += tl.dot(ga, a_w, input_precision=DOT_PREC)
+            if HAS_C or TIED:
+                dh -= tl.dot(gz, c_w, input_precision=DOT_PREC)
+            tl.store(dh_ptr + src[:, None] * stride_dh_row + cols[None, :] * stride_dh_col,
+                     dh.to(dh_ptr.dtype.element_ty), mask=tile_ok)
+        if NEED_DA:
+            acc_a = tl.dot(tl.trans(ga), x, acc_a, input_precision=DOT_PREC)
+        if NEED_DC:
+            acc_c = tl.dot(tl.trans(gz), x, acc_c, input_precision=DOT_PREC)
+        if NEED_DB:
+            z = tl.load(z_ptr + lat_off, mask=lat_mask, other=0.0)
+            acc_b = tl.dot(tl.trans(z), g, acc_b, input_precision=DOT_PREC)
+            if TIED:
+                acc_b -= tl.dot(tl.trans(gz), x, input_precision=DOT_PREC)
+    part_off = pid_p.to(tl.int64) * r * d + w_off
+    if NEED_DA:
+        tl.store(dA_part_ptr + part_off, acc_a, mask=wmask)
+    if NEED_DB:
+        tl.store(dB_part_ptr + part_off, acc_b, mask=wmask)
+    if NEED_DC:
+        tl.store(dC_part_ptr + part_off, -acc_c, mask=wmask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# GPU tiles (BLOCK_M, BLOCK_D, num_warps) per kernel, activation class and padded rank. Each was
+# compiled ahead of time for sm_80 and sm_90a with Triton 3.9 at d = 4096 with the heaviest flags
+# (NoReFT's terms, gelu, an index): among the tiles that used no local memory (no register
+# spills) on both, the largest with some register headroom, BLOCK_M preferred (each program
+# reads the whole weight matrices, so taller tiles amortise them). Larger tiles spilled, e.g. a
+# (32, 128) fp32 forward tile at 255 registers. tools/triton_compile_check.py re-checks them all.
+# Speed on a GPU is not yet measured.
+_GPU_TILES = {
+    # kernel, fp32?: {r_pad: (BLOCK_M, BLOCK_D, warps)}
+    ("fwd", True): {16: (64, 32, 4), 32: (64, 16, 8), 64: (32, 32, 8)},
+    ("fwd", False): {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("lat", True): {16: (64, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8)},
+    ("lat", False): {16: (64, 128, 8), 32: (64, 128, 8), 64: (32, 128, 8), 128: (32, 64, 8)},
+    ("bwd", True): {16: (16, 128, 8), 32: (16, 64, 8), 64: (16, 32, 8)},
+    ("bwd", False): {16: (32, 128, 8), 32: (32, 64, 8), 64: (64, 16, 8), 128: (32, 16, 8)},
+}
+
+
+def triton_max_rank(h_dtype: torch.dtype) -> int:
+    """Largest rank the Triton kernels take for activations of ``h_dtype``: the (rows, r) latents
+    and (r, BLOCK_D) accumulators live in registers, and no tile fits beyond these without
+    spilling (fp32 needs more registers per dot, see ``_triton.dot_precision``)."""
+    return 64 if h_dtype == torch.float32 else 128
+
+
+def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool):
+    """(BLOCK_M, BLOCK_D, num_warps) for kernel ``kind`` ("fwd", "lat" or "bwd").
+
+    GPU: from ``_GPU_TILES``, shrunk to the problem (BLOCK_M to the rows, BLOCK_D to d, never
+    below 16, which ``tl.dot`` needs). Interpreter: big tiles, since every program costs a fixed
+    Python overhead there.
+    """
+    d_pow, n_pow = max(16, next_pow2(d)), max(16, next_pow2(n))
+    if not on_gpu:
+        return min(64, n_pow), min(d_pow, 128), 4
+    block_m, block_d, warps = _GPU_TILES[(kind, h_dtype == torch.float32)][r_pad]
+    return min(block_m, n_pow), min(block_d, d_pow), warps
+
+
+def _dummy(*ts):
+    return next(t for t in ts if t is not None)
+
+
+def fwd(h, index, A, a, B, C, c, spec, save_u):
+    """Forward; see ``function.py`` for the contract. ``hsave`` rows of -1 entries are left
+    unwritten."""
+    d = h.shape[-1]
+    r = B.shape[0]
+    r_pad = max(16, next_pow2(r))
+    dev = h.device
+    if index is None:
+        x = as_rows(h)
+        n = x.shape[0]
+        y = torch.empty((n, d), dtype=h.dtype, device=dev)
+        idx, s_h, s_hc, s_y, s_yc, hsave = x, x.stride(0), x.stride(1), d, 1, None
+        src, dst = x, y
+    else:
+        n = index.shape[0]
+        idx, s_h, s_hc = rows_addressing(h, index)
+        s_y, s_yc = s_h, s_hc
+        hsave = torch.empty((n, d), dtype=h.dtype, device=dev)
+        src = dst = h
+    z = torch.empty((n, r), dtype=torch.float32, device=dev)
+    u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
+    if n > 0:
+        block_m, block_d, warps = _tiles("fwd", n, d, r_pad, h.dtype, h.is_cuda)
+        _lowrank_edit_fwd_kernel[(cdiv(n, block_m),)](
+            src, dst, _dummy(hsave, z), idx,
+            _dummy(A, B), _dummy(a, B), B, _dummy(C, B), _dummy(c, B),
+            z, _dummy(u, z),
+            n, d, r, s_h, s_hc, s_y, s_yc,
+            HAS_INDEX=index is not None, HAS_A=A is not None, HAS_a=a is not None,
+            HAS_C=C is not None, TIED=spec.tied, HAS_c=c is not None, ACT=spec.act,
+            SAVE_H=hsave is not None, SAVE_U=save_u,
+            R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+            DOT_PREC=_triton.dot_precision(h.dtype), num_warps=warps,
+        )
+    return (dst if index is not None else y), z, u, hsave
+
+
+def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
+    """Triton backward on row matrices.
+
+    ``g2`` (N, d): gradient of the output rows; ``x`` (n, d): the input rows (all of ``h`` when
+    ``index`` is None, the saved listed rows otherwise); ``dh``: output buffer, (N, d), may be
+    ``g2`` itself when indexed (the listed rows are overwritten in place); ``need`` = flags for
+    (dh, dA, da, dB, dC, dc). Returns fp32 (dA, da, dB, dC, dc), each None when not needed.
+    """
+    need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
+    n, d = x.shape
+    r = B.shape[0]
+    r_pad = max(16, next_pow2(r))
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    if n == 0:
+        zero = lambda *s: torch.zeros(*s, **f32)  # noqa: E731
+        return (zero(r, d) if need_da_w else None, zero(r) if need_da_b else None,
+                zero(r, d) if need_db else None, zero(r, d) if need_dc_w else None,
+                zero(r) if need_dc_b else None)
+    prec = _triton.dot_precision(x.dtype)
+    has_act = spec.act != IDENTITY
+    gz = torch.empty((n, r), **f32)
+    ga = torch.empty((n, r), **f32) if has_act else None
+    idx = index if index is not None else gz
+    block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda)
+    _lowrank_edit_bwd_latent_kernel[(cdiv(n, block_m),)](
+        g2, idx, B, _dummy(u, gz), gz, _dummy(ga, gz),
+        n, d, r, g2.stride(0), g2.stride(1),
+        HAS_INDEX=index is not None, ACT=spec.act,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+    )
+    need_dc = need_dc_w and C is not None
+    block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda)
+    n_dblocks = cdiv(d, block_d)
+    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
+    da_part = torch.empty((progs, r, d), **f32) if need_da_w else None
+    db_part = torch.empty((progs, r, d), **f32) if need_db else None
+    dc_part = torch.empty((progs, r, d), **f32) if need_dc else None
+    _lowrank_edit_bwd_kernel[(progs, n_dblocks)](
+        g2, x, _dummy(dh, g2), idx,
+        _dummy(A, B), B, _dummy(C, B),
+        z, gz, _dummy(ga, gz),
+        _dummy(da_part, gz), _dummy(db_part, gz), _dummy(dc_part, gz),
+        n, d, r, rows_per_prog,
+        g2.stride(0), g2.stride(1), x.stride(0), x.stride(1),
+        dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
+        HAS_INDEX=index is not None, HAS_A=A is not None, HAS_C=C is not None, TIED=spec.tied,
+        ACT=spec.act, NEED_DH=need_dh, NEED_DA=need_da_w, NEED_DB=need_db, NEED_DC=need_dc,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+    )
+    ga = ga if has_act else gz
+    return (da_part.sum(0) if need_da_w else None,
+            ga.sum(0) if need_da_b else None,
+            db_part.sum(0) if need_db else None,
+            dc_part.sum(0) if need_dc else None,
+            -gz.sum(0) if need_dc_b else None)
+
+
+def bwd(g, x, index, A, B, C, z, u, spec, need):
+    """Backward; see ``function.py`` for the contract."""
+    if index is not None:
+        # dh is g with the listed rows replaced: copy g once, then the kernels read each listed
+        # row of the copy and overwrite it in place.
+        buf = g.clone(memory_format=torch.contiguous_format).view(-1, g.shape[-1]) if need[0] else as_rows(g)
+        grads = _launch_bwd_triton(buf, x, buf if need[0] else None, index, A, B, C, z, u, spec, need)
+        return (buf.view(g.shape) if need[0] else None), grads
+    g2 = as_rows(g)
+    dh = torch.empty(g2.shape, dtype=g.dtype, device=g.device) if need[0] else None
+    grads = _launch_bwd_triton(g2, as_rows(x), dh, None, A, B, C, z, u, spec, need)
+    return (dh.view(g.shape) if need[0] else None), grads
