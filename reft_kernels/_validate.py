@@ -111,14 +111,14 @@ def _index_flags(index: torch.Tensor, n_rows: int):
 def _check_index_values(index: torch.Tensor, n_rows: int, h: torch.Tensor) -> None:
     """The eager value check (one host synchronisation), with errors that name the entry."""
     out_of_range, duplicate = _index_flags(index, n_rows)
-    flags = torch.stack([out_of_range, duplicate]).tolist()
-    if flags[0]:
+    flags = (out_of_range.to(torch.uint8) + 2 * duplicate.to(torch.uint8)).item()  # the one sync
+    if flags & 1:
         lo, hi = int(index.min()), int(index.max())
         raise ValueError(
             f"index entries must lie in [-1, {n_rows}) for h of shape {tuple(h.shape)} "
             f"({n_rows} rows of width {h.shape[-1]}), got values in [{lo}, {hi}]"
         )
-    if flags[1]:
+    if flags & 2:
         sorted_rows = index.sort().values
         dup_mask = (sorted_rows[1:] == sorted_rows[:-1]) & (sorted_rows[1:] >= 0)
         dup = sorted_rows[1:][dup_mask][0].item()
@@ -170,7 +170,10 @@ def check_inplace_target(h: torch.Tensor, others: dict) -> None:
     """Everything that would make an in-place edit of ``h`` fail or go wrong, checked before the
     first write (PyTorch's own in-place ops raise the same kinds of RuntimeError, also before
     writing). ``others``: name -> tensor (or None) read by the op, which ``h`` must not share
-    memory with."""
+    memory with. Inside ``torch.compile`` nothing is checked here (tensor identity, views and
+    storage are not traceable; the compiled graph's own autograd checks apply)."""
+    if torch.compiler.is_compiling():
+        return
     if torch.is_inference(h) and not torch.is_inference_mode_enabled():
         raise RuntimeError("h is an inference tensor: it cannot be edited in place outside torch.inference_mode()")
     if torch.is_grad_enabled() and h.requires_grad:
@@ -184,8 +187,6 @@ def check_inplace_target(h: torch.Tensor, others: dict) -> None:
                 "a view of a leaf Variable that requires grad (h) cannot be edited in place: use "
                 "the out-of-place op, or edit a view of a clone"
             )
-    if torch.compiler.is_compiling():
-        return  # storage addresses are not traceable
     if may_overlap_itself(h):
         raise RuntimeError(
             f"unsupported operation: more than one element of h (shape {tuple(h.shape)}, strides "

@@ -15,9 +15,11 @@ import functools
 
 import torch
 
-try:
-    from torch._C._functions import DelayedError
-except ImportError:  # pragma: no cover - every torch this package supports has it
+try:  # the node torch's own once_differentiable uses
+    from torch._C import _functions
+
+    DelayedError = _functions.DelayedError
+except (ImportError, AttributeError):  # pragma: no cover - every torch this package supports has it
     DelayedError = None
 
 

@@ -190,3 +190,41 @@ def test_lowrank_untied_C_sharing_B_memory():
     for mode in ("out", "inplace_index"):
         index = padded_index(12, 8, 2) if mode == "inplace_index" else None
         _check_lowrank(base, lambda t: t, p, mode=mode, act="gelu", index=index)
+
+
+# ----------------------------------------------------------------------------- the core's policies
+
+from ..ops import test_autocast, test_double_backward, test_index_sync_free, test_inplace_safety  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("entry", test_inplace_safety.ENTRY_NAMES)
+def test_inplace_refusals_before_writing(entry):
+    test_inplace_safety.test_leaf_requiring_grad_refused_before_writing("cuda", CPU, entry)
+    test_inplace_safety.test_view_of_leaf_requiring_grad_refused_before_writing("cuda", CPU, entry)
+    for kind in ("expanded_rows", "expanded_last_dim", "as_strided_overlapping_rows"):
+        test_inplace_safety.test_overlapping_h_refused_before_writing("cuda", CPU, entry, kind)
+
+
+@pytest.mark.parametrize("where", ["B_rows_of_h", "h_contains_A", "index_in_h_storage"])
+def test_inplace_sharing_memory_refused(where):
+    test_inplace_safety.test_h_sharing_memory_with_an_input_refused("cuda", CPU, where)
+
+
+@pytest.mark.parametrize("mode", ["out", "inplace_index"])
+def test_double_backward_refused_and_first_order_right(mode):
+    test_double_backward.test_lowrank_edit_double_backward_refused("cuda", CPU, mode)
+    test_double_backward.test_create_graph_first_order_gradients_still_right("cuda", CPU, mode)
+    test_double_backward.test_red_double_backward_refused("cuda", CPU, "scale")
+
+
+@pytest.mark.parametrize("name", ["LoReFT", "RED"])
+def test_autocast_policy(name):
+    test_autocast.test_modules_under_autocast_compute_as_without("cuda", CPU, name, torch.float32, torch.bfloat16)
+    test_autocast.test_functional_ops_under_autocast("cuda", CPU, True)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["lowrank_edit", "lowrank_edit_"])
+def test_no_host_sync_after_first_use(inplace):
+    test_index_sync_free.test_no_host_sync_after_first_use("cuda", CPU, inplace)
