@@ -170,13 +170,19 @@ def check_inplace_target(h: torch.Tensor, others: dict) -> None:
     """Everything that would make an in-place edit of ``h`` fail or go wrong, checked before the
     first write (PyTorch's own in-place ops raise the same kinds of RuntimeError, also before
     writing). ``others``: name -> tensor (or None) read by the op, which ``h`` must not share
-    memory with. Inside ``torch.compile`` nothing is checked here (tensor identity, views and
+    memory with; their ``requires_grad`` decides, as for PyTorch, whether the edit is recorded
+    by autograd. Inside ``torch.compile`` nothing is checked here (tensor identity, views and
     storage are not traceable; the compiled graph's own autograd checks apply)."""
     if torch.compiler.is_compiling():
         return
     if torch.is_inference(h) and not torch.is_inference_mode_enabled():
         raise RuntimeError("h is an inference tensor: it cannot be edited in place outside torch.inference_mode()")
     if torch.is_grad_enabled() and h.requires_grad:
+        if h.is_leaf and h._is_view():  # a view taken under no_grad of a tensor that requires grad
+            raise RuntimeError(
+                "h is a view created in no_grad mode of a tensor that requires grad: it cannot be "
+                "edited in place with grad mode on; take the view with grad mode on, or edit a clone"
+            )
         if h.is_leaf:
             raise RuntimeError(
                 "a leaf Variable that requires grad (h) cannot be edited in place: use the "
@@ -199,3 +205,16 @@ def check_inplace_target(h: torch.Tensor, others: dict) -> None:
                 f"h shares memory with {name}: an in-place edit of h would change {name} while the "
                 f"op reads it; clone() one of them first"
             )
+    grad_needed = h.requires_grad or any(t is not None and t.requires_grad for t in others.values())
+    if torch.is_grad_enabled() and grad_needed and h._is_view():
+        # Views that autograd forbids editing in place (outputs of unbind/split, views taken in
+        # no_grad mode of a tensor that now needs grad) carry a private creation mark: an
+        # in-place op on an empty slice of h makes autograd run its own checks, writing nothing.
+        probe = h.narrow(-1, 0, 0)
+        try:
+            if probe.requires_grad:
+                probe.mul_(1)
+            else:
+                probe.add_(torch.zeros(0, dtype=h.dtype, device=h.device, requires_grad=True))
+        except RuntimeError as exc:
+            raise RuntimeError(f"h cannot be edited in place: {exc}") from None

@@ -143,3 +143,35 @@ def test_inference_tensor_outside_inference_mode_refused(backend, device):
     with torch.inference_mode():  # inside inference mode it is an ordinary in-place edit
         rk.loreft_(h, R_, W, b, backend=backend)
     assert not torch.equal(bits(h.clone()), before)
+
+
+def test_view_taken_under_no_grad_refused_before_writing(backend, device):
+    R_, W, b = _params(device)
+    x = torch.randn(5, D, device=device, requires_grad=True) * 1.0
+    with torch.no_grad():
+        h = x[1:4]
+    before = bits(x.detach().clone())
+    with pytest.raises(RuntimeError, match="view created in no_grad mode"):
+        rk.loreft_(h, R_, W, b, backend=backend)
+    assert torch.equal(bits(x.detach().clone()), before)
+
+
+def test_view_from_unbind_refused_before_writing(backend, device):
+    """PyTorch refuses in-place edits of the outputs of multi-view functions (unbind, split)."""
+    R_, W, b = _params(device)
+    x = torch.randn(4, D, device=device, requires_grad=True) * 1.0
+    h = x.unbind(0)[1]
+    before = bits(x.detach().clone())
+    with pytest.raises(RuntimeError, match="view"):
+        rk.loreft_(h, R_, W, b, backend=backend)
+    assert torch.equal(bits(x.detach().clone()), before)
+
+
+def test_view_from_unbind_without_grad_is_edited(backend, device):
+    """Nothing requires grad: autograd is not involved and the view is edited like any other."""
+    R_, W, b = _params(device)
+    x = torch.randn(4, D, device=device)
+    h = x.unbind(0)[2]
+    ref = lowrank_ref_fn(h.double(), R_.double(), W.double(), b.double(), R_.double())
+    rk.loreft_(h, R_, W, b, backend=backend)
+    torch.testing.assert_close(x[2].double(), ref, rtol=1e-5, atol=1e-5)
