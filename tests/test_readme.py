@@ -1,4 +1,6 @@
-"""The README's usage examples run as written, and its two set-up commands match .ci/run."""
+"""The README's usage examples and error table run as written, and its two set-up commands match
+.ci/run."""
+import builtins
 import pathlib
 import re
 
@@ -29,3 +31,29 @@ def test_setup_commands():
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     for step in commands[1].split("&&"):
         assert step.strip() in ci_lines, f".ci/run lacks the README step {step.strip()!r}"
+
+
+def _error_rows():
+    section = README.split("### Errors", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (.+?) \| `(.+?)` \| `(\w+): (.+?)` \|$", section, flags=re.M)
+    return rows
+
+
+def test_error_table_present():
+    assert len(_error_rows()) >= 25
+
+
+@pytest.mark.parametrize("what,call,exc,fragment", _error_rows(), ids=[r[0] for r in _error_rows()])
+def test_error_table_row(what, call, exc, fragment):
+    """Each row of the README's error table: the call raises that error type with that text."""
+    import torch
+
+    import reft_kernels as rk
+
+    env = {"torch": torch, "rk": rk}
+    exec("h = torch.randn(4, 8); B = torch.randn(2, 8); s = torch.randn(8); "
+         "leaf = torch.randn(4, 8, requires_grad=True)", env)
+    with pytest.raises(getattr(builtins, exc)) as info:
+        eval(call, env)
+    assert type(info.value).__name__ == exc
+    assert fragment in str(info.value), (call, str(info.value))

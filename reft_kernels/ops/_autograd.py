@@ -51,10 +51,16 @@ def once_differentiable(op_name: str):
             if DelayedError is None:  # pragma: no cover
                 raise RuntimeError(message)
             present = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
-            err = DelayedError(message.encode(), len(present))
             fakes = [outputs[i].detach().requires_grad_() for i in present]
-            wrapped = err(*fakes)
-            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            # The error node also takes a zero-size tensor that depends on every input of this
+            # backward that requires grad, so a later differentiation towards those inputs
+            # (torch.autograd.grad(..., inputs=...)) reaches the node and raises, instead of
+            # reporting the inputs as unused.
+            linked = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            anchor = torch.cat([t.reshape(1) if t.dim() == 0 else t.narrow(0, 0, 0).sum().reshape(1)
+                                for t in linked])[:0]
+            err = DelayedError(message.encode(), len(fakes) + 1)
+            wrapped = err(*fakes, anchor)[:-1]
             out = list(outputs)
             for i, t in zip(present, wrapped):
                 out[i] = t

@@ -67,3 +67,14 @@ def test_create_graph_first_order_gradients_still_right(backend, device, mode):
     refs = torch.autograd.grad(red_ref_fn(h64, s64), [h64, s64], g.double())
     for a, b in zip(gs, refs):
         assert max_err(a, b) <= 1e-5 * max(1.0, max_abs(b))
+
+
+def test_double_backward_error_through_autograd_grad(backend, device):
+    """``torch.autograd.grad(..., inputs=...)`` (not only ``.backward()``) reaches the error."""
+    leaf = torch.randn(4, D, device=device, requires_grad=True)
+    s = torch.randn(D, device=device)
+    p = make_lowrank_params(D, R, device=device)
+    for y in (rk.red(leaf, s, backend=backend), _lowrank(leaf, p, None, False, backend)):
+        (g1,) = torch.autograd.grad(y.square().sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="does not support double backward"):
+            torch.autograd.grad(g1.sum(), leaf)
