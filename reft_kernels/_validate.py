@@ -158,6 +158,8 @@ def may_overlap_itself(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share a memory location: a stride-0 (expanded) dimension,
     or strides that do not nest (``as_strided`` views whose rows overlap). Conservative: a layout
     whose strides interleave without overlapping is reported too."""
+    if t.numel() == 0:  # no two elements to overlap (PyTorch may give empty results stride 0)
+        return False
     extent = 0
     for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
         if stride <= extent:

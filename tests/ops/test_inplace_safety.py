@@ -175,3 +175,18 @@ def test_view_from_unbind_without_grad_is_edited(backend, device):
     ref = lowrank_ref_fn(h.double(), R_.double(), W.double(), b.double(), R_.double())
     rk.loreft_(h, R_, W, b, backend=backend)
     torch.testing.assert_close(x[2].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_h_with_a_zero_stride_is_accepted(backend, device):
+    """Found by the property tests: for a result with no elements PyTorch may pick a stride of 0
+    (``torch.randn(3, 0, 1, requires_grad=True) * 1.0`` has strides (0, 1, 0)); an empty tensor
+    has no two elements to overlap, and PyTorch's own in-place ops accept it."""
+    h = torch.empty_strided((3, 0, 1), (0, 1, 0), device=device)
+    h.add_(1.0)
+    B = torch.randn(2, 1, device=device, requires_grad=True)
+    base = torch.randn(3, 0, 1, device=device, requires_grad=True)
+    for x in (h, base * 1.0):
+        out = rk.lowrank_edit_(x, B, backend=backend)
+        assert out is x
+    out.sum().backward()
+    assert torch.equal(B.grad, torch.zeros_like(B))
