@@ -66,6 +66,6 @@ def apply(h, A, a, B, C, c, spec, index):
         out, _, _, _ = _FWD[spec.backend](h, index, A, a, B, C, c, spec, False)
     if index is None:
         return out.view(h.shape)
-    if spec.backend == "triton":  # a raw kernel wrote h: tell autograd, as mark_dirty would
-        torch.autograd.graph.increment_version(h)
+    if spec.backend != "torch":  # a kernel wrote h behind autograd's back: bump its version, as
+        torch.autograd.graph.increment_version(h)  # mark_dirty would (aten ops bump their own)
     return out
