@@ -6,7 +6,8 @@ Backends:
 - ``"torch"``: the same autograd Functions computed with PyTorch ops (hand-written, memory-lean
   backward). Runs on any device and dtype, float64 included.
 - ``"cuda"``: the CUDA C++ kernels of the extension ``reft_kernels._C`` (CUDA tensors, when it
-  was built; see ``reft_kernels._cuda``). Opt-in: never picked by default.
+  was built; see ``reft_kernels._cuda``). Opt-in: never picked by default. Inside
+  ``reft_kernels._cuda.on_host(...)`` (tests) it also takes CPU tensors.
 
 ``backend=None`` picks the default: the ``REFT_KERNELS_BACKEND`` environment variable when set,
 otherwise Triton for CUDA tensors and the PyTorch path for everything else.
