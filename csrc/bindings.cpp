@@ -115,8 +115,13 @@ at::Tensor f32_empty(at::IntArrayRef shape, const at::Tensor& like) {
 
 // ------------------------------------------------------------------------------------------ RED
 
+// The RED kernels read rows as contiguous runs: unit column stride, which any stride satisfies
+// for a single column or no element at all (PyTorch keeps e.g. (1, 2) strides on a (2, 1) view,
+// and any strides on an empty one, through contiguous()).
+bool unit_cols(const at::Tensor& t) { return t.numel() == 0 || t.size(1) == 1 || t.stride(1) == 1; }
+
 at::Tensor red_fwd(const at::Tensor& h, const OptTensor& scale, const OptTensor& bias) {
-  TORCH_CHECK_VALUE(on_kernel_device(h) && h.dim() == 2 && h.stride(1) == 1, "red_fwd: h must be a CUDA (n, d) matrix ",
+  TORCH_CHECK_VALUE(on_kernel_device(h) && h.dim() == 2 && unit_cols(h), "red_fwd: h must be a CUDA (n, d) matrix ",
                     "with unit column stride");
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0), d = h.size(1);
@@ -148,11 +153,11 @@ at::Tensor red_fwd(const at::Tensor& h, const OptTensor& scale, const OptTensor&
 // Returns (dh, ds, dt); a gradient that is not needed is an empty tensor. ds, dt are float32.
 std::vector<at::Tensor> red_bwd(const at::Tensor& g, const OptTensor& h, const OptTensor& scale, bool need_dh,
                                 bool need_ds, bool need_dt) {
-  TORCH_CHECK_VALUE(on_kernel_device(g) && g.dim() == 2 && g.stride(1) == 1, "red_bwd: g must be a CUDA (n, d) matrix ",
+  TORCH_CHECK_VALUE(on_kernel_device(g) && g.dim() == 2 && unit_cols(g), "red_bwd: g must be a CUDA (n, d) matrix ",
                     "with unit column stride");
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t n = g.size(0), d = g.size(1);
-  TORCH_CHECK_VALUE(!need_ds || (h.has_value() && h->sizes() == g.sizes() && h->stride(1) == 1 &&
+  TORCH_CHECK_VALUE(!need_ds || (h.has_value() && h->sizes() == g.sizes() && unit_cols(*h) &&
                                  h->scalar_type() == g.scalar_type()),
                     "red_bwd: need_ds requires h shaped and typed like g, with unit column stride");
   if (h.has_value()) check_cuda(*h, g, "h");

@@ -24,7 +24,8 @@ if os.environ.get("REFT_KERNELS_TEST_CUDA_EMULATION") == "1" and DEVICE.type == 
 
     from .cuda.emulation.build import build  # noqa: E402
 
-    _cuda.on_host(build()).__enter__()
+    _EMULATION = _cuda.on_host(build())  # kept referenced: a collected context would exit
+    _EMULATION.__enter__()
 
 # torch everywhere; triton on a GPU or through the interpreter; cuda where the extension is built
 # and a GPU is present.

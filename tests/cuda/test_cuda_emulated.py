@@ -228,3 +228,13 @@ def test_autocast_policy(name):
 @pytest.mark.parametrize("inplace", [False, True], ids=["lowrank_edit", "lowrank_edit_"])
 def test_no_host_sync_after_first_use(inplace):
     test_index_sync_free.test_no_host_sync_after_first_use("cuda", CPU, inplace)
+
+
+@pytest.mark.parametrize("layout,lead,d", [("col_major", (2,), 1), ("col_major", (2,), 3), ("strided_cols", (0,), 2)])
+def test_red_single_column_or_no_rows_any_column_stride(layout, lead, d):
+    """Found by the property tests under the whole-suite emulation: a (2, 1) column-major view
+    keeps column stride 2, and an empty (0, 2) view column stride 2 (contiguous() leaves both as
+    they are), which the binding refused as 'not unit column stride'."""
+    base, view = make_base(layout, lead, d)
+    base.requires_grad_()
+    check_against_reference(red, red_ref_fn, base, view, make_red_params(d), kernel_kwargs={"backend": "cuda"})
