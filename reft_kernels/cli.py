@@ -1,4 +1,4 @@
-"""``reft-kernels`` command line: ``info`` and ``check``."""
+"""``reft-kernels`` command line: ``info``, ``check`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,28 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _bench(args) -> int:
+    from .benchmark import runner
+    from .benchmark.cases import ALL_PROVIDERS
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = "quick" if args.quick else (args.sweep or ("gpu" if device.type == "cuda" else "quick"))
+    cases = runner.sweep(name, device)
+    if args.ops:
+        ops = args.ops.split(",")
+        cases = [c for c in cases if c.op in ops]
+    providers = runner.default_providers(device)
+    if args.providers:
+        providers = args.providers.split(",")
+        bad = [p for p in providers if p not in ALL_PROVIDERS]
+        if bad:
+            print(f"reft-kernels bench: unknown providers {bad}; choose from {ALL_PROVIDERS}", file=sys.stderr)
+            return 2
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if name == "quick" else 0.2)
+    runner.run(cases, providers, device, args.out, min_run_time=min_run_time)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="reft-kernels", description="Fused kernels for RED and ReFT.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -73,7 +95,20 @@ def main(argv=None) -> int:
                      help="default: every backend usable on the device (on CPU: torch; "
                           "'triton' or 'all' on CPU runs Triton through its interpreter; "
                           "'all' on CUDA includes the CUDA C++ extension, which must be built)")
+    bench = sub.add_parser("bench", help="every op against eager PyTorch and torch.compile: speed, memory, bandwidth")
+    bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (under 2 minutes on 2 cores)")
+    bench.add_argument("--sweep", choices=["quick", "gpu", "full"],
+                       help="default: gpu on a GPU, quick otherwise; full is the whole grid (long)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    bench.add_argument("--providers", help="comma-separated subset of eager,compile,torch,triton,cuda "
+                                           "(default: eager, compile and every backend that runs here)")
+    bench.add_argument("--ops", help="comma-separated subset of red,lowrank_edit,lowrank_edit_index,orthonormal_rows")
+    bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    bench.add_argument("--min-run-time", type=float, default=None,
+                       help="seconds of timed runs per measurement on CPU (default 0.2, 0.05 with --quick)")
     args = ap.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     return _info(args) if args.command == "info" else _check(args)
 
 

@@ -9,9 +9,14 @@
 #   memcheck   compute-sanitizer memcheck on a short run of every CUDA kernel (tools/cuda_sanitize.py)
 #   racecheck  compute-sanitizer racecheck on the same run
 #   tests      the whole suite on CUDA tensors in 8 processes (every op, backend and dtype)
-# Budget: under 6 minutes on an H100 (the sanitizer runs overlap the test shards).
+#   bench      reft-kernels bench --sweep gpu: every op against eager and torch.compile; rows go
+#              to $OUT/bench/<card>/results.csv case by case, so a timeout keeps what was measured
+# Budget: about 6 minutes on an H100 for build + tests (the sanitizer runs overlap the test shards)
+# and up to 4 more for the sweep (not yet timed on a GPU).
 #
-#     OUT=/some/dir bash tools/device_check.sh
+#     OUT=/some/dir bash tools/device_check.sh            # everything, in that order
+#     OUT=/some/dir bash tools/device_check.sh bench      # the sweep only (a rerun after a fix;
+#                                                         # builds nothing: the Triton path and eager)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device-run}"
@@ -28,6 +33,19 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record rc and
     return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
+bench() {  # the sweep; the plots are made from the CSV afterwards (bench/plot_results.py)
+    step bench "${BENCH_TIMEOUT:-240}" reft-kernels bench --sweep gpu --out "$OUT/bench"
+    for csv in "$OUT"/bench/*/results.csv; do
+        [ -f "$csv" ] && python bench/plot_results.py "$csv" >> "$OUT/bench.log" 2>&1
+    done
+    cat "$OUT"/bench/*/results.md >> "$summary" 2>/dev/null || true
+}
+if [ "${1:-all}" = "bench" ]; then
+    step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
+    bench
+    cat "$summary"
+    exit 0
+fi
 ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
 export REFT_KERNELS_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}"
 step build 300 python setup.py build_ext --inplace
@@ -68,4 +86,5 @@ done
 grep -h "^FAILED\|^ERROR" "$OUT"/tests.*.log >> "$summary" || true
 grep -E "FAIL|Error" "$OUT/check.log" >> "$summary" || true
 grep -h "ERROR SUMMARY\|MISMATCH\|all ok" "$OUT"/memcheck.log "$OUT"/racecheck.log >> "$summary" 2>/dev/null || true
+bench
 cat "$summary"

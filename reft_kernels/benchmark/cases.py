@@ -1,0 +1,191 @@
+"""What the benchmark measures: cases (op, method, dtype, sizes) and, for each provider, the
+callable to time.
+
+Ops and their providers:
+- ``red``: ``eager`` (``reference.red_reference``), ``compile`` (torch.compile of it), and ours
+  on each backend (``torch``, ``triton``, ``cuda``).
+- ``lowrank_edit`` in the shape of each ReFT method (``loreft`` tied, ``noreft``, ``direft``,
+  ``nodireft``, ``consreft``, ``lobireft``): the same providers, eager being pyreft's formulas
+  (``reference.<method>_reference``).
+- ``lowrank_edit_index``: the sparse regime as pyreft trains (``f7+l7``: 7 first and 7 last
+  positions of each sequence). ``eager`` is what pyvene does: clone the hidden state, gather
+  the positions, edit them with the eager formula, scatter them back; ours is the out-of-place
+  indexed op (a clone, then the in-place kernel on the listed rows). Method ``f7+l7+R``
+  includes R's orthonormalisation: pyreft's ``parametrizations.orthogonal`` against
+  ``orthonormal_rows``.
+- ``orthonormal_rows``: building R (r, d) with orthonormal rows from its parameter, ``eager``
+  being ``torch.nn.utils.parametrizations.orthogonal`` as pyreft uses it, ``torch`` ours.
+
+Each provider is a function ``fn(**tensors) -> y``; ``runner.py`` builds the forward, backward
+and forward+backward timings from it, and checks its output and gradients against the float64
+eager formula first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import interventions as iv
+from .. import reference as ref
+from ..functional import red
+from ..orthogonal import orthonormal_rows
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+METHODS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
+OUR_PROVIDERS = ("torch", "triton", "cuda")
+ALL_PROVIDERS = ("eager", "compile") + OUR_PROVIDERS
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: ``n_rows`` x ``d`` activations in ``dtype`` (a DTYPES key), rank ``rank``;
+    ``index_rows``: rows edited per call (the indexed op), else None."""
+    op: str
+    method: str
+    dtype: str
+    n_rows: int
+    d: int
+    rank: int | None = None
+    index_rows: int | None = None
+    seq_len: int | None = field(default=None, compare=False)  # the indexed op: sequence length
+
+    def label(self) -> str:
+        parts = [self.op, self.method, self.dtype, f"N={self.n_rows}", f"d={self.d}"]
+        parts += [f"r={self.rank}"] if self.rank else []
+        parts += [f"rows={self.index_rows}"] if self.index_rows else []
+        return " ".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _param(shape, scale, device, gen):
+    return (torch.randn(shape, generator=gen) * scale).to(device).requires_grad_()
+
+
+def f7_l7_index(batch: int, seq_len: int, k: int = 7, device="cpu") -> torch.Tensor:
+    """Rows of the (batch * seq_len, d) hidden state that pyreft's ``f{k}+l{k}`` edits: the first
+    and last k positions of every sequence (all of them real tokens here)."""
+    pos = torch.cat([torch.arange(k), torch.arange(seq_len - k, seq_len)])
+    return (torch.arange(batch)[:, None] * seq_len + pos[None, :]).reshape(-1).to(device)
+
+
+def make_inputs(case: Case, device, seed: int = 0) -> dict:
+    """Tensors of ``case`` on ``device``: ``h`` in the case's dtype, parameters in fp32 (R always
+    fp32, as pyreft keeps it; pyreft's W/b are bf16 by default, fp32 here keeps one parameter
+    dtype across providers). Every floating tensor requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[case.dtype]
+    d = case.d
+    h = torch.randn(case.n_rows, d, generator=gen).to(device, dt).requires_grad_()
+    if case.op == "red":
+        return {"h": h, "scale": _param((d,), 1.0, device, gen), "bias": _param((d,), 1.0, device, gen)}
+    r = case.rank
+    # X already has orthonormal rows: both orthonormal_rows and pyreft's parametrization then
+    # give R = X exactly, so every provider can be checked against one float64 formula.
+    X = orthonormal_rows(torch.randn(r, d, generator=gen))
+    if case.op == "orthonormal_rows":
+        return {"X": X.to(device).requires_grad_()}
+    R = X.to(device).requires_grad_()
+    out = {"h": h, "R": R, "W": _param((r, d), d ** -0.5, device, gen), "b": _param((r,), 1.0, device, gen)}
+    if case.method in ("noreft", "nodireft"):
+        out = {"h": h, "W2": _param((r, d), d ** -0.5, device, gen), "W1": out["W"], "b1": out["b"]}
+        if case.method == "noreft":
+            out["b2"] = _param((r,), 1.0, device, gen)
+    elif case.method in ("consreft", "lobireft"):
+        out = {"h": h, "R": R, "b": out["b"]}
+    elif case.method == "f7+l7+R":
+        out = {"h": h, "X": X.to(device).requires_grad_(), "W": out["W"], "b": out["b"]}
+    if case.op == "lowrank_edit_index":
+        out["index"] = f7_l7_index(case.n_rows // case.seq_len, case.seq_len, device=device)
+    return out
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _method_ref(method):
+    return getattr(ref, f"{method}_reference")
+
+
+def _ours_method(method):
+    return getattr(iv, method)
+
+
+def _pyvene_edit(h, index, edit):
+    """What pyvene does per hook: clone the whole hidden state, gather the positions, edit them
+    with the eager formula, scatter them back."""
+    out = h.clone()
+    rows = index[index >= 0]
+    out[rows] = edit(h[rows])
+    return out
+
+
+class _PyreftRotation(nn.Module):
+    """pyreft's rotate layer: a (d, r) weight behind torch's orthogonal parametrization."""
+
+    def __init__(self, X: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(X.detach().t().contiguous())
+
+    @staticmethod
+    def build(X):
+        return nn.utils.parametrizations.orthogonal(_PyreftRotation(X))
+
+
+def eager_fn(case: Case):
+    """The naive eager baseline of ``case`` (also what the ``compile`` provider compiles)."""
+    if case.op == "red":
+        return lambda h, scale, bias: ref.red_reference(h, scale, bias)
+    if case.op == "lowrank_edit":
+        f = _method_ref(case.method)
+        return lambda h, **p: f(h, *p.values())
+    if case.op == "orthonormal_rows":
+        return None  # needs its own state: see orthonormal_providers
+    if case.method == "f7+l7":
+        return lambda h, R, W, b, index: _pyvene_edit(h, index, lambda x: ref.loreft_reference(x, R, W, b))
+    return None  # f7+l7+R: the pyreft rotation keeps state, see stateful_providers
+
+
+def ours_fn(case: Case, backend: str):
+    """Our op on ``backend`` for ``case``."""
+    if case.op == "red":
+        return lambda h, scale, bias: red(h, scale, bias, backend=backend)
+    if case.op == "lowrank_edit":
+        f = _ours_method(case.method)
+        return lambda h, **p: f(h, *p.values(), backend=backend)
+    if case.op == "orthonormal_rows":
+        return lambda X: orthonormal_rows(X) if backend == "torch" else None
+    if case.method == "f7+l7":
+        return lambda h, R, W, b, index: iv.loreft(h, R, W, b, index=index, backend=backend)
+    return lambda h, X, W, b, index: iv.loreft(h, orthonormal_rows(X), W, b, index=index, backend=backend)
+
+
+def stateful_eager_fn(case: Case, inputs: dict):
+    """The eager baselines that keep state (pyreft's parametrized rotation), built per input set:
+    returns (fn, extra leaves requiring grad)."""
+    rot = _PyreftRotation.build(inputs["X"])
+    leaves = [rot.parametrizations.weight.original]
+    if case.op == "orthonormal_rows":
+        return (lambda X: rot.weight.t()), leaves
+
+    def step(h, X, W, b, index):  # pyreft's LoreftIntervention: R materialised twice
+        def edit(x):
+            rotated = x @ rot.weight
+            return x + ((x @ W.t() + b) - rotated) @ rot.weight.t()
+        return _pyvene_edit(h, index, edit)
+
+    return step, leaves
+
+
+def reference64(case: Case):
+    """The float64 formula every provider is checked against (``X`` has orthonormal rows, so
+    R = X for ours and pyreft's rotation alike)."""
+    if case.op == "orthonormal_rows":
+        return lambda X: orthonormal_rows(X)
+    if case.method == "f7+l7+R":
+        return lambda h, X, W, b, index: ref.lowrank_edit_reference(
+            h, orthonormal_rows(X), W, b, orthonormal_rows(X), index=index)
+    if case.op == "lowrank_edit_index":
+        return lambda h, R, W, b, index: ref.lowrank_edit_reference(h, R, W, b, R, index=index)
+    return eager_fn(case)

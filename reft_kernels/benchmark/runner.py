@@ -1,0 +1,308 @@
+"""The sweep behind ``reft-kernels bench``: for every case and provider, check the provider's
+output and gradients against the float64 formula once, then time it in each mode and measure
+its peak memory; append the rows to ``<out>/<device>/results.csv`` (one schema, ``COLUMNS``)
+and write the run's markdown table beside it (``results.md``).
+
+A provider that raises or disagrees with the reference is reported in the ``status`` column and
+not timed. Speed-ups are against ``eager`` and ``compile`` of the same case and mode, measured in
+the same run; ``gbps`` is the op's minimal traffic over the time and ``frac_of_copy`` that
+against the copy bandwidth measured at the start of the run.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import _backend, _triton
+from . import cases as C
+from .measure import copy_gbps, min_traffic_bytes, peak_mem_mb, time_ms
+
+COLUMNS = ("date", "commit", "device", "torch", "triton", "op", "method", "provider", "mode", "dtype", "n_rows",
+           "d", "rank", "index_rows", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "copy_gbps", "frac_of_copy",
+           "peak_mem_mb", "speedup_vs_eager", "speedup_vs_compile", "status")
+MODES = ("fwd", "bwd", "fwd_bwd")
+LOWP_FACTOR = 2.0  # a provider's error may be up to 2x eager's in the same low precision
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def _method_cases(dtype, sizes, ranks):
+    out = []
+    for n, d in sizes:
+        for r in ranks:
+            out += [C.Case("lowrank_edit", m, dtype, n, d, r) for m in C.METHODS]
+    return out
+
+
+def sweep(name: str, device: torch.device) -> list:
+    """The cases of a named sweep: ``quick`` (a 2-core CPU in under 2 minutes), ``gpu`` (the
+    default GPU sweep, sized for one short device call), ``full`` (the whole grid)."""
+    if name == "quick":
+        sizes, dt = [(1024, 256), (4096, 256)], "fp32"
+        cases = [C.Case("red", "red", dt, n, d) for n, d in sizes]
+        cases += [C.Case("lowrank_edit", "loreft", dt, n, d, 8) for n, d in sizes]
+        cases += [C.Case("lowrank_edit", m, dt, 2048, 256, 8) for m in C.METHODS if m != "loreft"]
+        cases += [C.Case("lowrank_edit_index", m, dt, 8 * 128, 256, 8, index_rows=8 * 14, seq_len=128)
+                  for m in ("f7+l7", "f7+l7+R")]
+        cases += [C.Case("orthonormal_rows", "", dt, 0, 4096, 8)]  # the README's pyreft comparison
+        return cases
+    if name == "gpu":
+        cases = []
+        for n in (4096, 16384, 65536):
+            for d in (768, 4096, 8192):
+                cases.append(C.Case("red", "red", "bf16", n, d))
+                cases += [C.Case("lowrank_edit", "loreft", "bf16", n, d, r) for r in (1, 8, 16, 64)]
+        cases += [C.Case("lowrank_edit", m, "bf16", 16384, 4096, 8) for m in C.METHODS if m != "loreft"]
+        cases += [C.Case("red", "red", "fp32", 16384, 4096), C.Case("lowrank_edit", "loreft", "fp32", 16384, 4096, 8)]
+        cases += [C.Case("lowrank_edit_index", m, "bf16", 32 * 512, 4096, 8, index_rows=32 * 14, seq_len=512)
+                  for m in ("f7+l7", "f7+l7+R")]
+        cases += [C.Case("orthonormal_rows", "", "fp32", 0, 4096, r) for r in (4, 8, 32)]
+        return cases
+    if name == "full":
+        cases = []
+        for dt in ("bf16", "fp32"):
+            for n in (1024, 4096, 16384, 65536):
+                for d in (768, 2048, 4096, 8192):
+                    cases.append(C.Case("red", "red", dt, n, d))
+                    cases += _method_cases(dt, [(n, d)], (1, 4, 8, 16, 32, 64))
+        cases += sweep("gpu", device)[-5:]
+        return cases
+    raise ValueError(f"unknown sweep {name!r}: use quick, gpu or full")
+
+
+# ----------------------------------------------------------------------------- one case
+
+def leaves_of(inputs):
+    """The inputs that gradients are taken for (every floating tensor requiring grad), by name."""
+    return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+
+def check_provider(case, fn, inputs, g) -> str:
+    """'ok', or why the provider's forward or a gradient disagrees with the float64 formula
+    (fp32: 1e-4 relative; fp16/bf16: at most LOWP_FACTOR x the eager error in that precision,
+    plus one ulp of the result's scale)."""
+    ref64 = C.reference64(case)
+    x64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+           for k, v in inputs.items()}
+    y64 = ref64(**x64)
+    names = [k for k, v in x64.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    g64 = torch.autograd.grad(y64, [x64[k] for k in names], g.double(), allow_unused=True)
+    want = {"out": y64, **dict(zip(names, g64))}
+
+    def run(f, xs):
+        y = f(**xs)
+        ls = [xs[k] for k in names]
+        gr = torch.autograd.grad(y, ls, g.to(y.dtype), allow_unused=True)
+        return {"out": y, **dict(zip(names, gr))}
+
+    got = run(fn, inputs)
+    lowp = DTYPE_IS_LOWP[case.dtype]
+    eager = None
+    if lowp and C.eager_fn(case) is not None:
+        eager = run(C.eager_fn(case), inputs)
+    for k, w in want.items():
+        a = got.get(k)
+        if w is None or a is None:
+            continue  # not a leaf of this provider (pyreft's rotation has its own parameter)
+        err = (a.double() - w).abs().max().item() if w.numel() else 0.0
+        scale = w.abs().max().item() if w.numel() else 0.0
+        if lowp:
+            e_err = (eager[k].double() - w).abs().max().item() if eager and eager.get(k) is not None and w.numel() else 0.0
+            tol = LOWP_FACTOR * e_err + torch.finfo(DTYPES_T[case.dtype]).eps * scale + 1e-6
+        else:
+            tol = 1e-4 * max(scale, 1.0)
+        if not err <= tol:
+            return f"mismatch: {k} error {err:.3g} > {tol:.3g}"
+    return "ok"
+
+
+DTYPES_T = C.DTYPES
+DTYPE_IS_LOWP = {"bf16": True, "fp16": True, "fp32": False}
+
+
+def provider_fn(case, provider, inputs, compiled_cache):
+    """(fn, extra leaves) for ``provider`` on ``case``; None where the provider does not apply."""
+    if provider in ("eager", "compile"):
+        fn = C.eager_fn(case)
+        if fn is None:
+            if provider == "compile":
+                return None  # a module-holding baseline: compiled as pyreft would not be
+            return C.stateful_eager_fn(case, inputs)
+        if provider == "compile":
+            key = (case.op, case.method)
+            if key not in compiled_cache:
+                compiled_cache[key] = torch.compile(fn)
+            fn = compiled_cache[key]
+        return fn, []
+    fn = C.ours_fn(case, provider)
+    if case.op == "orthonormal_rows" and provider != "torch":
+        return None
+    return fn, []
+
+
+def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_bw=None):
+    """Rows (dicts over COLUMNS but the run's metadata) for one case: every provider that applies,
+    every mode; a provider that fails its check or raises gets one row per mode with the reason."""
+    inputs = C.make_inputs(case, device)
+    rows = []
+    for provider in providers:
+        base = {"op": case.op, "method": case.method, "provider": provider, "dtype": case.dtype,
+                "n_rows": case.n_rows, "d": case.d, "rank": case.rank or "", "index_rows": case.index_rows or ""}
+        fn = g = None
+        try:
+            got = provider_fn(case, provider, inputs, compiled_cache)
+            if got is None:
+                continue  # the provider does not apply to this op
+            fn, extra = got
+            leaves = list(leaves_of(inputs).values()) + extra
+            y0 = fn(**inputs)
+            g = torch.randn(y0.shape, generator=torch.Generator().manual_seed(1)).to(device, y0.dtype)
+            del y0
+            status = check_provider(case, fn, inputs, g)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, never timed
+            status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        for mode in MODES:
+            row = dict(base, mode=mode, status=status)
+            if status == "ok":
+                fn_mode = mode_fn(mode, fn, inputs, leaves, g)
+                row["time_ms"], row["time_p20_ms"], row["time_p80_ms"] = time_ms(fn_mode, device,
+                                                                                  min_run_time=min_run_time)
+                row["peak_mem_mb"] = peak_mem_mb(fn_mode, device)
+                traffic = min_traffic_bytes(case.op, mode, case.n_rows, case.d, C.DTYPES[case.dtype].itemsize)
+                if traffic is not None:
+                    row["gbps"] = traffic / (row["time_ms"] * 1e-3) / 1e9
+                    if copy_bw:
+                        row["copy_gbps"] = copy_bw
+                        row["frac_of_copy"] = row["gbps"] / copy_bw
+            rows.append(row)
+    _speedups(rows)
+    return rows
+
+
+def mode_fn(mode, fn, inputs, leaves, g):
+    """The callable timed for ``mode``: ``fwd`` the forward (inputs requiring grad, as training
+    runs it); ``bwd`` the backward alone, from one retained forward; ``fwd_bwd`` both."""
+    if mode == "fwd":
+        return lambda: fn(**inputs)
+    if mode == "bwd":
+        y = fn(**inputs)
+        return lambda: torch.autograd.grad(y, leaves, g, retain_graph=True, allow_unused=True)
+    return lambda: torch.autograd.grad(fn(**inputs), leaves, g, allow_unused=True)
+
+
+def _speedups(rows):
+    by = {(r["mode"], r["provider"]): r for r in rows if r.get("time_ms")}
+    for r in rows:
+        if not r.get("time_ms"):
+            continue
+        for base, col in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+            b = by.get((r["mode"], base))
+            if b is not None:
+                r[col] = b["time_ms"] / r["time_ms"]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def device_name(device: torch.device) -> str:
+    """A folder name for the device: e.g. ``nvidia-h100-80gb-hbm3``, ``cpu-<model>``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu-" + (_cpu_model() or platform.machine())
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _commit():
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def default_providers(device: torch.device) -> list:
+    """eager, compile and every backend of ours that runs on ``device`` (Triton through its CPU
+    interpreter is not a speed: it is left out on CPU)."""
+    ours = [b for b in _backend.available_backends(device) if not (b == "triton" and device.type != "cuda")]
+    return ["eager", "compile"] + ours
+
+
+def run(cases, providers, device, out_dir, *, min_run_time=0.2, progress=True, log=print):
+    """Run ``cases`` x ``providers``; append to ``out_dir/<device>/results.csv``, write the run's
+    ``results.md`` beside it, print the table. Returns (rows, csv path)."""
+    device = torch.device(device)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "device": device_name(device), "torch": torch.__version__,
+            "triton": _triton.TRITON_VERSION or ""}
+    folder = Path(out_dir) / meta["device"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.csv"
+    bw = copy_gbps(device)
+    log(f"reft-kernels bench on {meta['device']}: {len(cases)} cases x providers {', '.join(providers)}; "
+        f"copy bandwidth {bw:.1f} GB/s")
+    compiled_cache, rows = {}, []
+    new_file = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for i, case in enumerate(cases):
+            if progress:
+                print(f"\r[{i + 1}/{len(cases)}] {case.label():60s}", end="", file=sys.stderr, flush=True)
+            case_rows = run_case(case, providers, device, compiled_cache=compiled_cache,
+                                 min_run_time=min_run_time, copy_bw=bw)
+            for r in case_rows:
+                r.update(meta)
+                writer.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
+            f.flush()  # a run cut short keeps what it measured
+            rows += case_rows
+    if progress:
+        print(file=sys.stderr)
+    table = markdown_table(rows, meta)
+    (folder / "results.md").write_text(table)
+    log(table)
+    log(f"rows appended to {path}")
+    return rows, path
+
+
+def _fmt(v):
+    return f"{v:.5g}" if isinstance(v, float) else v
+
+
+def markdown_table(rows, meta) -> str:
+    """The run as a markdown table; eager is the baseline of the speed-up columns."""
+    head = (f"Device {meta['device']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, commit "
+            f"{meta['commit'] or '-'}, {meta['date']}. Times are medians (20-80% range); speed-ups are "
+            "against the eager PyTorch baseline and torch.compile of it, in this run.\n\n")
+    cols = ["op", "method", "dtype", "N", "d", "r", "mode", "provider", "ms", "p20-p80", "GB/s", "of copy",
+            "peak MiB", "vs eager", "vs compile", "status"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        t = r.get("time_ms")
+        vals = [r["op"], r["method"], r["dtype"], r["n_rows"], r["d"], r["rank"], r["mode"], r["provider"],
+                f"{t:.4g}" if t else "", f"{r['time_p20_ms']:.3g}-{r['time_p80_ms']:.3g}" if t else "",
+                f"{r['gbps']:.1f}" if r.get("gbps") else "", f"{r['frac_of_copy']:.0%}" if r.get("frac_of_copy") else "",
+                f"{r['peak_mem_mb']:.2f}" if t else "",
+                f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "",
+                f"{r['speedup_vs_compile']:.2f}x" if r.get("speedup_vs_compile") else "",
+                r["status"] if r["status"] != "ok" else ""]
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,155 @@
+"""The benchmark runner's plumbing on tiny shapes: the CSV schema, the correctness check that
+comes before any timing, failing providers reported and not timed, the table, the CLI. No
+wall-clock number is asserted."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from reft_kernels.benchmark import cases as C
+from reft_kernels.benchmark import measure, runner
+from reft_kernels.cli import main
+
+CPU = torch.device("cpu")
+TINY = [
+    C.Case("red", "red", "fp32", 16, 24),
+    C.Case("lowrank_edit", "loreft", "fp32", 16, 24, 3),
+    C.Case("lowrank_edit", "noreft", "bf16", 16, 24, 3),
+    C.Case("lowrank_edit_index", "f7+l7", "fp32", 2 * 16, 24, 2, index_rows=2 * 14, seq_len=16),
+    C.Case("lowrank_edit_index", "f7+l7+R", "fp32", 2 * 16, 24, 2, index_rows=2 * 14, seq_len=16),
+    C.Case("orthonormal_rows", "", "fp32", 0, 24, 3),
+]
+
+
+def _run(tmp_path, cases, providers):
+    rows, path = runner.run(cases, providers, CPU, tmp_path, min_run_time=0.001, progress=False, log=lambda *a: None)
+    with open(path) as f:
+        return rows, list(csv.DictReader(f)), path
+
+
+def test_schema_and_every_case_checks_ok(tmp_path):
+    rows, written, path = _run(tmp_path, TINY, ["eager", "torch"])
+    with open(path) as f:
+        assert tuple(next(csv.reader(f))) == runner.COLUMNS
+    assert len(written) == len(rows) > 0
+    assert {r["status"] for r in written} == {"ok"}, [r["status"] for r in written if r["status"] != "ok"]
+    for r in written:
+        assert r["device"] == path.parent.name and r["torch"] == torch.__version__
+        assert float(r["time_p20_ms"]) <= float(r["time_ms"]) <= float(r["time_p80_ms"])
+        assert float(r["peak_mem_mb"]) >= 0
+        if r["provider"] == "eager":
+            assert float(r["speedup_vs_eager"]) == 1.0
+    seen = {(r["op"], r["method"], r["provider"], r["mode"]) for r in written}
+    assert ("lowrank_edit_index", "f7+l7", "torch", "fwd_bwd") in seen
+    assert ("orthonormal_rows", "", "eager", "bwd") in seen
+    # bandwidth where the op has a traffic model, and only there
+    for r in written:
+        assert bool(r["gbps"]) == (r["op"] in ("red", "lowrank_edit"))
+    # a second run appends under the same header
+    _run(tmp_path, TINY[:1], ["eager"])
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines.count(",".join(runner.COLUMNS)) == 1 and len(lines) == 1 + len(written) + 3
+
+
+def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
+    real = C.ours_fn
+    timed = []
+    real_time = runner.time_ms
+    monkeypatch.setattr(runner, "time_ms", lambda fn, *a, **k: (timed.append(fn), real_time(fn, *a, **k))[1])
+
+    def wrong(case, backend):
+        f = real(case, backend)
+        return lambda **kw: f(**kw) * 1.01  # a 1% error: far above the fp32 tolerance
+
+    monkeypatch.setattr(C, "ours_fn", wrong)
+    rows, written, _ = _run(tmp_path, TINY[1:2], ["eager", "torch"])
+    torch_rows = [r for r in written if r["provider"] == "torch"]
+    assert len(torch_rows) == 3 and all(r["status"].startswith("mismatch: out") for r in torch_rows)
+    assert all(r["time_ms"] == "" for r in torch_rows)
+    assert len(timed) == 3  # eager's three modes only
+
+
+def test_raising_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
+    def boom(case, backend):
+        def f(**kw):
+            raise RuntimeError("kernel exploded")
+        return f
+
+    monkeypatch.setattr(C, "ours_fn", boom)
+    rows, written, path = _run(tmp_path, TINY[:1], ["eager", "torch"])
+    bad = [r for r in written if r["provider"] == "torch"]
+    assert len(bad) == 3 and all(r["status"] == "error: RuntimeError: kernel exploded" for r in bad)
+    assert all(r["time_ms"] == "" for r in bad)
+    table = (path.parent / "results.md").read_text()
+    assert "error: RuntimeError: kernel exploded" in table and "eager PyTorch baseline" in table
+
+
+def test_compile_provider_checked_and_timed(tmp_path):
+    torch._dynamo.reset()
+    rows, written, _ = _run(tmp_path, TINY[:1], ["eager", "compile"])
+    comp = [r for r in written if r["provider"] == "compile"]
+    assert len(comp) == 3 and {r["status"] for r in comp} == {"ok"}
+    assert all(float(r["speedup_vs_compile"]) == 1.0 for r in comp)
+
+
+def test_quick_sweep_covers_every_op_and_method():
+    cases = runner.sweep("quick", CPU)
+    assert {c.op for c in cases} == {"red", "lowrank_edit", "lowrank_edit_index", "orthonormal_rows"}
+    assert {c.method for c in cases if c.op == "lowrank_edit"} == set(C.METHODS)
+    gpu = runner.sweep("gpu", CPU)
+    assert {c.n_rows for c in gpu if c.op == "red"} == {4096, 16384, 65536}
+    assert {c.rank for c in gpu if c.op == "orthonormal_rows"} == {4, 8, 32}
+    with pytest.raises(ValueError, match="unknown sweep"):
+        runner.sweep("huge", CPU)
+
+
+def test_f7_l7_index_rows():
+    idx = C.f7_l7_index(2, 20)
+    assert idx.tolist() == [*range(7), *range(13, 20), *range(20, 27), *range(33, 40)]
+
+
+def test_peak_memory_counts_live_tensors():
+    def f():
+        a = torch.empty(2**20, dtype=torch.uint8)
+        b = torch.empty(2**21, dtype=torch.uint8)
+        del a
+        c = torch.empty(2**20, dtype=torch.uint8)
+        return b, c
+
+    assert measure.peak_mem_mb(f, CPU) == pytest.approx(3.0)
+
+
+def test_min_traffic_model():
+    assert measure.min_traffic_bytes("red", "fwd", 10, 8, 2) == 2 * 10 * 8 * 2
+    assert measure.min_traffic_bytes("lowrank_edit", "fwd_bwd", 10, 8, 4) == 5 * 10 * 8 * 4
+    assert measure.min_traffic_bytes("orthonormal_rows", "fwd", 0, 8, 4) is None
+
+
+def test_cli_bench_writes_csv_and_table(tmp_path, capsys):
+    assert main(["bench", "--quick", "--ops", "red", "--providers", "eager,torch", "--out", str(tmp_path),
+                 "--min-run-time", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "| red | red | fp32 | 1024 |" in out
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "results.csv").exists() and (folder / "results.md").exists()
+    assert main(["bench", "--quick", "--providers", "eager,numpy", "--out", str(tmp_path)]) == 2
+
+
+def test_plots_from_the_runner_csv(tmp_path):
+    """bench/plot_results.py reads what the runner writes and draws the time and bandwidth figures."""
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "plot_results.py"
+    spec = importlib.util.spec_from_file_location("plot_results", script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    cases = [C.Case("red", "red", "fp32", n, 24) for n in (16, 64)]
+    _, _, path = _run(tmp_path, cases, ["eager", "torch"])
+    assert plot.main([str(path), "--out", str(tmp_path / "plots")]) == 0
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"time_red_fwd_fp32.png", "bandwidth_red_fwd_bwd_fp32.png"} <= names
