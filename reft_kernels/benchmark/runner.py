@@ -86,38 +86,53 @@ def leaves_of(inputs):
     return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
 
 
-def check_provider(case, fn, inputs, g) -> str:
-    """'ok', or why the provider's forward or a gradient disagrees with the float64 formula
-    (fp32: 1e-4 relative; fp16/bf16: at most LOWP_FACTOR x the eager error in that precision,
-    plus one ulp of the result's scale)."""
-    ref64 = C.reference64(case)
+def upstream_grad(case, inputs):
+    """The gradient fed to every provider's backward: shaped like the output (``h``, or R)."""
+    out = inputs["X"] if case.op == "orthonormal_rows" else inputs["h"]
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+
+
+def _forward_backward(fn, inputs, names, g):
+    y = fn(**inputs)
+    grads = torch.autograd.grad(y, [inputs[k] for k in names], g.to(y.dtype), allow_unused=True)
+    return {"out": y, **dict(zip(names, grads))}
+
+
+def expected_values(case, inputs, g) -> dict:
+    """What every provider of ``case`` is checked against, computed once per case: the float64
+    formula's output and gradients (``"want"``) and, for fp16/bf16, the error of the eager
+    formula run in that precision (``"eager_err"``), which sets the tolerance."""
     x64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
            for k, v in inputs.items()}
-    y64 = ref64(**x64)
     names = [k for k, v in x64.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    g64 = torch.autograd.grad(y64, [x64[k] for k in names], g.double(), allow_unused=True)
-    want = {"out": y64, **dict(zip(names, g64))}
+    want = _forward_backward(C.reference64(case), x64, names, g.double())
+    del x64
+    eager_err = {}
+    if DTYPE_IS_LOWP[case.dtype] and C.eager_fn(case) is not None:
+        eager = _forward_backward(C.eager_fn(case), inputs, names, g)
+        eager_err = {k: _max_err(eager[k], w) for k, w in want.items() if w is not None and eager.get(k) is not None}
+    return {"names": names, "want": want, "eager_err": eager_err}
 
-    def run(f, xs):
-        y = f(**xs)
-        ls = [xs[k] for k in names]
-        gr = torch.autograd.grad(y, ls, g.to(y.dtype), allow_unused=True)
-        return {"out": y, **dict(zip(names, gr))}
 
-    got = run(fn, inputs)
-    lowp = DTYPE_IS_LOWP[case.dtype]
-    eager = None
-    if lowp and C.eager_fn(case) is not None:
-        eager = run(C.eager_fn(case), inputs)
-    for k, w in want.items():
+def _max_err(a, w):
+    return (a.double() - w).abs().max().item() if w.numel() else 0.0
+
+
+def check_provider(case, fn, inputs, g, expected=None) -> str:
+    """'ok', or why the provider's forward or a gradient disagrees with the float64 formula
+    (fp32: 1e-4 relative to the tensor's scale; fp16/bf16: at most LOWP_FACTOR x the eager
+    formula's error in that precision, plus one ulp of the tensor's scale). Gradients of inputs
+    a provider does not use (pyreft's rotation has its own parameter) are not compared."""
+    expected = expected or expected_values(case, inputs, g)
+    got = _forward_backward(fn, inputs, expected["names"], g)
+    for k, w in expected["want"].items():
         a = got.get(k)
         if w is None or a is None:
-            continue  # not a leaf of this provider (pyreft's rotation has its own parameter)
-        err = (a.double() - w).abs().max().item() if w.numel() else 0.0
+            continue
+        err = _max_err(a, w)
         scale = w.abs().max().item() if w.numel() else 0.0
-        if lowp:
-            e_err = (eager[k].double() - w).abs().max().item() if eager and eager.get(k) is not None and w.numel() else 0.0
-            tol = LOWP_FACTOR * e_err + torch.finfo(DTYPES_T[case.dtype]).eps * scale + 1e-6
+        if DTYPE_IS_LOWP[case.dtype]:
+            tol = LOWP_FACTOR * expected["eager_err"].get(k, 0.0) + torch.finfo(C.DTYPES[case.dtype]).eps * scale + 1e-6
         else:
             tol = 1e-4 * max(scale, 1.0)
         if not err <= tol:
@@ -125,7 +140,6 @@ def check_provider(case, fn, inputs, g) -> str:
     return "ok"
 
 
-DTYPES_T = C.DTYPES
 DTYPE_IS_LOWP = {"bf16": True, "fp16": True, "fp32": False}
 
 
@@ -153,21 +167,20 @@ def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_
     """Rows (dicts over COLUMNS but the run's metadata) for one case: every provider that applies,
     every mode; a provider that fails its check or raises gets one row per mode with the reason."""
     inputs = C.make_inputs(case, device)
+    g = upstream_grad(case, inputs)
+    expected = None
     rows = []
     for provider in providers:
         base = {"op": case.op, "method": case.method, "provider": provider, "dtype": case.dtype,
                 "n_rows": case.n_rows, "d": case.d, "rank": case.rank or "", "index_rows": case.index_rows or ""}
-        fn = g = None
         try:
             got = provider_fn(case, provider, inputs, compiled_cache)
             if got is None:
                 continue  # the provider does not apply to this op
             fn, extra = got
             leaves = list(leaves_of(inputs).values()) + extra
-            y0 = fn(**inputs)
-            g = torch.randn(y0.shape, generator=torch.Generator().manual_seed(1)).to(device, y0.dtype)
-            del y0
-            status = check_provider(case, fn, inputs, g)
+            expected = expected or expected_values(case, inputs, g)
+            status = check_provider(case, fn, inputs, g, expected)
         except Exception as exc:  # noqa: BLE001 - reported in the table, never timed
             status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         for mode in MODES:
