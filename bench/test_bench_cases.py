@@ -38,3 +38,10 @@ def test_bench(benchmark, case, provider, mode):
     run = runner.mode_fn(mode, fn, inputs, leaves, g)
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     benchmark(lambda: (run(), sync()))
+
+
+@pytest.fixture(autouse=True)
+def _provider_context(request):
+    """Each provider measured under the runner's settings for it (``runner.provider_context``)."""
+    with runner.provider_context(request.node.callspec.params["provider"]):
+        yield

@@ -163,41 +163,63 @@ def provider_fn(case, provider, inputs, compiled_cache):
     return fn, []
 
 
+def provider_context(provider):
+    """Settings a provider is measured under. ``compile``: no donated buffers, which would let a
+    compiled backward run only once per forward (the ``bwd`` mode times repeated backward passes
+    of one retained forward); it costs the compiled backward some buffer reuse."""
+    import contextlib
+
+    cfg = getattr(getattr(torch, "_functorch", None), "config", None)
+    if provider == "compile" and cfg is not None and hasattr(cfg, "donated_buffer"):
+        return cfg.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
 def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_bw=None):
     """Rows (dicts over COLUMNS but the run's metadata) for one case: every provider that applies,
     every mode; a provider that fails its check or raises gets one row per mode with the reason."""
     inputs = C.make_inputs(case, device)
     g = upstream_grad(case, inputs)
-    expected = None
+    expected = {}  # filled once, by the first provider that applies
     rows = []
     for provider in providers:
-        base = {"op": case.op, "method": case.method, "provider": provider, "dtype": case.dtype,
-                "n_rows": case.n_rows, "d": case.d, "rank": case.rank or "", "index_rows": case.index_rows or ""}
-        try:
-            got = provider_fn(case, provider, inputs, compiled_cache)
-            if got is None:
-                continue  # the provider does not apply to this op
-            fn, extra = got
-            leaves = list(leaves_of(inputs).values()) + extra
-            expected = expected or expected_values(case, inputs, g)
-            status = check_provider(case, fn, inputs, g, expected)
-        except Exception as exc:  # noqa: BLE001 - reported in the table, never timed
-            status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        for mode in MODES:
-            row = dict(base, mode=mode, status=status)
-            if status == "ok":
-                fn_mode = mode_fn(mode, fn, inputs, leaves, g)
-                row["time_ms"], row["time_p20_ms"], row["time_p80_ms"] = time_ms(fn_mode, device,
-                                                                                  min_run_time=min_run_time)
-                row["peak_mem_mb"] = peak_mem_mb(fn_mode, device)
-                traffic = min_traffic_bytes(case.op, mode, case.n_rows, case.d, C.DTYPES[case.dtype].itemsize)
-                if traffic is not None:
-                    row["gbps"] = traffic / (row["time_ms"] * 1e-3) / 1e9
-                    if copy_bw:
-                        row["copy_gbps"] = copy_bw
-                        row["frac_of_copy"] = row["gbps"] / copy_bw
-            rows.append(row)
+        with provider_context(provider):
+            rows += _provider_rows(case, provider, inputs, g, expected, device, compiled_cache, min_run_time,
+                                   copy_bw)
     _speedups(rows)
+    return rows
+
+
+def _provider_rows(case, provider, inputs, g, expected, device, compiled_cache, min_run_time, copy_bw):
+    """One row per mode for ``provider`` on ``case`` (none when it does not apply)."""
+    base = {"op": case.op, "method": case.method, "provider": provider, "dtype": case.dtype,
+            "n_rows": case.n_rows, "d": case.d, "rank": case.rank or "", "index_rows": case.index_rows or ""}
+    try:
+        got = provider_fn(case, provider, inputs, compiled_cache)
+        if got is None:
+            return []
+        fn, extra = got
+        leaves = list(leaves_of(inputs).values()) + extra
+        if not expected:
+            expected.update(expected_values(case, inputs, g))
+        status = check_provider(case, fn, inputs, g, expected)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, never timed
+        status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    rows = []
+    for mode in MODES:
+        row = dict(base, mode=mode, status=status)
+        if status == "ok":
+            fn_mode = mode_fn(mode, fn, inputs, leaves, g)
+            row["time_ms"], row["time_p20_ms"], row["time_p80_ms"] = time_ms(fn_mode, device,
+                                                                              min_run_time=min_run_time)
+            row["peak_mem_mb"] = peak_mem_mb(fn_mode, device)
+            traffic = min_traffic_bytes(case.op, mode, case.n_rows, case.d, C.DTYPES[case.dtype].itemsize)
+            if traffic is not None:
+                row["gbps"] = traffic / (row["time_ms"] * 1e-3) / 1e9
+                if copy_bw:
+                    row["copy_gbps"] = copy_bw
+                    row["frac_of_copy"] = row["gbps"] / copy_bw
+        rows.append(row)
     return rows
 
 
