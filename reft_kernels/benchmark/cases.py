@@ -154,8 +154,8 @@ def ours_fn(case: Case, backend: str):
     if case.op == "lowrank_edit":
         f = _ours_method(case.method)
         return lambda h, **p: f(h, *p.values(), backend=backend)
-    if case.op == "orthonormal_rows":
-        return lambda X: orthonormal_rows(X) if backend == "torch" else None
+    if case.op == "orthonormal_rows":  # PyTorch ops only (QR): runs as the "torch" provider
+        return lambda X: orthonormal_rows(X)
     if case.method == "f7+l7":
         return lambda h, R, W, b, index: iv.loreft(h, R, W, b, index=index, backend=backend)
     return lambda h, X, W, b, index: iv.loreft(h, orthonormal_rows(X), W, b, index=index, backend=backend)
