@@ -234,3 +234,21 @@ def test_cuda_compile_check_skips_without_nvcc(tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nvcc not found" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_extension_constants_must_match_the_package():
+    """A build whose constants differ from reft_kernels/_constants.py (a stale build) is refused;
+    the emulated build of csrc/ passes the same check in test_cuda_emulated.py."""
+    from types import SimpleNamespace
+
+    from reft_kernels._constants import CUDA_MAX_RANK, NUM_ACTIVATIONS
+
+    for bad in (SimpleNamespace(MAX_RANK=CUDA_MAX_RANK + 1, NUM_ACTIVATIONS=NUM_ACTIVATIONS),
+                SimpleNamespace(MAX_RANK=CUDA_MAX_RANK, NUM_ACTIVATIONS=NUM_ACTIVATIONS - 1),
+                SimpleNamespace()):
+        with pytest.raises(ImportError, match="built from other sources"):
+            with _cuda.on_host(bad):
+                pass
+    with _cuda.on_host(SimpleNamespace(MAX_RANK=CUDA_MAX_RANK, NUM_ACTIVATIONS=NUM_ACTIVATIONS)):
+        assert _cuda.host_kernels()
+    assert not _cuda.host_mode()
