@@ -249,6 +249,7 @@ def test_extension_constants_must_match_the_package():
         with pytest.raises(ImportError, match="built from other sources"):
             with _cuda.on_host(bad):
                 pass
+    before = _cuda.host_kernels()
     with _cuda.on_host(SimpleNamespace(MAX_RANK=CUDA_MAX_RANK, NUM_ACTIVATIONS=NUM_ACTIVATIONS)):
         assert _cuda.host_kernels()
-    assert not _cuda.host_mode()
+    assert _cuda.host_kernels() == before  # the previous state is restored
