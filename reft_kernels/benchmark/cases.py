@@ -61,7 +61,7 @@ class Case:
 # ----------------------------------------------------------------------------- inputs
 
 def _param(shape, scale, device, gen):
-    return (torch.randn(shape, generator=gen) * scale).to(device).requires_grad_()
+    return (torch.randn(shape, generator=gen, device=device) * scale).requires_grad_()
 
 
 def f7_l7_index(batch: int, seq_len: int, k: int = 7, device="cpu") -> torch.Tensor:
@@ -75,19 +75,20 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
     """Tensors of ``case`` on ``device``: ``h`` in the case's dtype, parameters in fp32 (R always
     fp32, as pyreft keeps it; pyreft's W/b are bf16 by default, fp32 here keeps one parameter
     dtype across providers). Every floating tensor requires grad."""
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where used: no 2 GiB host copies
     dt = DTYPES[case.dtype]
     d = case.d
-    h = torch.randn(case.n_rows, d, generator=gen).to(device, dt).requires_grad_()
+    h = torch.randn(case.n_rows, d, generator=gen, device=device).to(dt).requires_grad_()
     if case.op == "red":
         return {"h": h, "scale": _param((d,), 1.0, device, gen), "bias": _param((d,), 1.0, device, gen)}
     r = case.rank
     # X already has orthonormal rows: both orthonormal_rows and pyreft's parametrization then
     # give R = X exactly, so every provider can be checked against one float64 formula.
-    X = orthonormal_rows(torch.randn(r, d, generator=gen))
+    X = orthonormal_rows(torch.randn(r, d, generator=gen, device=device))
     if case.op == "orthonormal_rows":
-        return {"X": X.to(device).requires_grad_()}
-    R = X.to(device).requires_grad_()
+        return {"X": X.requires_grad_()}
+    R = X.clone().requires_grad_()
     out = {"h": h, "R": R, "W": _param((r, d), d ** -0.5, device, gen), "b": _param((r,), 1.0, device, gen)}
     if case.method in ("noreft", "nodireft"):
         out = {"h": h, "W2": _param((r, d), d ** -0.5, device, gen), "W1": out["W"], "b1": out["b"]}
@@ -96,7 +97,7 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
     elif case.method in ("consreft", "lobireft"):
         out = {"h": h, "R": R, "b": out["b"]}
     elif case.method == "f7+l7+R":
-        out = {"h": h, "X": X.to(device).requires_grad_(), "W": out["W"], "b": out["b"]}
+        out = {"h": h, "X": X.requires_grad_(), "W": out["W"], "b": out["b"]}
     if case.op == "lowrank_edit_index":
         out["index"] = f7_l7_index(case.n_rows // case.seq_len, case.seq_len, device=device)
     return out

@@ -89,7 +89,8 @@ def leaves_of(inputs):
 def upstream_grad(case, inputs):
     """The gradient fed to every provider's backward: shaped like the output (``h``, or R)."""
     out = inputs["X"] if case.op == "orthonormal_rows" else inputs["h"]
-    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    gen = torch.Generator(device=out.device).manual_seed(1)
+    return torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
 
 
 def _forward_backward(fn, inputs, names, g):
