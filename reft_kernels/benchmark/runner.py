@@ -298,7 +298,7 @@ def run(cases, providers, device, out_dir, *, min_run_time=0.2, progress=True, l
     compiled_cache, rows = {}, []
     new_file = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         if new_file:
             writer.writeheader()
         for i, case in enumerate(cases):
