@@ -95,6 +95,12 @@ def host_kernels() -> bool:
     return _HOST is not None and _HOST[0] is not None
 
 
+def call_op(op, kernel, *args):
+    """Run a backend op: the torch.library ``op`` (dispatch by device), or, inside ``on_host(ext)``,
+    its CUDA implementation ``kernel`` directly on host tensors (the emulated kernels)."""
+    return kernel(*args) if host_kernels() else op(*args)
+
+
 def kernel_params(h_dtype: torch.dtype, *params):
     """Parameters as the kernels take them: contiguous, all in one dtype that is either ``h``'s
     or float32. Mixed or other dtypes become float32 copies (the gradients are cast back to each

@@ -30,7 +30,8 @@ _PART = re.compile(r"^([fl])(\d+)$")
 def parse_positions(positions: str):
     """``"f7+l7"`` -> (7, 7); ``"f3"`` -> (3, 0); ``"l5"`` -> (0, 5); ``"all"`` -> "all"."""
     if not isinstance(positions, str):
-        raise TypeError(f"positions must be a string such as 'f7+l7', 'f3', 'l5' or 'all', got {type(positions).__name__}")
+        raise TypeError(f"positions must be a string such as 'f7+l7', 'f3', 'l5' or 'all', "
+                        f"got {type(positions).__name__}")
     spec = positions.strip().lower()
     if spec == "all":
         return "all"
@@ -44,14 +45,17 @@ def parse_positions(positions: str):
     return k.get("f", 0), k.get("l", 0)
 
 
+def _describe(t):
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_mask(attention_mask, prompt_lengths):
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be a (batch, seq_len) tensor, got "
-                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+        raise ValueError(f"attention_mask must be a (batch, seq_len) tensor, got {_describe(attention_mask)}")
     if prompt_lengths is not None:
         if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.shape != attention_mask.shape[:1]:
-            raise ValueError(f"prompt_lengths must be a ({attention_mask.shape[0]},) tensor, got "
-                             f"{tuple(prompt_lengths.shape) if isinstance(prompt_lengths, torch.Tensor) else type(prompt_lengths).__name__}")
+            raise ValueError(f"prompt_lengths must be a ({attention_mask.shape[0]},) tensor for attention_mask of "
+                             f"shape {tuple(attention_mask.shape)}, got {_describe(prompt_lengths)}")
         if prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype == torch.bool:
             raise TypeError(f"prompt_lengths must be an integer tensor, got {prompt_lengths.dtype}")
         if prompt_lengths.device != attention_mask.device:

@@ -136,19 +136,13 @@ def _lowrank_edit_bwd_fake(g, x, index, A, B, C, z, u, act, tied, need_dh, need_
 
 # ----------------------------------------------------------------------------- contract functions
 
-def _call(op, kernel, *args):
-    """The op (device dispatch), or, under ``_cuda.on_host(ext)``, its CUDA implementation
-    directly on host tensors (the emulated kernels)."""
-    return kernel(*args) if _cuda.host_kernels() else op(*args)
-
-
 def fwd(h, index, A, a, B, C, c, spec, save_u):
     """Forward; see ``function.py`` for the contract."""
     if index is None:
-        y, z, u = _call(lowrank_edit_fwd_op, lowrank_edit_fwd_kernel, as_rows(h), A, a, B, C, c,
+        y, z, u = _cuda.call_op(lowrank_edit_fwd_op, lowrank_edit_fwd_kernel, as_rows(h), A, a, B, C, c,
                         spec.act, spec.tied, save_u)
         return y, z, (u if save_u else None), None
-    z, u, hsave = _call(lowrank_edit_fwd_inplace_op, lowrank_edit_fwd_inplace_kernel, h, index, A, a, B, C, c,
+    z, u, hsave = _cuda.call_op(lowrank_edit_fwd_inplace_op, lowrank_edit_fwd_inplace_kernel, h, index, A, a, B, C, c,
                         spec.act, spec.tied, save_u)
     return h, z, (u if save_u else None), hsave
 
@@ -156,7 +150,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
 def bwd(g, x, index, A, B, C, z, u, spec, need):
     """Backward; see ``function.py`` for the contract."""
     x2 = as_rows(x) if index is None else x
-    dh, *grads = _call(lowrank_edit_bwd_op, lowrank_edit_bwd_kernel, g, x2, index, A, B, C, z, u, spec.act,
+    dh, *grads = _cuda.call_op(lowrank_edit_bwd_op, lowrank_edit_bwd_kernel, g, x2, index, A, B, C, z, u, spec.act,
                        spec.tied, *need)
     need_grads = (need[1], need[2], need[3], need[4] and C is not None, need[5])
     return (dh if need[0] else None), tuple(_cuda.if_needed(gr, nd) for gr, nd in zip(grads, need_grads))

@@ -62,21 +62,15 @@ def _unit_cols(t):
     return t if t is None or t.stride(1) == 1 else t.contiguous()
 
 
-def _call(op, kernel, *args):
-    """The op (device dispatch), or, under ``_cuda.on_host(ext)``, its CUDA implementation
-    directly on host tensors (the emulated kernels)."""
-    return kernel(*args) if _cuda.host_kernels() else op(*args)
-
-
 def fwd(h2, scale, bias):
     """(n, d) rows -> y (n, d) in h2's dtype."""
     scale, bias = _cuda.kernel_params(h2.dtype, scale, bias)
-    return _call(red_fwd_op, red_fwd_kernel, _unit_cols(h2), scale, bias)
+    return _cuda.call_op(red_fwd_op, red_fwd_kernel, _unit_cols(h2), scale, bias)
 
 
 def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
     """Return (dh or None, ds fp32 or None, dt fp32 or None)."""
     (scale,) = _cuda.kernel_params(g2.dtype, scale)
-    dh, ds, dt = _call(red_bwd_op, red_bwd_kernel, _unit_cols(g2), _unit_cols(h2), scale, need_dh, need_ds,
+    dh, ds, dt = _cuda.call_op(red_bwd_op, red_bwd_kernel, _unit_cols(g2), _unit_cols(h2), scale, need_dh, need_ds,
                        need_dt)
     return (_cuda.if_needed(dh, need_dh), _cuda.if_needed(ds, need_ds), _cuda.if_needed(dt, need_dt))
