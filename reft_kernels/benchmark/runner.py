@@ -10,6 +10,7 @@ against the copy bandwidth measured at the start of the run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import platform
@@ -167,8 +168,6 @@ def provider_context(provider):
     """Settings a provider is measured under. ``compile``: no donated buffers, which would let a
     compiled backward run only once per forward (the ``bwd`` mode times repeated backward passes
     of one retained forward); it costs the compiled backward some buffer reuse."""
-    import contextlib
-
     cfg = getattr(getattr(torch, "_functorch", None), "config", None)
     if provider == "compile" and cfg is not None and hasattr(cfg, "donated_buffer"):
         return cfg.patch(donated_buffer=False)
