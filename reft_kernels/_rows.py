@@ -75,6 +75,6 @@ def rows_addressing(h: torch.Tensor, index: torch.Tensor):
         return index, v.stride(0), v.stride(1)
     except RuntimeError:
         pass
-    pos = torch.unravel_index(index.clamp_min(0), h.shape[:-1])
-    offs = sum(p * s for p, s in zip(pos, h.stride()[:-1]))
-    return torch.where(index >= 0, offs, -1), 1, h.stride(-1)
+    sel, valid = row_selector(h, index)
+    offs = sum(p * s for p, s in zip(sel, h.stride()[:-1]))
+    return torch.where(valid, offs, -1), 1, h.stride(-1)

@@ -2,7 +2,7 @@
 ``csrc/lowrank_edit_fwd.cu`` and ``csrc/lowrank_edit_bwd.cu`` (fp32 FMA products, not TF32; the
 same deterministic partial sums), reached through the torch.library ops
 ``reft_kernels::lowrank_edit_fwd``, ``reft_kernels::lowrank_edit_fwd_`` (in place) and
-``reft_kernels::lowrank_edit_bwd``, following the contract of ``function.py``.
+``reft_kernels::lowrank_edit_bwd``, following the contract of ``contract.py``.
 
 The ops run ``reft_kernels._C`` on CUDA tensors and the PyTorch path (``torch_impl``) on other
 devices, so their registration, schemas and fake implementations are testable anywhere; the
@@ -137,7 +137,7 @@ def _lowrank_edit_bwd_fake(g, x, index, A, B, C, z, u, act, tied, need_dh, need_
 # ----------------------------------------------------------------------------- contract functions
 
 def fwd(h, index, A, a, B, C, c, spec, save_u):
-    """Forward; see ``function.py`` for the contract."""
+    """Forward; see ``contract.py``."""
     if index is None:
         y, z, u = _cuda.call_op(lowrank_edit_fwd_op, lowrank_edit_fwd_kernel, as_rows(h), A, a, B, C, c,
                         spec.act, spec.tied, save_u)
@@ -148,7 +148,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):
-    """Backward; see ``function.py`` for the contract."""
+    """Backward; see ``contract.py``."""
     x2 = as_rows(x) if index is None else x
     dh, *grads = _cuda.call_op(lowrank_edit_bwd_op, lowrank_edit_bwd_kernel, g, x2, index, A, B, C, z, u, spec.act,
                        spec.tied, *need)

@@ -1,5 +1,5 @@
 """The low-rank edit in PyTorch ops (``backend="torch"``): runs on any device and dtype, float64
-included, and is the CPU path. It follows the contract of ``function.py``.
+included, and is the CPU path. It follows the contract of ``contract.py``.
 
 Numerics: parameters are cast to ``h``'s dtype and every product runs as eager PyTorch would
 run it in that dtype (so bf16 results match eager bf16 math); only ``act'`` is evaluated in fp32.
@@ -69,7 +69,7 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need):
 
 
 def fwd(h, index, A, a, B, C, c, spec, save_u):
-    """Forward; see ``function.py`` for the contract."""
+    """Forward; see ``contract.py``."""
     acc = acc_dtype(h.dtype)
     A, a, B, C, c = (_cast(t, h.dtype) for t in (A, a, B, C, c))
     if index is None:
@@ -91,7 +91,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):
-    """Backward; see ``function.py`` for the contract."""
+    """Backward; see ``contract.py``."""
     A, B, C = (_cast(t, x.dtype) for t in (A, B, C))
     z = z.to(x.dtype)
     u = u.to(x.dtype) if u is not None else None

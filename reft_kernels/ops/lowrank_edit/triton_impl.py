@@ -1,5 +1,5 @@
 """Triton kernels of the low-rank edit (``backend="triton"``) and their launchers, following the
-contract of ``function.py``.
+contract of ``contract.py``.
 
 Numerics: operands are loaded as fp32, every ``tl.dot`` accumulates in fp32 (3xTF32 products for
 fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows, r) latent stays
@@ -274,7 +274,7 @@ def _dummy(*ts):
 
 
 def fwd(h, index, A, a, B, C, c, spec, save_u):
-    """Forward; see ``function.py`` for the contract. ``hsave`` rows of -1 entries are left
+    """Forward; see ``contract.py``. ``hsave`` rows of -1 entries are left
     unwritten."""
     d = h.shape[-1]
     r = B.shape[0]
@@ -369,7 +369,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):
-    """Backward; see ``function.py`` for the contract."""
+    """Backward; see ``contract.py``."""
     if index is not None:
         # dh is g with the listed rows replaced: copy g once, then the kernels read each listed
         # row of the copy and overwrite it in place.
