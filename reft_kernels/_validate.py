@@ -100,6 +100,17 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
     return index
 
 
+def remember_index_checked(index: torch.Tensor, n_rows: int) -> None:
+    """Record that ``index`` holds valid, distinct rows of an ``n_rows``-row tensor (its caller
+    built it so, e.g. from an attention mask), so that ``check_index`` skips the value check and
+    its host synchronisation for this tensor until it is written to."""
+    if torch.compiler.is_compiling() or torch.is_inference(index) or index.device.type == "meta":
+        return
+    if len(_INDEX_CHECKED) >= _INDEX_CACHE_SIZE:
+        _INDEX_CHECKED.clear()
+    _INDEX_CHECKED[id(index)] = (weakref.ref(index), index._version, index.data_ptr(), n_rows)
+
+
 def _index_flags(index: torch.Tensor, n_rows: int):
     """(any entry out of [-1, n_rows), any row listed twice) as 0-d bool tensors (no sync)."""
     sorted_rows = index.sort().values

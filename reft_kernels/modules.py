@@ -104,6 +104,22 @@ class _Orthonormal(_LowRankEdit):
         r_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.rotation = nn.Parameter(random_orthonormal_rows(rank, d, dtype=r_dtype, device=device))
 
+    def _apply(self, fn, recurse=True):
+        # ``module.to(torch.bfloat16)`` / ``.half()`` (e.g. a whole model cast to bf16) moves
+        # ``rotation`` (and its grad) to the new device but keeps it in fp32: R is built by a QR
+        # with no half-precision kernels, and a bf16 round trip would lose its orthonormality
+        # (pyreft keeps R in fp32 for the same reason). Casts to fp32/fp64 apply as usual.
+        rot = self.rotation
+
+        def keep_fp32(t):
+            if t is rot or (rot.grad is not None and t is rot.grad):
+                probe = fn(t.detach()[:0])
+                if probe.dtype in (torch.float16, torch.bfloat16):
+                    return t.to(device=probe.device, dtype=torch.float32)
+            return fn(t)
+
+        return super()._apply(keep_fp32, recurse)
+
     @property
     def R(self) -> torch.Tensor:
         """(rank, d) with orthonormal rows, recomputed (one QR) on every access."""

@@ -1,6 +1,32 @@
-"""Hugging Face integration (in progress; see the README's status). Today: the positions helper
-(``positions.py``) that turns attention masks and prompt lengths into pyreft-style intervention
-locations and flat row indices, with no transformers dependency."""
+"""Hugging Face ``transformers`` integration: attach RED and the ReFT family to a model in one call.
+
+- ``get_reft_model(model, REDConfig(...) | ReftConfig(...) | [..])``: in place; ``model.reft`` is
+  the handle (``disabled()``, ``remove()``, ``print_trainable_parameters()``).
+- ``intervention_locations`` / ``locations_to_rows``: positions for a padded batch, on the device.
+- ``ReftDataCollator``: (prompt, response) pairs -> input_ids, attention_mask, labels (prompt
+  masked) and intervention_locations.
+- ``save_interventions`` / ``load_interventions``: safetensors + JSON, atomic, checked.
+- ``SaveInterventionsCallback``: a ``transformers.TrainerCallback`` that writes the interventions
+  beside each Trainer checkpoint (imported on first use: it needs transformers).
+
+Only ``SaveInterventionsCallback`` imports transformers; the rest works on any model whose module
+names the site table (or a config's ``pattern``) matches.
+"""
+from .attach import ReftHandle, get_reft_model
+from .collator import ReftDataCollator
+from .config import REDConfig, ReftConfig
+from .io import load_interventions, save_interventions
 from .positions import intervention_locations, locations_to_rows, parse_positions
 
-__all__ = ["intervention_locations", "locations_to_rows", "parse_positions"]
+__all__ = [
+    "get_reft_model", "ReftHandle", "REDConfig", "ReftConfig", "ReftDataCollator",
+    "save_interventions", "load_interventions", "SaveInterventionsCallback",
+    "intervention_locations", "locations_to_rows", "parse_positions",
+]
+
+
+def __getattr__(name):
+    if name == "SaveInterventionsCallback":
+        from .callback import SaveInterventionsCallback
+        return SaveInterventionsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

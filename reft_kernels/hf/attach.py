@@ -1,0 +1,355 @@
+"""``get_reft_model``: attach RED and ReFT interventions to a built ``transformers`` model in place.
+
+What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
+- every base parameter is frozen (each one's ``requires_grad`` is remembered);
+- the interventions become the submodule ``model.reft_interventions`` (a ModuleList with one
+  ModuleDict per config, keyed by site: ``layer3``, ``layer3_first`` / ``layer3_last``,
+  T5's ``encoder3`` / ``decoder3``), so ``parameters()``, optimizers, DDP/FSDP and the Trainer
+  see them; R stays fp32 when the model is cast to bf16 or fp16;
+- forward hooks, registered before any other hook (``prepend=True``, so ``output_hidden_states``
+  records the edited states): RED on each MLP output projection (every token); ReFT on each
+  chosen layer, editing the rows listed by the batch's ``reft_batch`` keyword (see ``batch.py``)
+  in place with the fused indexed op, no host synchronisation and no loop over the batch;
+- the instance attribute ``model.forward``: the class's forward with a keyword-only
+  ``intervention_locations`` added to its signature (the Trainer keeps a dataset column of that
+  name, and ``generate`` passes it to every step, expanded for beam search). It builds the
+  batch's rows once and passes them down as ``reft_batch``;
+- the attribute ``model.reft``, a ``ReftHandle``: ``disabled()``, ``remove()``,
+  ``print_trainable_parameters()``, ``configs``, ``interventions``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._rows import as_2d_plus, put_rows_, row_selector
+from ..modules import RED
+from .batch import KWARG, build_batch, cache_length
+from .positions import intervention_locations
+from .config import REDConfig, ReftConfig
+from .sites import RED_SITES, REFT_SITES, find_sites, hidden_size, model_type, output_width, param_dtype_device
+
+HANDLE_ATTR = "reft"
+MODULE_ATTR = "reft_interventions"
+
+
+def _split_output(output):
+    """(hidden states, rebuild) for a tensor or a tuple whose first item is the hidden states."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda h: h
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0], lambda h: (h,) + tuple(output[1:])
+    raise TypeError(f"an edited module must return a tensor or a tuple starting with one, got {type(output).__name__}")
+
+
+def _edit_rows(iv, h, index, dropout: float, training: bool):
+    """Apply intervention ``iv`` to the rows ``index`` of ``h`` (B, S, d); returns the result.
+
+    Without dropout it edits ``h`` in place (the layer output is a fresh tensor that nothing else
+    holds yet), which saves a (B, S, d) copy per layer; when autograd forbids that (``h`` a leaf
+    that requires grad, or a view) it edits a copy. With dropout in training, pyreft's
+    ``dropout(h + edit)`` on the edited rows: gather, edit, dropout, scatter into a copy.
+    """
+    if dropout > 0.0 and training:
+        sel, _ = row_selector(h, index)
+        out = h.clone()
+        out2 = as_2d_plus(out)
+        edited = F.dropout(iv(as_2d_plus(h)[sel]), dropout, training=True)
+        put_rows_(out2, sel, index, edited)
+        return out
+    if (h.requires_grad and h.is_leaf) or h._is_view():
+        return iv(h, index)
+    return iv(h, index, inplace=True)
+
+
+class ReftHandle:
+    """The interventions attached to one model, and how to undo them; ``model.reft``."""
+
+    def __init__(self, model: nn.Module, configs: tuple):
+        self.model = model
+        self.configs = configs
+        self.model_type = model_type(model)
+        self.sites = []  # per config: [(key, layer, module name)]
+        self.num_layers = []  # per config: layers the model has for that site kind
+        self.hidden_size = None
+        self._enabled = True
+        self._in_forward = False  # inside the patched forward (a layer without rows is then an error)
+        self._hooks = []
+        self._requires_grad = {}
+        self._had_forward = self._had_generate = None
+        self._reft_groups = [i for i, c in enumerate(configs) if isinstance(c, ReftConfig)]
+
+    # ------------------------------------------------------------------ public
+    @property
+    def interventions(self) -> nn.ModuleList:
+        return getattr(self.model, MODULE_ATTR)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Forwards inside run the base model unedited (reference forwards, as DPO needs). Use it
+        for forwards whose backward runs inside the context too (or under no_grad): RED's hooks
+        read the flag when gradient checkpointing recomputes them."""
+        before = self._enabled
+        self._enabled = False
+        try:
+            yield self.model
+        finally:
+            self._enabled = before
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts of the whole model, interventions included."""
+        seen, trainable, total = set(), 0, 0
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.trainable_parameters()
+        line = (f"trainable params: {trainable:,} || all params: {total:,} || "
+                f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+        print(line)
+        return line
+
+    def remove(self) -> nn.Module:
+        """Detach everything: hooks, the forward wrapper, ``reft_interventions``, ``model.reft``;
+        restores each base parameter's ``requires_grad``. Other hooks are left alone. Returns
+        the model, as it was before ``get_reft_model``."""
+        model = self.model
+        if getattr(model, HANDLE_ATTR, None) is not self:
+            raise RuntimeError("these interventions were already removed from the model")
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._restore("forward", self._had_forward)
+        self._restore("generate", self._had_generate)
+        delattr(model, MODULE_ATTR)
+        for name, p in model.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        delattr(model, HANDLE_ATTR)
+        return model
+
+    # ------------------------------------------------------------------ hooks
+    def _red_hook(self, iv):
+        def hook(module, args, output):
+            if not self._enabled:
+                return None
+            h, rebuild = _split_output(output)
+            return rebuild(iv(h))
+        return hook
+
+    def _reft_hook(self, group: int, ivs, cfg: ReftConfig):
+        def hook(module, args, kwargs, output):
+            batch = kwargs.get(KWARG)
+            if batch is None:
+                if self._enabled and self._in_forward:
+                    raise RuntimeError(
+                        f"{type(module).__name__} was called without the '{KWARG}' keyword: this "
+                        "model's forward does not pass its keyword arguments down to its layers, "
+                        "which ReFT needs (transformers 5.x models do)"
+                    )
+                return None  # disabled, or the layer was called on its own
+            if batch.decode:
+                return None
+            h, rebuild = _split_output(output)
+            if h.dim() != 3:
+                raise ValueError(f"a ReFT site must output (batch, seq, d) hidden states, got {tuple(h.shape)}")
+            for iv, index in zip(ivs, batch.rows[group]):
+                h = _edit_rows(iv, h, index, cfg.dropout, iv.training)
+            return rebuild(h)
+        return hook
+
+    def _wrap_forward(self):
+        model = self.model
+        self._had_forward = model.__dict__.get("forward")
+        inner = model.forward  # the bound method (or the previous instance attribute)
+        sig = inspect.signature(inner)
+        params = list(sig.parameters.values())
+        if "intervention_locations" in sig.parameters:
+            raise ValueError("the model's forward already has an 'intervention_locations' argument")
+        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+        if self._reft_groups and not has_var_kw:
+            raise ValueError(f"{type(model).__name__}.forward takes no **kwargs, so the intervention rows "
+                             "cannot reach its layers; ReFT needs a transformers 5.x model")
+        new = inspect.Parameter("intervention_locations", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, new)
+        handle = self
+        var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+
+        @functools.wraps(inner)
+        def forward(*args, intervention_locations=None, **kwargs):
+            if not handle._enabled or not handle._reft_groups or KWARG in kwargs:
+                return inner(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            extra = bound.get(var_kw, {}) if var_kw else {}
+            ids = bound.get("input_ids")
+            embeds = bound.get("inputs_embeds")
+            ref = ids if ids is not None else embeds
+            if ref is None or ref.dim() < 2:
+                raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place "
+                                 "its interventions")
+            bsz, seq = ref.shape[:2]
+            decode = cache_length(list(bound.values()) + list(extra.values())) > 0
+            mask = bound.get("attention_mask", extra.get("attention_mask"))
+            kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
+                                        intervention_locations, decode, ref.device)
+            before = handle._in_forward
+            handle._in_forward = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                handle._in_forward = before
+
+        forward.__signature__ = sig.replace(parameters=params)
+        model.forward = forward
+
+    def _prompt_locations(self, args, kwargs):
+        """The prompt's locations for ``generate`` (None when the ReFT configs disagree on positions
+        or there is no attention mask to read the prompt from): fixed for the whole generation,
+        so that without a KV cache, where every step is a full forward over a longer sequence,
+        the edits stay on the prompt as they do with one."""
+        cfgs = {(self.configs[g].positions, self.configs[g].share_weights) for g in self._reft_groups}
+        mask = kwargs.get("attention_mask")
+        if len(cfgs) != 1 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return None
+        (positions, share), = cfgs
+        return intervention_locations(mask, positions, share_weights=share)
+
+    def _wrap_generate(self):
+        model = self.model
+        self._had_generate = model.__dict__.get("generate")
+        if not self._reft_groups or not callable(getattr(model, "generate", None)):
+            return
+        inner = model.generate
+        handle = self
+
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            if handle._enabled and kwargs.get("intervention_locations") is None:
+                loc = handle._prompt_locations(args, kwargs)
+                if loc is not None:
+                    kwargs["intervention_locations"] = loc
+            return inner(*args, **kwargs)
+
+        model.generate = generate
+
+    def _restore(self, attr, previous):
+        model = self.model
+        if attr in model.__dict__:
+            if previous is None:
+                delattr(model, attr)
+            else:
+                setattr(model, attr, previous)
+
+    # ------------------------------------------------------------------ attach
+    def _attach(self):
+        model = self.model
+        groups = nn.ModuleList()
+        plans = []
+        for gi, cfg in enumerate(self.configs):
+            table, what = (RED_SITES, "REDConfig") if isinstance(cfg, REDConfig) else (REFT_SITES, "ReftConfig")
+            found, n_layers = find_sites(model, cfg, table, what)
+            self.num_layers.append(n_layers)
+            self.sites.append([(key, layer, name) for key, layer, name, _ in found])
+            ivs = nn.ModuleDict()
+            for key, _, name, module in found:
+                dtype, device = param_dtype_device(module)
+                dtype = cfg.torch_dtype or dtype
+                if isinstance(cfg, REDConfig):
+                    d = output_width(module)
+                    ivs[key] = RED(d, dtype=dtype, device=device, backend=cfg.backend)
+                    plans.append((module, "red", ivs[key]))
+                else:
+                    d = hidden_size(model)
+                    if cfg.rank > d:
+                        raise ValueError(f"ReftConfig rank={cfg.rank} exceeds the hidden size {d}")
+                    self.hidden_size = d
+                    sides = []
+                    for side in cfg.sides:
+                        name_ = f"{key}_{side}" if side else key
+                        ivs[name_] = cfg.build(d, dtype=dtype, device=device)
+                        sides.append(ivs[name_])
+                    plans.append((module, gi, sides))
+            groups.append(ivs)
+        # everything that can fail has been checked: change the model
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.add_module(MODULE_ATTR, groups)
+        try:
+            self._wrap_forward()
+            self._wrap_generate()
+            for module, kind, what in plans:
+                if kind == "red":
+                    hook = self._red_hook(what)
+                    self._hooks.append(module.register_forward_hook(hook, prepend=True))
+                else:
+                    hook = self._reft_hook(kind, what, self.configs[kind])
+                    self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
+            object.__setattr__(model, HANDLE_ATTR, self)
+        except BaseException:
+            for h in self._hooks:
+                h.remove()
+            self._restore("forward", self._had_forward)
+            self._restore("generate", self._had_generate)
+            delattr(model, MODULE_ATTR)
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            raise
+
+
+def _as_configs(config_or_configs) -> tuple:
+    configs = config_or_configs
+    if isinstance(configs, (REDConfig, ReftConfig)):
+        configs = (configs,)
+    if not isinstance(configs, (list, tuple)) or not configs:
+        raise TypeError("get_reft_model takes a REDConfig, a ReftConfig or a non-empty list of them, "
+                        f"got {type(config_or_configs).__name__}")
+    for c in configs:
+        if not isinstance(c, (REDConfig, ReftConfig)):
+            raise TypeError(f"get_reft_model takes REDConfig / ReftConfig objects, got {type(c).__name__}")
+    return tuple(configs)
+
+
+def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True) -> nn.Module:
+    """Attach the interventions of ``config_or_configs`` (a ``REDConfig``, a ``ReftConfig`` or a
+    list of them) to ``model`` in place, freeze its base parameters, and return it.
+
+    The handle is ``model.reft`` (``disabled()``, ``remove()``, ``print_trainable_parameters()``);
+    the interventions are ``model.reft_interventions``. Prints the trainable-parameter summary
+    unless ``verbose=False``. Raises ValueError for an unsupported model type (listing the
+    supported ones), layers the model does not have, or a model that already has interventions;
+    on any error the model is left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, HANDLE_ATTR, None) is not None or hasattr(model, MODULE_ATTR):
+        raise ValueError("this model already has interventions: call model.reft.remove() first")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("attach the interventions before wrapping the model in DistributedDataParallel")
+    handle = ReftHandle(model, _as_configs(config_or_configs))
+    handle._attach()
+    if verbose:
+        handle.print_trainable_parameters()
+    return model
+
+
+def get_handle(model) -> ReftHandle:
+    handle = getattr(model, HANDLE_ATTR, None)
+    if not isinstance(handle, ReftHandle):
+        raise ValueError("this model has no interventions attached (see reft_kernels.hf.get_reft_model)")
+    return handle

@@ -1,0 +1,33 @@
+"""A ``transformers.TrainerCallback`` that writes the interventions beside each checkpoint."""
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+from .io import save_interventions
+
+SUBFOLDER = "interventions"
+
+
+class SaveInterventionsCallback(TrainerCallback):
+    """On every Trainer save, writes ``save_interventions`` output to
+    ``<output_dir>/checkpoint-<step>/interventions/`` (main process only), and at the end of
+    training to ``<output_dir>/interventions/``. Load one with
+    ``load_interventions(model, that_folder)``.
+
+    The Trainer's own checkpoint holds the interventions too (they are submodules of the model),
+    but inside the full model's weights; this folder holds them alone, in the form
+    ``load_interventions`` reads.
+    """
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SUBFOLDER)
+            save_interventions(model, folder)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            save_interventions(model, os.path.join(args.output_dir, SUBFOLDER))
+        return control

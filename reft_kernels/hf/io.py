@@ -1,0 +1,148 @@
+"""Save and load the attached interventions: ``interventions.safetensors`` (the parameters) and
+``reft_config.json`` (the configs, the model type, hidden size and layer count, the library
+version, and the weights file's SHA-256), each written to a temporary name in the target folder
+and renamed into place, so an interrupted save never leaves a half-written file under the real
+name.
+
+``load_interventions`` reads and checks everything (JSON, checksum, tensor names, shapes) before it
+changes anything: a corrupted, truncated or mismatched file raises ValueError and leaves the model
+exactly as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+
+from .attach import get_handle, get_reft_model
+from .config import config_from_dict
+
+CONFIG_NAME = "reft_config.json"
+WEIGHTS_NAME = "interventions.safetensors"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _describe_model(handle) -> dict:
+    return {"model_type": handle.model_type, "hidden_size": handle.hidden_size,
+            "num_layers": handle.num_layers,
+            "sites": [[key for key, _, _ in sites] for sites in handle.sites]}
+
+
+def save_interventions(model, directory) -> None:
+    """Write the interventions of ``model`` (see ``get_reft_model``) to ``directory`` (created if
+    needed): the parameters as safetensors (on the CPU, each in its own dtype) and the JSON
+    config."""
+    from safetensors.torch import save as st_save
+
+    from .. import __version__
+
+    handle = get_handle(model)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in handle.interventions.state_dict().items()}
+    blob = st_save(tensors, metadata={"format": "pt"})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "reft_kernels",
+        "library_version": __version__,
+        "configs": [c.to_dict() for c in handle.configs],
+        **_describe_model(handle),
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    _atomic_write(os.path.join(directory, WEIGHTS_NAME), blob)
+    _atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())
+
+
+def read_interventions(directory):
+    """(metadata dict, configs, {name: CPU tensor}) read from ``directory`` and checked against its
+    own checksum; ValueError for anything missing, corrupted or truncated."""
+    from safetensors.torch import load as st_load
+
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (cpath, wpath):
+        if not os.path.isfile(path):
+            raise ValueError(f"no saved interventions at {directory!r}: {os.path.basename(path)} is missing")
+    try:
+        with open(cpath, "rb") as f:
+            meta = json.loads(f.read().decode())
+        if not isinstance(meta, dict) or meta.get("library") != "reft_kernels":
+            raise ValueError("not a reft_kernels intervention config")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {meta.get('format_version')!r}, this library reads {FORMAT_VERSION}")
+        configs = tuple(config_from_dict(c) for c in meta["configs"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cpath} is not a valid intervention config: {exc}") from None
+    with open(wpath, "rb") as f:
+        blob = f.read()
+    if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
+        raise ValueError(f"{wpath} does not match the checksum in {CONFIG_NAME}: the file is corrupted, "
+                         "truncated, or from another save")
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:  # safetensors raises its own error type
+        raise ValueError(f"{wpath} is not a readable safetensors file: {exc}") from None
+    return meta, configs, tensors
+
+
+def load_interventions(model, directory):
+    """Load interventions saved by ``save_interventions`` into ``model`` and return it.
+
+    If ``model`` has no interventions yet, they are attached first from the saved configs (as
+    ``get_reft_model`` does, quietly). If it has, its configs must equal the saved ones. The saved
+    model type, hidden size and layer count must match the model. Every check runs before any
+    parameter is written; on error the model is left exactly as it was (an attach made here is
+    undone).
+    """
+    meta, configs, tensors = read_interventions(directory)
+    attached_here = getattr(model, "reft", None) is None
+    if attached_here:
+        get_reft_model(model, list(configs), verbose=False)
+    try:
+        handle = get_handle(model)
+        if tuple(c.to_dict() for c in handle.configs) != tuple(c.to_dict() for c in configs):
+            raise ValueError(f"the interventions saved in {directory!r} have other configs than the model's: "
+                             f"saved {[c.to_dict() for c in configs]}, attached {[c.to_dict() for c in handle.configs]}")
+        mine = _describe_model(handle)
+        for key, value in mine.items():
+            saved = meta.get(key)
+            if isinstance(value, tuple):
+                value = list(value)
+            if saved != value:
+                raise ValueError(f"the interventions in {directory!r} were saved for {key} = {saved!r}; "
+                                 f"this model has {value!r}")
+        state = handle.interventions.state_dict()
+        if set(state) != set(tensors):
+            missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+            raise ValueError(f"{WEIGHTS_NAME} in {directory!r} does not hold this model's interventions: "
+                             f"missing {missing}, unexpected {extra}")
+        for name, dst in state.items():
+            src = tensors[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{name}: saved shape {tuple(src.shape)}, the model's is {tuple(dst.shape)}")
+            if not src.is_floating_point():
+                raise ValueError(f"{name}: saved dtype {src.dtype} is not floating point")
+    except BaseException:
+        if attached_here:
+            get_handle(model).remove()
+        raise
+    with torch.no_grad():
+        for name, dst in state.items():
+            dst.copy_(tensors[name])
+    return model
