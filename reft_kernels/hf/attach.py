@@ -14,6 +14,9 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   ``intervention_locations`` added to its signature (the Trainer keeps a dataset column of that
   name, and ``generate`` passes it to every step, expanded for beam search). It builds the
   batch's rows once and passes them down as ``reft_batch``;
+- with ReFT, the instance attribute ``model.generate``: fixes the prompt's locations (from its
+  attention mask) for the whole generation when the call gives none, so that a generation
+  without a KV cache edits the same prompt rows as one with it;
 - the attribute ``model.reft``, a ``ReftHandle``: ``disabled()``, ``remove()``,
   ``print_trainable_parameters()``, ``configs``, ``interventions``.
 """
@@ -22,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import types
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .._rows import as_2d_plus, put_rows_, row_selector
+from .._validate import remember_index_checked
 from ..modules import RED
 from .batch import KWARG, build_batch, cache_length
 from .positions import intervention_locations
@@ -65,6 +70,100 @@ def _edit_rows(iv, h, index, dropout: float, training: bool):
     if (h.requires_grad and h.is_leaf) or h._is_view():
         return iv(h, index)
     return iv(h, index, inplace=True)
+
+
+class _RedHook:
+    """Forward hook of a RED site: ``y = h * scale + bias`` on the module's output, every token.
+    A callable object rather than a closure, so that ``copy.deepcopy(model)`` gives the copy hooks
+    bound to its own interventions (TRL builds DPO reference models that way)."""
+
+    def __init__(self, handle, iv):
+        self.handle, self.iv = handle, iv
+
+    def __call__(self, module, args, output):
+        if not self.handle._enabled:
+            return None
+        h, rebuild = _split_output(output)
+        return rebuild(self.iv(h))
+
+
+class _ReftHook:
+    """Forward hook (with kwargs) of a ReFT site: edits the rows that the layer call's
+    ``reft_batch`` keyword lists for this config, one intervention per side."""
+
+    def __init__(self, handle, group: int, ivs, cfg):
+        self.handle, self.group, self.ivs, self.cfg = handle, group, list(ivs), cfg
+
+    def __call__(self, module, args, kwargs, output):
+        batch = kwargs.get(KWARG)
+        if batch is None:
+            if self.handle._enabled and self.handle._in_forward:
+                raise RuntimeError(
+                    f"{type(module).__name__} was called without the '{KWARG}' keyword: this model's "
+                    "forward does not pass its keyword arguments down to its layers, which ReFT needs "
+                    "(transformers 5.x models do)"
+                )
+            return None  # disabled, or the layer was called on its own
+        if batch.decode:
+            return None
+        h, rebuild = _split_output(output)
+        if h.dim() != 3:
+            raise ValueError(f"a ReFT site must output (batch, seq, d) hidden states, got {tuple(h.shape)}")
+        for iv, index in zip(self.ivs, batch.rows[self.group]):
+            if index.device != h.device:  # a model split across devices (device_map)
+                index = index.to(h.device)
+                remember_index_checked(index, h.numel() // h.shape[-1])
+            h = _edit_rows(iv, h, index, self.cfg.dropout, iv.training)
+        return rebuild(h)
+
+
+def _method(fn, template, bound_sig=None):
+    """A fresh function calling ``fn(self, ...)``, named and documented like ``template`` (the
+    class's own method), with signature ``bound_sig`` once bound when given. It holds no
+    reference to the model: bound with ``types.MethodType``, ``copy.deepcopy(model)`` rebinds
+    it to the copy."""
+    out = functools.update_wrapper(lambda self, *args, **kwargs: fn(self, *args, **kwargs), template)
+    if bound_sig is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        out.__signature__ = bound_sig.replace(parameters=[self_param] + list(bound_sig.parameters.values()))
+    return out
+
+
+def _patched_forward(model, *args, intervention_locations=None, **kwargs):
+    """``model.forward`` with interventions: builds the batch's rows once and passes them to every
+    layer as the keyword ``reft_batch``."""
+    handle = model.reft
+    inner = handle._inner("forward")
+    if not handle._enabled or not handle._reft_groups or KWARG in kwargs:
+        return inner(*args, **kwargs)
+    bound = handle._forward_sig.bind_partial(*args, **kwargs).arguments
+    extra = bound.get(handle._var_kw, {})
+    ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None or ref.dim() < 2:
+        raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place its "
+                         "interventions")
+    bsz, seq = ref.shape[:2]
+    decode = cache_length(list(bound.values()) + list(extra.values())) > 0
+    mask = bound.get("attention_mask", extra.get("attention_mask"))
+    kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
+                                intervention_locations, decode, ref.device)
+    before = handle._in_forward
+    handle._in_forward = True
+    try:
+        return inner(*args, **kwargs)
+    finally:
+        handle._in_forward = before
+
+
+def _patched_generate(model, *args, **kwargs):
+    """``model.generate`` with ReFT: the prompt's locations fixed for the whole generation."""
+    handle = model.reft
+    if handle._enabled and kwargs.get("intervention_locations") is None:
+        loc = handle._prompt_locations(kwargs)
+        if loc is not None:
+            kwargs["intervention_locations"] = loc
+    return handle._inner("generate")(*args, **kwargs)
 
 
 class ReftHandle:
@@ -142,82 +241,36 @@ class ReftHandle:
         delattr(model, HANDLE_ATTR)
         return model
 
-    # ------------------------------------------------------------------ hooks
-    def _red_hook(self, iv):
-        def hook(module, args, output):
-            if not self._enabled:
-                return None
-            h, rebuild = _split_output(output)
-            return rebuild(iv(h))
-        return hook
-
-    def _reft_hook(self, group: int, ivs, cfg: ReftConfig):
-        def hook(module, args, kwargs, output):
-            batch = kwargs.get(KWARG)
-            if batch is None:
-                if self._enabled and self._in_forward:
-                    raise RuntimeError(
-                        f"{type(module).__name__} was called without the '{KWARG}' keyword: this "
-                        "model's forward does not pass its keyword arguments down to its layers, "
-                        "which ReFT needs (transformers 5.x models do)"
-                    )
-                return None  # disabled, or the layer was called on its own
-            if batch.decode:
-                return None
-            h, rebuild = _split_output(output)
-            if h.dim() != 3:
-                raise ValueError(f"a ReFT site must output (batch, seq, d) hidden states, got {tuple(h.shape)}")
-            for iv, index in zip(ivs, batch.rows[group]):
-                h = _edit_rows(iv, h, index, cfg.dropout, iv.training)
-            return rebuild(h)
-        return hook
-
+    # ------------------------------------------------------------------ wrappers
     def _wrap_forward(self):
         model = self.model
         self._had_forward = model.__dict__.get("forward")
-        inner = model.forward  # the bound method (or the previous instance attribute)
-        sig = inspect.signature(inner)
+        sig = inspect.signature(model.forward)  # the bound method (or the previous instance attribute)
         params = list(sig.parameters.values())
         if "intervention_locations" in sig.parameters:
             raise ValueError("the model's forward already has an 'intervention_locations' argument")
-        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-        if self._reft_groups and not has_var_kw:
+        var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+        if self._reft_groups and var_kw is None:
             raise ValueError(f"{type(model).__name__}.forward takes no **kwargs, so the intervention rows "
                              "cannot reach its layers; ReFT needs a transformers 5.x model")
         new = inspect.Parameter("intervention_locations", inspect.Parameter.KEYWORD_ONLY, default=None)
         at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, new)
-        handle = self
-        var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+        self._forward_sig, self._var_kw = sig, var_kw
+        patched = sig.replace(parameters=params[:at] + [new] + params[at:])
+        model.forward = types.MethodType(_method(_patched_forward, type(model).forward, patched), model)
 
-        @functools.wraps(inner)
-        def forward(*args, intervention_locations=None, **kwargs):
-            if not handle._enabled or not handle._reft_groups or KWARG in kwargs:
-                return inner(*args, **kwargs)
-            bound = sig.bind_partial(*args, **kwargs).arguments
-            extra = bound.get(var_kw, {}) if var_kw else {}
-            ids = bound.get("input_ids")
-            embeds = bound.get("inputs_embeds")
-            ref = ids if ids is not None else embeds
-            if ref is None or ref.dim() < 2:
-                raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place "
-                                 "its interventions")
-            bsz, seq = ref.shape[:2]
-            decode = cache_length(list(bound.values()) + list(extra.values())) > 0
-            mask = bound.get("attention_mask", extra.get("attention_mask"))
-            kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
-                                        intervention_locations, decode, ref.device)
-            before = handle._in_forward
-            handle._in_forward = True
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                handle._in_forward = before
+    def _wrap_generate(self):
+        model = self.model
+        self._had_generate = model.__dict__.get("generate")
+        if self._reft_groups and callable(getattr(model, "generate", None)):
+            model.generate = types.MethodType(_method(_patched_generate, type(model).generate), model)
 
-        forward.__signature__ = sig.replace(parameters=params)
-        model.forward = forward
+    def _inner(self, attr):
+        """The model's own ``attr`` (what it was before attaching), bound to the model."""
+        previous = self._had_forward if attr == "forward" else self._had_generate
+        return previous if previous is not None else getattr(type(self.model), attr).__get__(self.model)
 
-    def _prompt_locations(self, args, kwargs):
+    def _prompt_locations(self, kwargs):
         """The prompt's locations for ``generate`` (None when the ReFT configs disagree on positions
         or there is no attention mask to read the prompt from): fixed for the whole generation,
         so that without a KV cache, where every step is a full forward over a longer sequence,
@@ -228,24 +281,6 @@ class ReftHandle:
             return None
         (positions, share), = cfgs
         return intervention_locations(mask, positions, share_weights=share)
-
-    def _wrap_generate(self):
-        model = self.model
-        self._had_generate = model.__dict__.get("generate")
-        if not self._reft_groups or not callable(getattr(model, "generate", None)):
-            return
-        inner = model.generate
-        handle = self
-
-        @functools.wraps(inner)
-        def generate(*args, **kwargs):
-            if handle._enabled and kwargs.get("intervention_locations") is None:
-                loc = handle._prompt_locations(args, kwargs)
-                if loc is not None:
-                    kwargs["intervention_locations"] = loc
-            return inner(*args, **kwargs)
-
-        model.generate = generate
 
     def _restore(self, attr, previous):
         model = self.model
@@ -295,10 +330,9 @@ class ReftHandle:
             self._wrap_generate()
             for module, kind, what in plans:
                 if kind == "red":
-                    hook = self._red_hook(what)
-                    self._hooks.append(module.register_forward_hook(hook, prepend=True))
+                    self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
                 else:
-                    hook = self._reft_hook(kind, what, self.configs[kind])
+                    hook = _ReftHook(self, kind, what, self.configs[kind])
                     self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
             object.__setattr__(model, HANDLE_ATTR, self)
         except BaseException:

@@ -162,3 +162,23 @@ def test_noreft_without_proj_bias():
     assert m.proj_bias is None
     h = torch.randn(5, D)
     torch.testing.assert_close(m(h), _module_reference(m, h), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [rk.LoReFT, rk.DiReFT, rk.ConsReFT, rk.LoBiReFT])
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_half_cast_keeps_rotation_fp32_and_exact(cls, cast):
+    """``module.to(bf16/fp16)`` (a whole model cast) keeps R's parameter in fp32, values and
+    gradient untouched, while the other parameters follow the cast; fp64 casts apply as usual."""
+    m = cls(16, 4)
+    m(torch.randn(3, 16)).sum().backward()
+    rot, grad = m.rotation.detach().clone(), m.rotation.grad.clone()
+    m.to(cast)
+    assert m.rotation.dtype == torch.float32 and torch.equal(m.rotation, rot)
+    assert m.rotation.grad.dtype == torch.float32 and torch.equal(m.rotation.grad, grad)
+    assert all(p.dtype == cast for n, p in m.named_parameters() if n != "rotation")
+    m.half() if cast == torch.bfloat16 else m.bfloat16()
+    assert m.rotation.dtype == torch.float32 and torch.equal(m.rotation, rot)
+    m.double()
+    assert m.rotation.dtype == torch.float64 and all(p.dtype == torch.float64 for p in m.parameters())
+    m.to(cast)  # from fp64 a half cast lands on fp32 (QR has no half kernels)
+    assert m.rotation.dtype == torch.float32
