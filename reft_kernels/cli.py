@@ -18,6 +18,12 @@ def _info(_args) -> int:
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     triton_line = _triton.TRITON_VERSION if _triton.HAS_TRITON else f"not importable ({_triton.TRITON_IMPORT_ERROR})"
     print(f"triton       {triton_line}; interpreter {'on' if _triton.INTERPRET else 'off'} (TRITON_INTERPRET)")
+    try:
+        import transformers
+        tf_line = f"{transformers.__version__} (reft_kernels.hf)"
+    except Exception as exc:  # optional: the hf extra
+        tf_line = f"not installed ({type(exc).__name__}); reft_kernels.hf needs it"
+    print(f"transformers {tf_line}")
     print(f"device       {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA device)'}")
     print(f"CUDA ext     {'built' if _backend.cuda_extension_available() else 'not built (reft_kernels._C)'}")
     for dev in (["cuda"] if cuda else []) + ["cpu"]:
