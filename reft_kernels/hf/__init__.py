@@ -6,6 +6,8 @@
 - ``ReftDataCollator``: (prompt, response) pairs -> input_ids, attention_mask, labels (prompt
   masked) and intervention_locations.
 - ``save_interventions`` / ``load_interventions``: safetensors + JSON, atomic, checked.
+- ``merge_red`` / ``unmerge_red``: fold RED into the edited layers' weights for inference, and
+  restore them bit for bit.
 - ``SaveInterventionsCallback``: a ``transformers.TrainerCallback`` that writes the interventions
   beside each Trainer checkpoint (imported on first use: it needs transformers).
 
@@ -16,11 +18,12 @@ from .attach import ReftHandle, get_reft_model
 from .collator import ReftDataCollator
 from .config import REDConfig, ReftConfig
 from .io import load_interventions, save_interventions
+from .merge import merge_red, unmerge_red
 from .positions import intervention_locations, locations_to_rows, parse_positions
 
 __all__ = [
     "get_reft_model", "ReftHandle", "REDConfig", "ReftConfig", "ReftDataCollator",
-    "save_interventions", "load_interventions", "SaveInterventionsCallback",
+    "save_interventions", "load_interventions", "SaveInterventionsCallback", "merge_red", "unmerge_red",
     "intervention_locations", "locations_to_rows", "parse_positions",
 ]
 

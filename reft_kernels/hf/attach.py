@@ -14,9 +14,8 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   ``intervention_locations`` added to its signature (the Trainer keeps a dataset column of that
   name, and ``generate`` passes it to every step, expanded for beam search). It builds the
   batch's rows once and passes them down as ``reft_batch``;
-- with ReFT, the instance attribute ``model.generate``: fixes the prompt's locations (from its
-  attention mask) for the whole generation when the call gives none, so that a generation
-  without a KV cache edits the same prompt rows as one with it;
+- with ReFT, the instance attribute ``model.generate``: notes the prompt's width for the call, so
+  that a generation without a KV cache edits the same prompt rows as one with it;
 - the attribute ``model.reft``, a ``ReftHandle``: ``disabled()``, ``remove()``,
   ``print_trainable_parameters()``, ``configs``, ``interventions``.
 """
@@ -81,7 +80,7 @@ class _RedHook:
         self.handle, self.iv = handle, iv
 
     def __call__(self, module, args, output):
-        if not self.handle._enabled:
+        if not self.handle._enabled or self.handle._red_merged is not None:
             return None
         h, rebuild = _split_output(output)
         return rebuild(self.iv(h))
@@ -146,6 +145,12 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
     bsz, seq = ref.shape[:2]
     decode = cache_length(list(bound.values()) + list(extra.values())) > 0
     mask = bound.get("attention_mask", extra.get("attention_mask"))
+    width = handle._prompt_width
+    if intervention_locations is None and width is not None and seq > width and not decode:
+        # inside generate without a KV cache: the prompt is the first `width` columns
+        real = mask if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (bsz, seq) else None
+        mask = torch.ones(bsz, seq, dtype=torch.long, device=ref.device) if real is None else real.clone()
+        mask[:, width:] = 0
     kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
                                 intervention_locations, decode, ref.device)
     before = handle._in_forward
@@ -157,13 +162,19 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
 
 
 def _patched_generate(model, *args, **kwargs):
-    """``model.generate`` with ReFT: the prompt's locations fixed for the whole generation."""
+    """``model.generate`` with ReFT: records the prompt's width for the forwards of this call, so
+    that a step without a KV cache (a full forward over prompt + generated tokens) takes its
+    default positions from the prompt columns only, as the prefill with a cache does."""
     handle = model.reft
-    if handle._enabled and kwargs.get("intervention_locations") is None:
-        loc = handle._prompt_locations(kwargs)
-        if loc is not None:
-            kwargs["intervention_locations"] = loc
-    return handle._inner("generate")(*args, **kwargs)
+    prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if not isinstance(prompt, torch.Tensor):
+        prompt = kwargs.get("inputs_embeds")
+    before = handle._prompt_width
+    handle._prompt_width = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+    try:
+        return handle._inner("generate")(*args, **kwargs)
+    finally:
+        handle._prompt_width = before
 
 
 class ReftHandle:
@@ -177,6 +188,8 @@ class ReftHandle:
         self.num_layers = []  # per config: layers the model has for that site kind
         self.hidden_size = None
         self._enabled = True
+        self._prompt_width = None  # inside generate: the prompt's width (see _patched_generate)
+        self._red_merged = None  # merge_red: {module name: (weight, bias or None)} originals on the CPU
         self._in_forward = False  # inside the patched forward (a layer without rows is then an error)
         self._hooks = []
         self._requires_grad = {}
@@ -197,6 +210,9 @@ class ReftHandle:
         """Forwards inside run the base model unedited (reference forwards, as DPO needs). Use it
         for forwards whose backward runs inside the context too (or under no_grad): RED's hooks
         read the flag when gradient checkpointing recomputes them."""
+        if self._red_merged is not None:
+            raise RuntimeError("RED is merged into the model's weights, so disabled() cannot give the base "
+                               "model: call unmerge_red(model) first")
         before = self._enabled
         self._enabled = False
         try:
@@ -229,6 +245,8 @@ class ReftHandle:
         model = self.model
         if getattr(model, HANDLE_ATTR, None) is not self:
             raise RuntimeError("these interventions were already removed from the model")
+        if self._red_merged is not None:
+            raise RuntimeError("RED is merged into the model's weights: call unmerge_red(model) before remove()")
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -269,18 +287,6 @@ class ReftHandle:
         """The model's own ``attr`` (what it was before attaching), bound to the model."""
         previous = self._had_forward if attr == "forward" else self._had_generate
         return previous if previous is not None else getattr(type(self.model), attr).__get__(self.model)
-
-    def _prompt_locations(self, kwargs):
-        """The prompt's locations for ``generate`` (None when the ReFT configs disagree on positions
-        or there is no attention mask to read the prompt from): fixed for the whole generation,
-        so that without a KV cache, where every step is a full forward over a longer sequence,
-        the edits stay on the prompt as they do with one."""
-        cfgs = {(self.configs[g].positions, self.configs[g].share_weights) for g in self._reft_groups}
-        mask = kwargs.get("attention_mask")
-        if len(cfgs) != 1 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            return None
-        (positions, share), = cfgs
-        return intervention_locations(mask, positions, share_weights=share)
 
     def _restore(self, attr, previous):
         model = self.model
@@ -332,7 +338,8 @@ class ReftHandle:
                 if kind == "red":
                     self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
                 else:
-                    hook = _ReftHook(self, kind, what, self.configs[kind])
+                    # the batch's rows are listed per ReFT config, in the order of _reft_groups
+                    hook = _ReftHook(self, self._reft_groups.index(kind), what, self.configs[kind])
                     self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
             object.__setattr__(model, HANDLE_ATTR, self)
         except BaseException:

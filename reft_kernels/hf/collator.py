@@ -26,9 +26,10 @@ class ReftDataCollator:
     prompt length is the prompt's token count, so ``l{k}`` ends at the final prompt token (the
     ReFT paper's convention; pyreft's bundled datasets stop one token earlier).
 
-    With ``transformers.Trainer`` and a ``datasets.Dataset`` of raw text columns, pass
-    ``remove_unused_columns=False`` (the Trainer drops columns the model's forward does not name
-    before the collator sees them); a plain list or torch Dataset needs nothing.
+    With ``transformers.Trainer``, examples as ``(prompt, response)`` tuples work with default
+    arguments; dict examples need ``TrainingArguments(remove_unused_columns=False)``, whatever the
+    dataset type: by default the Trainer drops the keys that the model's forward does not name
+    (``prompt``, ``response``) before the collator sees them.
     """
 
     def __init__(self, tokenizer, positions: str = "f7+l7", *, share_weights: bool = True, max_length=None,
@@ -49,7 +50,10 @@ class ReftDataCollator:
     def _pair(self, ex):
         if isinstance(ex, dict):
             if "prompt" not in ex or "response" not in ex:
-                raise ValueError(f"an example dict needs 'prompt' and 'response' keys, got {sorted(ex)}")
+                hint = ("; with transformers.Trainer, pass TrainingArguments(remove_unused_columns=False) "
+                        "(by default it drops the keys the model's forward does not name) or give "
+                        "(prompt, response) tuples") if not ex else ""
+                raise ValueError(f"an example dict needs 'prompt' and 'response' keys, got {sorted(ex)}{hint}")
             return ex["prompt"], ex["response"]
         if isinstance(ex, (tuple, list)) and len(ex) == 2:
             return ex[0], ex[1]

@@ -116,6 +116,9 @@ def load_interventions(model, directory):
         get_reft_model(model, list(configs), verbose=False)
     try:
         handle = get_handle(model)
+        if handle._red_merged is not None:
+            raise ValueError("RED is merged into this model's weights: call unmerge_red(model) before "
+                             "load_interventions")
         if tuple(c.to_dict() for c in handle.configs) != tuple(c.to_dict() for c in configs):
             raise ValueError(f"the interventions saved in {directory!r} have other configs than the model's: "
                              f"saved {[c.to_dict() for c in configs]}, attached {[c.to_dict() for c in handle.configs]}")

@@ -121,3 +121,14 @@ def tiny_tokenizer(padding_side: str = "right"):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 pad_token="<pad>", unk_token="<unk>",
                                                 padding_side=padding_side)
+
+
+def tiny_unsupported_model(n_layers: int = 2, dtype=torch.float32, seed: int = 0):
+    """A tiny OPT causal LM: a model type the built-in site tables do not list. Its MLP output
+    projection is ``model.decoder.layers.N.fc2``, its layers ``model.decoder.layers.N``."""
+    T = transformers
+    torch.manual_seed(seed)
+    cfg = T.OPTConfig(vocab_size=VOCAB, hidden_size=D, ffn_dim=2 * D, num_hidden_layers=n_layers,
+                      num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=D,
+                      dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return T.OPTForCausalLM(cfg).to(dtype).eval()
