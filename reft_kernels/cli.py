@@ -112,7 +112,14 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     bench.add_argument("--min-run-time", type=float, default=None,
                        help="seconds of timed runs per measurement on CPU (default 0.2, 0.05 with --quick)")
+    train = sub.add_parser("train", help="the main job: fine-tune a real instruction model (SmolLM2-135M-Instruct by "
+                                         "default) with LoReFT or RED on a small built-in task, before/after")
+    from .hf.train_job import add_arguments
+    add_arguments(train)
     args = ap.parse_args(argv)
+    if args.command == "train":
+        from .hf.train_job import main as train_main
+        return train_main(args)
     if args.command == "bench":
         return _bench(args)
     return _info(args) if args.command == "info" else _check(args)

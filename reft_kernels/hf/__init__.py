@@ -6,6 +6,8 @@
 - ``ReftDataCollator``: (prompt, response) pairs -> input_ids, attention_mask, labels (prompt
   masked) and intervention_locations.
 - ``save_interventions`` / ``load_interventions``: safetensors + JSON, atomic, checked.
+- ``load_pyreft``: import interventions that pyreft 0.1.0 saved (all six methods, both pyvene
+  key styles).
 - ``merge_red`` / ``unmerge_red``: fold RED into the edited layers' weights for inference, and
   restore them bit for bit.
 - ``SaveInterventionsCallback``: a ``transformers.TrainerCallback`` that writes the interventions
@@ -19,11 +21,13 @@ from .collator import ReftDataCollator
 from .config import REDConfig, ReftConfig
 from .io import load_interventions, save_interventions
 from .merge import merge_red, unmerge_red
+from .pyreft_import import load_pyreft
 from .positions import intervention_locations, locations_to_rows, parse_positions
 
 __all__ = [
     "get_reft_model", "ReftHandle", "REDConfig", "ReftConfig", "ReftDataCollator",
     "save_interventions", "load_interventions", "SaveInterventionsCallback", "merge_red", "unmerge_red",
+    "load_pyreft",
     "intervention_locations", "locations_to_rows", "parse_positions",
 ]
 

@@ -137,7 +137,8 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
         return inner(*args, **kwargs)
     bound = handle._forward_sig.bind_partial(*args, **kwargs).arguments
     extra = bound.get(handle._var_kw, {})
-    ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+    ids = bound.get("input_ids", extra.get("input_ids"))
+    embeds = bound.get("inputs_embeds", extra.get("inputs_embeds"))
     ref = ids if ids is not None else embeds
     if ref is None or ref.dim() < 2:
         raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place its "
@@ -330,11 +331,15 @@ class ReftHandle:
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
+        groups.train(model.training)  # new modules start in training mode; follow the model's
         model.add_module(MODULE_ATTR, groups)
         try:
             self._wrap_forward()
             self._wrap_generate()
-            for module, kind, what in plans:
+            # prepend=True puts each hook before those already there: registering in reverse keeps
+            # the configs' order among ours (two configs on one layer apply in the order listed)
+            # while all of ours run before any other hook
+            for module, kind, what in reversed(plans):
                 if kind == "red":
                     self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
                 else:

@@ -30,16 +30,6 @@ LENGTHS = (5, 3, 6)  # real prompt lengths of the batch, left-padded to SEQ
 SEQ = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these shapes gain nothing from more, and on a busy 2-core machine each
-    parallel op of a tiny model waits for a descheduled thread (the file then runs 20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_config(kind: str, backend: str = "torch", positions: str = "f2+l2"):
     if kind == "reft_shared":
         return ReftConfig(layers="all", rank=4, positions=positions, backend=backend)

@@ -68,6 +68,7 @@ def test_merged_matches_hooked_and_unmerge_is_exact(arch):
     assert torch.equal(_out(model, arch), hooked)  # hooks run again after unmerge
 
 
+@pytest.mark.filterwarnings("ignore:merge_red added a bias")
 def test_bf16_merge_agrees_within_bf16_rounding():
     model = _red_model("llama", dtype=torch.bfloat16)
     hooked = _out(model, "llama")
@@ -79,6 +80,7 @@ def test_bf16_merge_agrees_within_bf16_rounding():
     assert torch.equal(_out(model, "llama"), hooked)
 
 
+@pytest.mark.filterwarnings("ignore:merge_red added a bias")
 def test_merge_leaves_reft_running():
     model = _red_model("llama", extra=[ReftConfig(rank=2, positions="f1+l1")])
     hooked = _out(model, "llama")

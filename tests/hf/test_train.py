@@ -28,16 +28,6 @@ EXAMPLES = [
 PREFIX = "reft_interventions."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these shapes gain nothing from more, and on a busy 2-core machine each
-    parallel op of a tiny model waits for a descheduled thread (the file then runs 20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def base_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(PREFIX)}
 

@@ -1,0 +1,147 @@
+"""Helpers for the get_reft_model tests: reference forward hooks written from the math (gather the
+edited rows, apply ``reft_kernels.reference``, scatter back), parameter randomisation, and a
+snapshot of everything attaching may change on a model."""
+from __future__ import annotations
+
+import torch
+
+from reft_kernels.reference import lowrank_edit_reference
+
+from ._models import layers_of
+
+# where RED edits, written out here (not read from reft_kernels.hf.sites): module names per layer
+_RED_NAMES = {
+    "llama": ["model.layers.{}.mlp.down_proj"],
+    "mistral": ["model.layers.{}.mlp.down_proj"],
+    "qwen2": ["model.layers.{}.mlp.down_proj"],
+    "gpt2": ["transformer.h.{}.mlp.c_proj"],
+    "bert": ["bert.encoder.layer.{}.output.dense"],
+    "roberta": ["roberta.encoder.layer.{}.output.dense"],
+    "t5": ["encoder.block.{}.layer.1.DenseReluDense.wo", "decoder.block.{}.layer.2.DenseReluDense.wo"],
+}
+
+
+def red_site_names(arch, layer):
+    """[(intervention key, module name)] of the RED sites of one layer."""
+    out = []
+    for name in _RED_NAMES[arch]:
+        key = f"{name.split('.')[0]}{layer}" if arch == "t5" else f"layer{layer}"
+        out.append((key, name.format(layer)))
+    return out
+
+
+def randomize_(module, std=0.5, seed=1):
+    """Non-trivial values for every parameter of ``module`` (random normal), so that no edit is
+    near the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def _split(out):
+    if isinstance(out, tuple):
+        return out[0], lambda h: (h,) + tuple(out[1:])
+    return out, lambda h: h
+
+
+def gather_edit_scatter(h, sides):
+    """``h`` (B, S, d) with, for each (intervention, locations (B, P)) in ``sides`` in order, the rows
+    ``h[b, locations[b, p]]`` (entries >= 0) replaced by the reference edit of those rows."""
+    h = h.clone()
+    for iv, loc in sides:
+        b_idx, p_idx = (loc >= 0).nonzero(as_tuple=True)
+        pos = loc[b_idx, p_idx]
+        rows = h[b_idx, pos]  # gather (n, d)
+        edited = lowrank_edit_reference(rows, *iv.edit_terms(), act=iv.act)
+        h = h.index_put((b_idx, pos), edited)  # scatter
+    return h
+
+
+def reft_sides(ivs, layer, locations, share_weights):
+    """[(intervention, (B, P) locations)] applied at ``layer``: one shared, or first then last."""
+    if share_weights:
+        return [(ivs[f"layer{layer}"], locations.reshape(locations.shape[0], -1))]
+    return [(ivs[f"layer{layer}_first"], locations[:, 0]), (ivs[f"layer{layer}_last"], locations[:, 1])]
+
+
+def add_reft_reference_hooks(ref_model, ivs, layers, locations, share_weights):
+    """Forward hooks on ``ref_model``'s (unpatched) layers doing the ReFT edit from the math;
+    returns the hook handles."""
+    handles = []
+    for layer in layers:
+        sides = reft_sides(ivs, layer, locations, share_weights)
+
+        def hook(module, args, out, sides=sides):
+            h, rebuild = _split(out)
+            return rebuild(gather_edit_scatter(h, sides))
+
+        handles.append(layers_of(ref_model)[layer].register_forward_hook(hook))
+    return handles
+
+
+def add_red_reference_hooks(ref_model, arch, ivs, layers):
+    """Forward hooks ``y = h * scale + bias`` on ``ref_model``'s RED sites; returns the handles."""
+    modules = dict(ref_model.named_modules())
+    handles = []
+    for layer in layers:
+        for key, name in red_site_names(arch, layer):
+            iv = ivs[key]
+
+            def hook(module, args, out, iv=iv):
+                h, rebuild = _split(out)
+                return rebuild(h * iv.scale.to(h.dtype) + iv.bias.to(h.dtype))
+
+            handles.append(modules[name].register_forward_hook(hook))
+    return handles
+
+
+def freeze_(model):
+    """Freeze every parameter, as attaching does (T5's CPU attention rounds differently when its
+    parameters require grad, so base runs are compared in the same state)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def weighted_sum(logits, seed=2):
+    """A scalar loss with random weights (no symmetry that could hide a wrong gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(logits.shape, generator=g, dtype=torch.float64).to(logits.dtype)
+    return (logits * w).sum()
+
+
+def grads_of(params):
+    """{name: grad clone} and zero the grads."""
+    out = {}
+    for name, p in params:
+        assert p.grad is not None, f"{name} got no gradient"
+        out[name] = p.grad.detach().clone()
+        p.grad = None
+    return out
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def snapshot(model):
+    """Everything attaching may change, in a comparable form: the model's attribute names and
+    ``forward`` entry, its submodules, every hook dict of every submodule (keys and the hook
+    objects), and every parameter's ``requires_grad``."""
+    hooks = {}
+    for name, m in model.named_modules():
+        for attr in dict.fromkeys(_HOOK_DICTS + tuple(a for a in vars(m) if "hook" in a)):
+            d = getattr(m, attr, None)
+            if isinstance(d, dict):
+                hooks[(name, attr)] = [(k, id(v)) for k, v in d.items()]
+    return {
+        "dict_keys": sorted(model.__dict__),
+        "instance_forward": model.__dict__.get("forward"),
+        "modules_keys": list(model._modules),
+        "named_modules": [n for n, _ in model.named_modules()],
+        "hooks": hooks,
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
