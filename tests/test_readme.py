@@ -25,7 +25,7 @@ def test_readme_example_runs(i, capsys):
 def test_setup_commands():
     commands = [ln.strip() for ln in README.splitlines() if ln.strip().startswith("pip install torch==2.13.0")]
     assert len(commands) == 2, commands
-    assert commands[0].endswith("reft-kernels check")
+    assert commands[0].endswith("reft-kernels train")
     test_cmd = commands[1].split("&&")[-1].strip()
     assert test_cmd == "python -m pytest -q"
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
