@@ -132,3 +132,13 @@ def tiny_unsupported_model(n_layers: int = 2, dtype=torch.float32, seed: int = 0
                       num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=D,
                       dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return T.OPTForCausalLM(cfg).to(dtype).eval()
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a test runs ``backend``: on a GPU machine the Triton (and CUDA) kernels take CUDA
+    tensors; on a CPU machine Triton runs through its interpreter on CPU tensors."""
+    return torch.device("cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def to_device(kw: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}

@@ -12,7 +12,7 @@ import torch
 from reft_kernels.hf import REDConfig, ReftConfig, get_reft_model, intervention_locations
 
 from ._attach_common import freeze_, gather_edit_scatter, randomize_, reft_sides, snapshot, weighted_sum
-from ._models import layers_of, model_inputs, padded_batch, tiny_model
+from ._models import device_for, layers_of, model_inputs, padded_batch, tiny_model, to_device
 
 SEQ = 8
 LENGTHS = (8, 5)
@@ -149,15 +149,16 @@ def test_bf16_cast_keeps_R_fp32_and_trains():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batch_without_positions_gives_zero_gradients_not_none(arch, backend):
-    model = tiny_model(arch)
-    kw = model_inputs(arch, *padded_batch(LENGTHS, SEQ, "left"))
+    dev = device_for(backend)
+    model = tiny_model(arch).to(dev)
+    kw = to_device(model_inputs(arch, *padded_batch(LENGTHS, SEQ, "left")), dev)
     base = freeze_(copy.deepcopy(model)).train()(**kw).logits
     get_reft_model(model, [ReftConfig(method="noreft", layers=[0, 1], rank=4, positions="f2+l2", backend=backend),
                            ReftConfig(method="loreft", layers=[2], rank=4, positions="f2+l2", share_weights=False,
                                       backend=backend)], verbose=False)
     randomize_(model.reft_interventions)
     model.train()
-    none = torch.full((2, 2, 3), -1, dtype=torch.long)
+    none = torch.full((2, 2, 3), -1, dtype=torch.long, device=dev)
     out = model(**kw, intervention_locations=none).logits
     assert torch.equal(out, base)
     weighted_sum(out).backward()

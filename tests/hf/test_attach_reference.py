@@ -14,7 +14,7 @@ from reft_kernels.hf import REDConfig, ReftConfig, get_reft_model, intervention_
 
 from ._attach_common import (add_red_reference_hooks, add_reft_reference_hooks, freeze_, gather_edit_scatter,
                              grads_of, randomize_, red_site_names, reft_sides, weighted_sum)
-from ._models import ARCHS, REFT_ARCHS, layers_of, model_inputs, padded_batch, tiny_model
+from ._models import ARCHS, REFT_ARCHS, device_for, layers_of, model_inputs, padded_batch, tiny_model
 
 METHODS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
 # (model dtype, backend, rtol, atol)
@@ -35,7 +35,8 @@ def _explicit_locations(share_weights):
 def _check_reft_against_reference(arch, method, precision, positions, share, side, explicit, act=None,
                                    layers=(0, 2)):
     dtype, backend, rtol, atol = PRECISIONS[precision]
-    model = tiny_model(arch, dtype=dtype)
+    dev = device_for(backend)
+    model = tiny_model(arch, dtype=dtype).to(dev)
     ref = freeze_(copy.deepcopy(model))
     cfg = ReftConfig(method=method, layers=list(layers), rank=4, positions=positions, share_weights=share,
                      act=act, backend=backend)
@@ -43,10 +44,10 @@ def _check_reft_against_reference(arch, method, precision, positions, share, sid
     ivs = model.reft_interventions[0]
     assert {iv.backend for iv in ivs.values()} == {backend}
     randomize_(ivs)
-    ids, mask = padded_batch(LENGTHS, SEQ, side)
+    ids, mask = (t.to(dev) for t in padded_batch(LENGTHS, SEQ, side))
     kw = model_inputs(arch, ids, mask)
     if explicit:
-        loc = _explicit_locations(share)
+        loc = _explicit_locations(share).to(dev)
         got = model(**kw, intervention_locations=loc).logits
     else:
         loc = intervention_locations(mask, positions, share_weights=share)
@@ -138,8 +139,9 @@ def test_two_reft_configs_on_one_layer_apply_in_config_order():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_red_at_init_is_bit_identical(arch):
-    model = tiny_model(arch)
-    ids, mask = padded_batch(LENGTHS, SEQ, "left")
+    dev = device_for("triton")
+    model = tiny_model(arch).to(dev)
+    ids, mask = (t.to(dev) for t in padded_batch(LENGTHS, SEQ, "left"))
     kw = model_inputs(arch, ids, mask)
     with torch.no_grad():
         base_nograd = model(**kw).logits
@@ -155,7 +157,8 @@ def test_red_at_init_is_bit_identical(arch):
 def test_red_matches_reference(arch, precision):
     dtype, backend, rtol, atol = PRECISIONS[precision]
     layers = [0, 1, 2] if precision == "f64-torch" else [0, 2]
-    model = tiny_model(arch, dtype=dtype)
+    dev = device_for(backend)
+    model = tiny_model(arch, dtype=dtype).to(dev)
     ref = freeze_(copy.deepcopy(model))
     get_reft_model(model, REDConfig(layers="all" if len(layers) == 3 else layers, backend=backend), verbose=False)
     ivs = model.reft_interventions[0]
@@ -164,7 +167,7 @@ def test_red_matches_reference(arch, precision):
     if arch == "t5":
         assert {k[:7] for k in want_keys} == {"encoder", "decoder"}
     randomize_(ivs)
-    ids, mask = padded_batch(LENGTHS, SEQ, "right")
+    ids, mask = (t.to(dev) for t in padded_batch(LENGTHS, SEQ, "right"))
     kw = model_inputs(arch, ids, mask)
     got = model(**kw).logits
     weighted_sum(got).backward()

@@ -11,6 +11,8 @@ import json
 import os
 import warnings
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -26,6 +28,10 @@ EXAMPLES = [
     ("how big is the moon", "small"),
 ]
 PREFIX = "reft_interventions."
+
+# transformers.Trainer needs accelerate (in the test extra; a GPU machine may lack it)
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                                      reason="transformers.Trainer needs accelerate")
 
 
 def base_params(model):
@@ -101,6 +107,7 @@ def read_folder(folder):
     return meta, load_file(os.path.join(folder, "interventions.safetensors"))
 
 
+@needs_accelerate
 def test_trainer_trains_saves_and_reloads(tmp_path):
     cfg = ReftConfig(layers=[0, 2], rank=4, positions="f1+l1")
     model = tiny_model("llama", seed=0)
@@ -142,6 +149,7 @@ def test_trainer_trains_saves_and_reloads(tmp_path):
         assert not torch.equal(early(**full).logits, want)
 
 
+@needs_accelerate
 def test_trainer_default_args_with_tuples(tmp_path):
     """(prompt, response) tuples pass the Trainer's column removal untouched (it filters dicts only)."""
     model = tiny_model("llama")
@@ -154,6 +162,7 @@ def test_trainer_default_args_with_tuples(tmp_path):
     assert_all_changed(model, iv0)
 
 
+@needs_accelerate
 def test_trainer_default_args_with_dicts_of_text_explains_the_fix(tmp_path):
     """The Trainer's default ``remove_unused_columns=True`` strips the text keys of dict examples
     (the forward does not name them) before the collator sees them, for a plain list too: the
@@ -167,6 +176,7 @@ def test_trainer_default_args_with_dicts_of_text_explains_the_fix(tmp_path):
         trainer.train()
 
 
+@needs_accelerate
 def test_trainer_keeps_intervention_locations_column(tmp_path):
     """Already-collated examples with an ``intervention_locations`` column, default arguments and
     the default collator: the Trainer keeps the column (forward names it) and the forward uses it.
