@@ -7,11 +7,10 @@ forwards without checkpointing, and the eval-mode (no dropout) outputs.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
-
-import importlib.util
 
 import pytest
 import torch
