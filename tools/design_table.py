@@ -1,0 +1,118 @@
+"""The kernel design table: for each Triton kernel at the reference shapes, the bytes it moves per
+activation element (against the minimum), its launches, and what the compiled code asks of an
+H100: registers and shared memory per block (compiled ahead of time for sm_90a, no GPU needed),
+the resident blocks per SM that follow, and the waves of its grid.
+
+    python tools/design_table.py            # prints the markdown table of the README
+
+Reference shapes: bf16 activations, N = 16384 rows, d = 4096, LoReFT at r = 8 (R_PAD 16), RED
+with scale and bias, and the f7+l7 regime (448 indexed rows of a 16384-row batch). Bytes per
+element count the (N, d) streams only (the (N, r) latents and fp32 partials add under 2% here);
+"expected" is what the kernel's loops read and write, "min" what any implementation must. A GPU
+run measures the real figures (``reft-kernels bench``'s ``gbps`` column); until then these are
+estimates. Occupancy uses the H100's limits: 65536 registers, 2048 threads, 32 blocks and 228 KiB
+of shared memory per SM, 132 SMs, registers allocated per warp in units of 256.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import triton_compile_check as tcc  # noqa: E402  (sets up Triton without the interpreter)
+
+from reft_kernels._triton import cdiv  # noqa: E402
+from reft_kernels.ops.lowrank_edit.triton_impl import _tiles  # noqa: E402
+from reft_kernels.ops.red.triton_impl import _red_bwd_tiles, _red_tiles  # noqa: E402
+
+SMS, REGS_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM, SMEM_PER_SM = 132, 65536, 2048, 32, 233472
+N, D, R, R_PAD, N_SMALL = 16384, 4096, 8, 16, 448
+E = 2  # bytes per bf16 element
+
+
+def blocks_per_sm(regs: int, smem: int, warps: int) -> int:
+    regs_per_warp = math.ceil(regs * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_threads = THREADS_PER_SM // (32 * warps)
+    by_smem = SMEM_PER_SM // (smem + 1024) if smem else BLOCKS_PER_SM  # 1 KiB reserved per block
+    return max(0, min(by_regs, by_threads, by_smem, BLOCKS_PER_SM))
+
+
+def _row_split_progs(n, block_m, n_col_blocks):
+    """``_triton.row_split`` on a 132-SM GPU (4 programs per SM)."""
+    n_row_blocks = cdiv(n, block_m)
+    progs = max(1, min(n_row_blocks, cdiv(4 * SMS, n_col_blocks)))
+    return cdiv(n, cdiv(n_row_blocks, progs) * block_m)
+
+
+def rows():
+    """(label, kernel, runtime values, constexprs, warps, grid, bytes expected, bytes min, launches)."""
+    out = []
+    t = tcc._t
+    bm, bd, w = _red_tiles(D, on_gpu=True)
+    vals = dict(h_ptr=t("bf16"), s_ptr=t("fp32"), t_ptr=t("fp32"), y_ptr=t("bf16"), n_rows=N, d=D,
+                stride_h_row=D, stride_h_col=1, stride_y_row=D)
+    out.append(("RED forward", tcc._red_fwd_kernel, vals, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK_M=bm, BLOCK_D=bd),
+                w, cdiv(N, bm) * cdiv(D, bd), 2 * E, 2 * E, "1"))
+    bm, bd, w = _red_bwd_tiles(D, on_gpu=True)
+    vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), s_ptr=t("fp32"), dh_ptr=t("bf16"), ds_part_ptr=t("fp32"),
+                dt_part_ptr=t("fp32"), n_rows=N, d=D, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
+                stride_h_row=D, stride_h_col=1, stride_dh_row=D)
+    progs = _row_split_progs(N, bm, cdiv(D, bd))
+    out.append(("RED backward", tcc._red_bwd_kernel, vals,
+                dict(HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=bm, BLOCK_D=bd),
+                w, progs * cdiv(D, bd), 3 * E, 3 * E, "1 + 2 sums"))
+    f32 = t("fp32")
+    lora = dict(HAS_A=True, HAS_a=True, HAS_C=False, TIED=True, HAS_c=False, ACT=0)
+    for label, n, index in [("LoReFT forward", N, False), ("LoReFT forward, f7+l7", N_SMALL, True)]:
+        bm, bd, w = _tiles("fwd", n, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
+        vals = dict(h_ptr=t("bf16"), y_ptr=t("bf16"), hsave_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64),
+                    A_ptr=f32, a_ptr=f32, B_ptr=f32, C_ptr=f32, c_ptr=f32, z_ptr=f32, u_ptr=f32,
+                    n_rows=n, d=D, r=R, stride_h_row=D, stride_h_col=1, stride_y_row=D, stride_y_col=1)
+        consts = dict(HAS_INDEX=index, **lora, SAVE_H=index, SAVE_U=False, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd,
+                      DOT_PREC="tf32")
+        # two passes over h, one write of y (+ the saved copy of the rows when indexed)
+        exp, low = (4 * E, 3 * E) if index else (3 * E, 2 * E)
+        out.append((label, tcc._lowrank_edit_fwd_kernel, vals, consts, w, cdiv(n, bm), exp, low, "1"))
+    bm, bd, w = _tiles("lat", N, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
+    vals = dict(g_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), B_ptr=f32, u_ptr=f32, gz_ptr=f32, ga_ptr=f32,
+                n_rows=N, d=D, r=R, stride_g_row=D, stride_g_col=1)
+    out.append(("LoReFT backward, latent", tcc._lowrank_edit_bwd_latent_kernel, vals,
+                dict(HAS_INDEX=False, ACT=0, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
+                w, cdiv(N, bm), 1 * E, 0, "1"))
+    bm, bd, w = _tiles("bwd", N, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
+    vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), dh_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), A_ptr=f32,
+                B_ptr=f32, C_ptr=f32, z_ptr=f32, gz_ptr=f32, ga_ptr=f32, dA_part_ptr=f32, dB_part_ptr=f32,
+                dC_part_ptr=f32, n_rows=N, d=D, r=R, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
+                stride_h_row=D, stride_h_col=1, stride_dh_row=D, stride_dh_col=1)
+    progs = _row_split_progs(N, bm, cdiv(D, bd))
+    out.append(("LoReFT backward, dh + params", tcc._lowrank_edit_bwd_kernel, vals,
+                dict(HAS_INDEX=False, HAS_A=True, HAS_C=False, TIED=True, ACT=0, NEED_DH=True, NEED_DA=True,
+                     NEED_DB=True, NEED_DC=False, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
+                w, progs * cdiv(D, bd), 3 * E, 3 * E, "1 + 3 sums"))
+    return out
+
+
+def main() -> int:
+    print("| kernel (bf16, d = 4096) | rows | bytes/element expected (min) | launches | registers | "
+          "shared KiB | warps | blocks/SM | grid | waves |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, kernel, vals, consts, warps, grid, exp, low, launches in rows():
+        job = (kernel.fn.__name__, vals, consts, warps, "bf16", 90)
+        res = tcc._compile_one(job)
+        if isinstance(res, str):
+            print(f"| {label} | compile failed: {res} |")
+            continue
+        regs, smem, _ = res
+        per_sm = blocks_per_sm(regs, smem, warps)
+        waves = grid / max(1, per_sm * SMS)
+        n = N_SMALL if "f7+l7" in label else N
+        low_txt = f"{low}" if low else "-"
+        print(f"| {label} | {n} | {exp} ({low_txt}) | {launches} | {regs} | {smem / 1024:.0f} | {warps} | {per_sm} | "
+              f"{grid} | {waves:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
