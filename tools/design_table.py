@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_compile_check as tcc  # noqa: E402  (sets up Triton without the interpreter)
 
 from reft_kernels._triton import cdiv  # noqa: E402
+from reft_kernels.ops.lowrank_edit import triton_small_n as small_n  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_impl import _tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_tiles, _red_tiles  # noqa: E402
 
@@ -75,6 +76,24 @@ def rows():
         # two passes over h, one write of y (+ the saved copy of the rows when indexed)
         exp, low = (4 * E, 3 * E) if index else (3 * E, 2 * E)
         out.append((label, tcc._lowrank_edit_fwd_kernel, vals, consts, w, cdiv(n, bm), exp, low, "1"))
+    # the same f7+l7 forward through the split-d path (ops/lowrank_edit/triton_small_n.py)
+    bm, bd, w = small_n.tiles(N_SMALL, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
+    n_rb, n_cb = cdiv(N_SMALL, bm), cdiv(D, bd)
+    s_count = max(1, min(n_cb, cdiv(2 * SMS, n_rb)))  # small_n.splits on a 132-SM GPU
+    cols = cdiv(n_cb, s_count) * bd
+    s_count = cdiv(D, cols)
+    vals = dict(h_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), A_ptr=f32, C_ptr=f32, up_ptr=f32, pp_ptr=f32,
+                n_rows=N_SMALL, d=D, r=R, cols_per_prog=cols, stride_h_row=D, stride_h_col=1)
+    out.append(("LoReFT forward, f7+l7, split d: latent parts", tcc._lowrank_latent_part_kernel, vals,
+                dict(HAS_INDEX=True, HAS_A=True, HAS_CP=True, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
+                w, n_rb * s_count, 1 * E, 1 * E, "2 (with the next)"))
+    vals = dict(h_ptr=t("bf16"), y_ptr=t("bf16"), hsave_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), a_ptr=f32,
+                B_ptr=f32, c_ptr=f32, up_ptr=f32, pp_ptr=f32, z_ptr=f32, u_ptr=f32, n_rows=N_SMALL, d=D, r=R,
+                n_splits=s_count, stride_h_row=D, stride_h_col=1, stride_y_row=D, stride_y_col=1)
+    out.append(("LoReFT forward, f7+l7, split d: apply", tcc._lowrank_apply_kernel, vals,
+                dict(HAS_INDEX=True, HAS_A=True, HAS_a=True, HAS_CP=True, HAS_c=False, ACT=0, SAVE_H=True,
+                     SAVE_U=False, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
+                w, n_rb * n_cb, 3 * E, 2 * E, "(see above)"))
     bm, bd, w = _tiles("lat", N, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
     vals = dict(g_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), B_ptr=f32, u_ptr=f32, gz_ptr=f32, ga_ptr=f32,
                 n_rows=N, d=D, r=R, stride_g_row=D, stride_g_col=1)

@@ -42,6 +42,10 @@ from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
     _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _tiles,
     triton_max_rank,
 )
+from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
+    _lowrank_apply_kernel, _lowrank_latent_part_kernel,
+)
+from reft_kernels.ops.lowrank_edit.triton_small_n import tiles as small_n_tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_bwd_tiles, _red_fwd_kernel, _red_tiles  # noqa: E402
 from reft_kernels._triton import dot_precision, next_pow2  # noqa: E402
 
@@ -138,6 +142,30 @@ def lowrank_configs(quick, d=4096):
             BLOCK_D=block_d, DOT_PREC=prec), warps, dt
 
 
+def small_n_configs(quick, d=4096, n=448):
+    """The split-d forward for few rows (ops/lowrank_edit/triton_small_n.py) at the f7+l7 size."""
+    ranks = [8, 64, 128] if quick else [1, 8, 33, 64, 128]
+    dtypes = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
+    for dt, r, (name, has_A, has_a, has_C, tied, has_c), act in itertools.product(
+            dtypes, ranks, METHODS, [_activations.IDENTITY, _activations.GELU]):
+        if r > triton_max_rank(DTYPES[dt]):
+            continue
+        r_pad, prec, f32 = max(16, next_pow2(r)), dot_precision(DTYPES[dt]), _t("fp32")
+        block_m, block_d, warps = small_n_tiles(n, d, r_pad, DTYPES[dt], on_gpu=True)
+        has_cp = has_C or tied
+        vals = dict(h_ptr=_t(dt), idx_ptr=_t(torch.int64), A_ptr=f32, C_ptr=f32, up_ptr=f32, pp_ptr=f32,
+                    n_rows=n, d=d, r=r, cols_per_prog=512, stride_h_row=d, stride_h_col=1)
+        yield _lowrank_latent_part_kernel, vals, dict(
+            HAS_INDEX=True, HAS_A=has_A, HAS_CP=has_cp, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+            DOT_PREC=prec), warps, dt
+        vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64), a_ptr=f32, B_ptr=f32,
+                    c_ptr=f32, up_ptr=f32, pp_ptr=f32, z_ptr=f32, u_ptr=f32, n_rows=n, d=d, r=r, n_splits=8,
+                    stride_h_row=d, stride_h_col=1, stride_y_row=d, stride_y_col=1)
+        yield _lowrank_apply_kernel, vals, dict(
+            HAS_INDEX=True, HAS_A=has_A, HAS_a=has_a, HAS_CP=has_cp, HAS_c=has_c, ACT=act, SAVE_H=True,
+            SAVE_U=act != 0, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec), warps, dt
+
+
 def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -150,7 +178,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 KERNELS = {k.fn.__name__: k for k in (_red_fwd_kernel, _red_bwd_kernel, _lowrank_edit_fwd_kernel,
-                                       _lowrank_edit_bwd_latent_kernel, _lowrank_edit_bwd_kernel)}
+                                       _lowrank_edit_bwd_latent_kernel, _lowrank_edit_bwd_kernel,
+                                       _lowrank_latent_part_kernel, _lowrank_apply_kernel)}
 
 
 def _compile_one(job):
@@ -174,7 +203,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     seen, jobs = set(), []
-    for kernel, values, consts, warps, dt in list(red_configs(args.quick)) + list(lowrank_configs(args.quick)):
+    for kernel, values, consts, warps, dt in (list(red_configs(args.quick)) + list(lowrank_configs(args.quick))
+                                          + list(small_n_configs(args.quick))):
         key = (kernel.fn.__name__, tuple(sorted(consts.items())), dt, warps,
                tuple(sorted((k, v) for k, v in values.items() if isinstance(v, int))))
         if key not in seen:

@@ -294,8 +294,12 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         src = dst = h
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
-    if n > 0:
-        block_m, block_d, warps = _tiles("fwd", n, d, r_pad, h.dtype, h.is_cuda)
+    block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda)
+    from . import triton_small_n  # imports this module's _row_source
+    if n > 0 and triton_small_n.use_split(n, block_m, dev):
+        triton_small_n.fwd_split(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
+                                 A, a, B, C, c, spec, z, u)
+    elif n > 0:
         _lowrank_edit_fwd_kernel[(cdiv(n, block_m),)](
             src, dst, _dummy(hsave, z), idx,
             _dummy(A, B), _dummy(a, B), B, _dummy(C, B), _dummy(c, B),
