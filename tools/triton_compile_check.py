@@ -158,6 +158,10 @@ def small_n_configs(quick, d=4096, n=448):
         yield _lowrank_latent_part_kernel, vals, dict(
             HAS_INDEX=True, HAS_A=has_A, HAS_CP=has_cp, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
             DOT_PREC=prec), warps, dt
+        # the backward's latent gz = g B^T (triton_small_n.bwd_latent_split)
+        yield _lowrank_latent_part_kernel, vals, dict(
+            HAS_INDEX=True, HAS_A=False, HAS_CP=True, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+            DOT_PREC=prec), warps, dt
         vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64), a_ptr=f32, B_ptr=f32,
                     c_ptr=f32, up_ptr=f32, pp_ptr=f32, z_ptr=f32, u_ptr=f32, n_rows=n, d=d, r=r, n_splits=8,
                     stride_h_row=d, stride_h_col=1, stride_y_row=d, stride_y_col=1)

@@ -1,4 +1,4 @@
-"""The split-d forward for few rows (``ops/lowrank_edit/triton_small_n.py``), forced with
+"""The split-d forward (and backward latent) for few rows (``ops/lowrank_edit/triton_small_n.py``), forced with
 ``REFT_KERNELS_SMALL_N=split``: forward and every gradient (its saved latents feed the backward)
 against the float64 reference, over the layouts, index modes, terms, activations and dtypes it
 must handle, with several column ranges (S > 1) and ragged edges; and the mode switch itself."""
@@ -30,13 +30,15 @@ def _check(base, view, params, *, inplace=False, act=None, index=None):
 
 def test_split_path_runs_with_several_column_ranges(split, device, monkeypatch):
     """The cases below really take the split path with S > 1 (not the one-pass kernel)."""
-    calls = []
-    real = triton_small_n.fwd_split
+    calls, bwd_calls = [], []
+    real, real_bwd = triton_small_n.fwd_split, triton_small_n.bwd_latent_split
     monkeypatch.setattr(triton_small_n, "fwd_split", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    monkeypatch.setattr(triton_small_n, "bwd_latent_split",
+                        lambda *a, **k: bwd_calls.append(a[6]) or real_bwd(*a, **k))
     base, view = make_base("contiguous", (9,), 300, device=device)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(300, 5, device=device))
-    assert calls == [9]
+    assert calls == [9] and bwd_calls == [9]
     block_d = triton_small_n.tiles(9, 300, 16, torch.float32, device.type == "cuda")[1]
     n_rb, n_cb = 1, -(-300 // block_d)
     assert n_cb > 1 and triton_small_n.splits(n_rb, n_cb, device) > 1
@@ -51,16 +53,18 @@ def test_split_forward_and_grads(split, device, d, r, terms, tied, act):
     _check(base, view, make_lowrank_params(d, r, device=device, terms=terms, tied=tied), act=act)
 
 
+@pytest.mark.parametrize("act", [None, "gelu"])
 @pytest.mark.parametrize("mode", ["out_index", "inplace", "inplace_index"])
 @pytest.mark.parametrize("layout,lead", [("contiguous", (5, 7)), ("transposed", (3, 7)), ("strided_cols", (4, 5))])
-def test_split_layouts_and_index(split, device, mode, layout, lead):
+def test_split_layouts_and_index(split, device, mode, layout, lead, act):
+    """Padding (-1) entries included: their latent is masked in the forward and the backward."""
     d, r = 140, 4
     base, view = make_base(layout, lead, d, device=device)
     base.requires_grad_()
     n = lead[0] * lead[1]
     index = padded_index(n, n // 2, 2, device=device) if mode.endswith("index") else None
     _check(base, view, make_lowrank_params(d, r, device=device, tied=True, terms="BAa"),
-           inplace=mode.startswith("inplace"), index=index)
+           inplace=mode.startswith("inplace"), index=index, act=act)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -339,12 +339,17 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     ga = torch.empty((n, r), **f32) if has_act else None
     idx = index if index is not None else gz
     block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda)
-    _lowrank_edit_bwd_latent_kernel[(cdiv(n, block_m),)](
-        g2, idx, B, _dummy(u, gz), gz, _dummy(ga, gz),
-        n, d, r, g2.stride(0), g2.stride(1),
-        HAS_INDEX=index is not None, ACT=spec.act,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
-    )
+    from . import triton_small_n  # imports this module's _row_source
+    if triton_small_n.use_split(n, block_m, dev):
+        # few rows: gz = g B^T with d split across programs, as the small-n forward does
+        gz, ga = triton_small_n.bwd_latent_split(g2, idx, index is not None, B, u, spec, n, d, r)
+    else:
+        _lowrank_edit_bwd_latent_kernel[(cdiv(n, block_m),)](
+            g2, idx, B, _dummy(u, gz), gz, _dummy(ga, gz),
+            n, d, r, g2.stride(0), g2.stride(1),
+            HAS_INDEX=index is not None, ACT=spec.act,
+            R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+        )
     need_dc = need_dc_w and C is not None
     block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda)
     n_dblocks = cdiv(d, block_d)

@@ -17,6 +17,10 @@ Same contract and numerics as the one-pass kernel (``contract.py``; fp32 accumul
 rounded once), a different summation order over ``d``. Extra traffic: the (S, n, r) fp32 partials,
 written once and read once per column block: small beside (n, d) when r << d.
 
+The backward's latent ``gz = g B^T`` (``bwd_latent_split``) takes the same split for few rows:
+the partial kernel on ``g`` with ``B``, a fixed-order sum over the ranges, then ``ga = gz *
+act'(u)`` with PyTorch ops on the small (n, r) latent.
+
 Selection (``use_split``): on a GPU when the one-pass grid would fill fewer than half the SMs;
 ``REFT_KERNELS_SMALL_N=one-pass`` keeps the one-pass kernel everywhere (the previous behaviour,
 kept selectable until a GPU has measured both), ``=split`` forces this path (benchmarks, tests).
@@ -29,7 +33,7 @@ import os
 import torch
 
 from ... import _triton
-from ..._activations import act_fwd_tl
+from ..._activations import IDENTITY, act_fwd_tl, act_grad_torch
 from ..._triton import cdiv, next_pow2, tl, triton
 from .triton_impl import _row_source
 
@@ -203,3 +207,29 @@ def fwd_split(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, 
         HAS_c=c is not None, ACT=spec.act, SAVE_H=hsave is not None, SAVE_U=u is not None,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
     )
+
+
+def bwd_latent_split(g2, idx, index_given, B, u, spec, n, d, r):
+    """The backward's latent for few rows: ``gz = g B^T`` from the partial kernel (column ranges
+    of ``g`` times ``B^T``) summed over the ranges in a fixed order, and ``ga = gz * act'(u)``
+    (zero on padding rows, whose ``u`` is unspecified). Returns fp32 (gz, ga or None), (n, r)."""
+    dev = g2.device
+    r_pad = max(16, next_pow2(r))
+    block_m, block_d, warps = tiles(n, d, r_pad, g2.dtype, dev.type == "cuda")
+    n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
+    s_count = splits(n_rb, n_cb, dev)
+    cols_per_prog = cdiv(n_cb, s_count) * block_d
+    s_count = cdiv(d, cols_per_prog)
+    pp = torch.empty((s_count, n, r), dtype=torch.float32, device=dev)
+    _lowrank_latent_part_kernel[(n_rb, s_count)](
+        g2, idx, B, B, pp, pp, n, d, r, cols_per_prog, g2.stride(0), g2.stride(1),
+        HAS_INDEX=index_given, HAS_A=False, HAS_CP=True,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=_triton.dot_precision(g2.dtype), num_warps=warps,
+    )
+    gz = pp.sum(0)  # padding rows: their loads were masked, so their gz is 0
+    if spec.act == IDENTITY:
+        return gz, None
+    ga = gz * act_grad_torch(u, spec.act)
+    if index_given:
+        ga = torch.where((idx >= 0)[:, None], ga, 0.0)
+    return gz, ga
