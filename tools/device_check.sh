@@ -11,12 +11,22 @@
 #   tests      the whole suite on CUDA tensors in 8 processes (every op, backend and dtype)
 #   bench      reft-kernels bench --sweep gpu: every op against eager and torch.compile; rows go
 #              to $OUT/bench/<card>/results.csv case by case, so a timeout keeps what was measured
+#   e2e        (its own call, see below) reft-kernels bench --e2e --e2e-sweep gpu: whole training
+#              steps of a ~1.1B LLaMA config (d 2048, 16 layers, bf16) at 512 x 32 and 2048 x 8
+#              tokens: frozen, naive, ours, PEFT LoRA; rows to $OUT/bench/<card>/e2e.csv shape by
+#              shape, table in e2e.md and the summary
 # Budget: about 6 minutes on an H100 for build + tests (the sanitizer runs overlap the test shards)
-# and up to 4 more for the sweep (not yet timed on a GPU).
+# and up to 4 more for the sweep (not yet timed on a GPU). The e2e stage is not part of "all" (that
+# already fills one 10-minute device call): run it as a call of its own, about 2-4 minutes
+# (estimated, not yet timed; E2E_TIMEOUT, default 360 s). Its LoRA rows need peft importable on
+# the machine (it has no network): when it is not, set PEFT_WHEEL_DIR to a folder holding the peft
+# wheel (pip download peft==0.21.2 --no-deps) to install it from there, or the lora rows report
+# the import error and the other providers still run.
 #
-#     OUT=/some/dir bash tools/device_check.sh            # everything, in that order
+#     OUT=/some/dir bash tools/device_check.sh            # everything but e2e, in that order
 #     OUT=/some/dir bash tools/device_check.sh bench      # the sweep only (a rerun after a fix;
 #                                                         # builds nothing: the Triton path and eager)
+#     OUT=/some/dir bash tools/device_check.sh e2e        # the end-to-end training steps only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device-run}"
@@ -40,9 +50,19 @@ bench() {  # the sweep; the plots are made from the CSV afterwards (bench/plot_r
     done
     cat "$OUT"/bench/*/results.md >> "$summary" 2>/dev/null || true
 }
-if [ "${1:-all}" = "bench" ]; then
+e2e() {  # whole training steps; a timeout keeps the shapes already measured
+    if ! python -c "import peft" > /dev/null 2>&1 && [ -n "${PEFT_WHEEL_DIR:-}" ]; then
+        step peft 120 pip install --no-deps --no-index --find-links "$PEFT_WHEEL_DIR" peft
+    fi
+    python -c "import peft" > /dev/null 2>&1 || echo "e2e: peft not importable, the lora rows will say why" >> "$summary"
+    # E2E_ARGS: a rehearsal elsewhere, e.g. E2E_ARGS="--e2e-sweep tiny --device cpu" on a CPU
+    # shellcheck disable=SC2086
+    step e2e "${E2E_TIMEOUT:-360}" reft-kernels bench --e2e ${E2E_ARGS:---e2e-sweep gpu --device cuda} --out "$OUT/bench"
+    cat "$OUT"/bench/*/e2e.md >> "$summary" 2>/dev/null || true
+}
+if [ "${1:-all}" = "bench" ] || [ "${1:-all}" = "e2e" ]; then
     step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
-    bench
+    "$1"
     cat "$summary"
     exit 0
 fi

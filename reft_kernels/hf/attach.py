@@ -1,7 +1,8 @@
 """``get_reft_model``: attach RED and ReFT interventions to a built ``transformers`` model in place.
 
 What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
-- every base parameter is frozen (each one's ``requires_grad`` is remembered);
+- every base parameter is frozen (each one's ``requires_grad`` is remembered), unless
+  ``disable_model_grads=False`` (adapters such as PEFT's LoRA then keep training);
 - the interventions become the submodule ``model.reft_interventions`` (a ModuleList with one
   ModuleDict per config, keyed by site: ``layer3``, ``layer3_first`` / ``layer3_last``,
   T5's ``encoder3`` / ``decoder3``), so ``parameters()``, optimizers, DDP/FSDP and the Trainer
@@ -34,7 +35,6 @@ from .._rows import as_2d_plus, put_rows_, row_selector
 from .._validate import remember_index_checked
 from ..modules import RED
 from .batch import KWARG, build_batch, cache_length
-from .positions import intervention_locations
 from .config import REDConfig, ReftConfig
 from .sites import RED_SITES, REFT_SITES, find_sites, hidden_size, model_type, output_width, param_dtype_device
 
@@ -66,7 +66,9 @@ def _edit_rows(iv, h, index, dropout: float, training: bool):
         edited = F.dropout(iv(as_2d_plus(h)[sel]), dropout, training=True)
         put_rows_(out2, sel, index, edited)
         return out
-    if (h.requires_grad and h.is_leaf) or h._is_view():
+    # ``h._base is not None`` rather than ``h._is_view()``: the same test, and torch.compile traces
+    # it (``_is_view()`` is a graph break)
+    if (h.requires_grad and h.is_leaf) or h._base is not None:
         return iv(h, index)
     return iv(h, index, inplace=True)
 
@@ -130,22 +132,27 @@ def _method(fn, template, bound_sig=None):
 
 def _patched_forward(model, *args, intervention_locations=None, **kwargs):
     """``model.forward`` with interventions: builds the batch's rows once and passes them to every
-    layer as the keyword ``reft_batch``."""
+    layer as the keyword ``reft_batch``.
+
+    Written to be traced whole by ``torch.compile(fullgraph=True)``: the arguments are found by
+    name in a plain dict (no ``inspect.Signature.bind``), the model's own forward is called as a
+    function with the model as its first argument (Dynamo rebuilds a bound method
+    ``type(model).forward.__get__(model)`` as ``model.forward`` after a graph break, which is
+    this wrapper again: endless recursion), and the rows are built with no host synchronisation
+    inside a compiled region (see ``batch.build_batch``)."""
     handle = model.reft
-    inner = handle._inner("forward")
     if not handle._enabled or not handle._reft_groups or KWARG in kwargs:
-        return inner(*args, **kwargs)
-    bound = handle._forward_sig.bind_partial(*args, **kwargs).arguments
-    extra = bound.get(handle._var_kw, {})
-    ids = bound.get("input_ids", extra.get("input_ids"))
-    embeds = bound.get("inputs_embeds", extra.get("inputs_embeds"))
+        return handle._call_inner(args, kwargs)
+    given = dict(zip(handle._positional, args))  # positional arguments by name, then keywords
+    given.update(kwargs)
+    ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     if ref is None or ref.dim() < 2:
         raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place its "
                          "interventions")
     bsz, seq = ref.shape[:2]
-    decode = cache_length(list(bound.values()) + list(extra.values())) > 0
-    mask = bound.get("attention_mask", extra.get("attention_mask"))
+    decode = cache_length(given.values()) > 0
+    mask = given.get("attention_mask")
     width = handle._prompt_width
     if intervention_locations is None and width is not None and seq > width and not decode:
         # inside generate without a KV cache: the prompt is the first `width` columns
@@ -157,7 +164,7 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
     before = handle._in_forward
     handle._in_forward = True
     try:
-        return inner(*args, **kwargs)
+        return handle._call_inner(args, kwargs)
     finally:
         handle._in_forward = before
 
@@ -181,9 +188,10 @@ def _patched_generate(model, *args, **kwargs):
 class ReftHandle:
     """The interventions attached to one model, and how to undo them; ``model.reft``."""
 
-    def __init__(self, model: nn.Module, configs: tuple):
+    def __init__(self, model: nn.Module, configs: tuple, disable_model_grads: bool = True):
         self.model = model
         self.configs = configs
+        self.disable_model_grads = disable_model_grads
         self.model_type = model_type(model)
         self.sites = []  # per config: [(key, layer, module name)]
         self.num_layers = []  # per config: layers the model has for that site kind
@@ -274,7 +282,7 @@ class ReftHandle:
                              "cannot reach its layers; ReFT needs a transformers 5.x model")
         new = inspect.Parameter("intervention_locations", inspect.Parameter.KEYWORD_ONLY, default=None)
         at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        self._forward_sig, self._var_kw = sig, var_kw
+        self._positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         patched = sig.replace(parameters=params[:at] + [new] + params[at:])
         model.forward = types.MethodType(_method(_patched_forward, type(model).forward, patched), model)
 
@@ -288,6 +296,14 @@ class ReftHandle:
         """The model's own ``attr`` (what it was before attaching), bound to the model."""
         previous = self._had_forward if attr == "forward" else self._had_generate
         return previous if previous is not None else getattr(type(self.model), attr).__get__(self.model)
+
+    def _call_inner(self, args, kwargs):
+        """Call the model's own forward (what it was before attaching). The class's function is
+        called with the model as first argument rather than through a bound method: see
+        ``_patched_forward``."""
+        if self._had_forward is not None:
+            return self._had_forward(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
 
     def _restore(self, attr, previous):
         model = self.model
@@ -329,8 +345,9 @@ class ReftHandle:
             groups.append(ivs)
         # everything that can fail has been checked: change the model
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
+        if self.disable_model_grads:
+            for p in model.parameters():
+                p.requires_grad_(False)
         groups.train(model.training)  # new modules start in training mode; follow the model's
         model.add_module(MODULE_ATTR, groups)
         try:
@@ -371,9 +388,15 @@ def _as_configs(config_or_configs) -> tuple:
     return tuple(configs)
 
 
-def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True) -> nn.Module:
+def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
+                   disable_model_grads: bool = True) -> nn.Module:
     """Attach the interventions of ``config_or_configs`` (a ``REDConfig``, a ``ReftConfig`` or a
     list of them) to ``model`` in place, freeze its base parameters, and return it.
+
+    ``disable_model_grads=False`` (pyreft's keyword) leaves every base parameter's
+    ``requires_grad`` as it is: for a model that already carries trainable adapters, e.g. a
+    ``peft.PeftModel`` with LoRA (pass the PeftModel itself), so that the adapters and the
+    interventions train together.
 
     The handle is ``model.reft`` (``disabled()``, ``remove()``, ``print_trainable_parameters()``);
     the interventions are ``model.reft_interventions``. Prints the trainable-parameter summary
@@ -387,7 +410,9 @@ def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True)
         raise ValueError("this model already has interventions: call model.reft.remove() first")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError("attach the interventions before wrapping the model in DistributedDataParallel")
-    handle = ReftHandle(model, _as_configs(config_or_configs))
+    if not isinstance(disable_model_grads, bool):
+        raise TypeError(f"disable_model_grads must be a bool, got {type(disable_model_grads).__name__}")
+    handle = ReftHandle(model, _as_configs(config_or_configs), disable_model_grads)
     handle._attach()
     if verbose:
         handle.print_trainable_parameters()

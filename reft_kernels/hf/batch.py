@@ -97,9 +97,11 @@ def build_batch(groups, bsz: int, seq: int, attention_mask: Optional[torch.Tenso
     counted as the prompt; all tokens real when there is no 2-D mask)."""
     if decode:
         return ReftBatch(rows=(), decode=True)
-    if torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         # rows built as normal tensors, so that check_index can remember them (inference tensors
-        # have no version counter to key its cache on, which would cost a sync per layer)
+        # have no version counter to key its cache on, which would cost a sync per layer). Not
+        # asked inside torch.compile, which cannot trace the question (and needs no cache there:
+        # the index checks are device-side assertions)
         with torch.inference_mode(False):
             return build_batch(groups, bsz, seq, attention_mask, locations, decode, device)
     if attention_mask is None or attention_mask.dim() != 2 or tuple(attention_mask.shape) != (bsz, seq):

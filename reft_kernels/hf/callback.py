@@ -5,15 +5,16 @@ import os
 
 from transformers import TrainerCallback
 
-from .io import save_interventions
+from .io import save_interventions, sharded
 
 SUBFOLDER = "interventions"
 
 
 class SaveInterventionsCallback(TrainerCallback):
     """On every Trainer save, writes ``save_interventions`` output to
-    ``<output_dir>/checkpoint-<step>/interventions/`` (main process only), and at the end of
-    training to ``<output_dir>/interventions/``. Load one with
+    ``<output_dir>/checkpoint-<step>/interventions/`` (main process only; with FSDP2-sharded
+    interventions every process gathers and the main one writes), and at the end of training to
+    ``<output_dir>/interventions/``. Load one with
     ``load_interventions(model, that_folder)``.
 
     The Trainer's own checkpoint holds the interventions too (they are submodules of the model),
@@ -22,12 +23,12 @@ class SaveInterventionsCallback(TrainerCallback):
     """
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None:
+        if model is not None and (state.is_world_process_zero or sharded(model)):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SUBFOLDER)
             save_interventions(model, folder)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None:
+        if model is not None and (state.is_world_process_zero or sharded(model)):
             save_interventions(model, os.path.join(args.output_dir, SUBFOLDER))
         return control

@@ -46,17 +46,42 @@ def _describe_model(handle) -> dict:
             "sites": [[key for key, _, _ in sites] for sites in handle.sites]}
 
 
+def _is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter that FSDP2's ``fully_shard`` split over ranks)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def sharded(model) -> bool:
+    """Whether the interventions of ``model`` are sharded DTensors (FSDP2): saving them is then a
+    collective that every rank must join."""
+    return any(_is_sharded(p) for p in get_handle(model).interventions.parameters())
+
+
 def save_interventions(model, directory) -> None:
     """Write the interventions of ``model`` (see ``get_reft_model``) to ``directory`` (created if
     needed): the parameters as safetensors (on the CPU, each in its own dtype) and the JSON
-    config."""
+    config.
+
+    Under FSDP2 (``fully_shard``: the parameters are DTensors sharded over the ranks) every rank
+    must call it: the shards are gathered (a collective) and rank 0 alone writes. Under DDP the
+    parameters are whole on every rank: call it on one rank (rank 0).
+    """
     from safetensors.torch import save as st_save
 
     from .. import __version__
 
     handle = get_handle(model)
+    state = handle.interventions.state_dict()
+    gathered = any(_is_sharded(v) for v in state.values())
+    state = {k: v.full_tensor() if _is_sharded(v) else v for k, v in state.items()}  # collective
+    if gathered and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in handle.interventions.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     blob = st_save(tensors, metadata={"format": "pt"})
     meta = {
         "format_version": FORMAT_VERSION,
@@ -147,5 +172,10 @@ def load_interventions(model, directory):
         raise
     with torch.no_grad():
         for name, dst in state.items():
-            dst.copy_(tensors[name])
+            src = tensors[name].to(device=dst.device, dtype=dst.dtype)
+            if _is_sharded(dst):  # FSDP2: each rank keeps its own shard of the saved tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src, dst.device_mesh, dst.placements)
+            dst.copy_(src)
     return model

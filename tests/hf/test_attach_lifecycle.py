@@ -241,3 +241,27 @@ def test_interventions_attached_to_an_eval_model_are_in_eval_mode():
     get_reft_model(model, [ReftConfig(layers=[1], rank=4, positions="f2+l2", dropout=0.5), REDConfig(layers=[0])],
                    verbose=False)
     assert [n for n, m in model.named_modules() if m.training] == []
+
+
+def test_disable_model_grads_false_keeps_each_base_flag():
+    """``disable_model_grads=False`` (pyreft's keyword; for adapters such as LoRA) leaves every base
+    parameter's ``requires_grad`` as it was, trains both, and ``remove()`` keeps the flags; a
+    non-bool is refused before anything changes."""
+    model = tiny_model("llama")
+    names = [n for n, _ in model.named_parameters()]
+    trainable_base = {n for n in names if ".mlp.up_proj." in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable_base)
+    with pytest.raises(TypeError, match="disable_model_grads must be a bool"):
+        get_reft_model(model, REDConfig(), verbose=False, disable_model_grads=0)
+    assert not hasattr(model, "reft")
+    get_reft_model(model, [REDConfig(), ReftConfig(rank=2, positions="f1+l1")], verbose=False,
+                   disable_model_grads=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == trainable_base | {n for n in trainable if n.startswith("reft_interventions.")}
+    assert any(n.startswith("reft_interventions.") for n in trainable)
+    ids, mask = padded_batch([6, 4], 6, "left")
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    model.reft.remove()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_base
