@@ -7,17 +7,30 @@ in-place ops raise, always before anything is written), picks the backend
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _cuda
 from ._activations import act_code
-from ._backend import resolve_backend
+from ._backend import ENV_VAR, resolve_backend
 from ._constants import CUDA_MAX_RANK
-from ._validate import check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param
+from ._validate import (
+    TRITON_DTYPES, check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param,
+)
 from .ops.lowrank_edit.contract import Spec
 from .ops.lowrank_edit import function as lowrank_function
 from .ops.lowrank_edit.triton_impl import triton_max_rank
 from .ops.red.function import RedFunction
+
+
+def _kernel_dtype_reason(h, backend):
+    """For the default dispatch only: why the Triton/CUDA kernels cannot take ``h``'s dtype (None
+    when they can), so that float64 CUDA tensors take the PyTorch path. An explicit request
+    (argument or environment variable) still gets ``check_backend_dtype``'s TypeError."""
+    if h.dtype in TRITON_DTYPES or backend is not None or os.environ.get(ENV_VAR, "").strip():
+        return None
+    return f"the kernels support h in float16, bfloat16 or float32, got {h.dtype}"
 
 
 def red(h, scale=None, bias=None, *, backend=None):
@@ -34,7 +47,8 @@ def red(h, scale=None, bias=None, *, backend=None):
     d = check_hidden(h)
     check_param(scale, "scale", (d,), h, optional=True)
     check_param(bias, "bias", (d,), h, optional=True)
-    be = resolve_backend(backend, h.device)
+    why = _kernel_dtype_reason(h, backend)
+    be = resolve_backend(backend, h.device, triton_unsupported=why, cuda_unsupported=why)
     check_backend_dtype(be, h)
     if be in ("triton", "cuda"):
         scale = scale.contiguous() if scale is not None else None
@@ -59,10 +73,10 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     check_param(c, "c", (r,), h, optional=True)
     code = act_code(act)
     tied = C is not None and C is B
-    reason = cuda_reason = None
-    if r > triton_max_rank(h.dtype):
+    reason = cuda_reason = _kernel_dtype_reason(h, backend)
+    if reason is None and r > triton_max_rank(h.dtype):
         reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
-    if r > CUDA_MAX_RANK:
+    if cuda_reason is None and r > CUDA_MAX_RANK:
         cuda_reason = f"the CUDA kernels take ranks up to {CUDA_MAX_RANK}, got r = {r}"
     be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason)
     check_backend_dtype(be, h)

@@ -259,13 +259,19 @@ def test_red_float64_with_triton_raises(device):
         red(h, torch.randn(8, dtype=torch.float64, device=device), backend="triton")
 
 
-def test_red_default_backend_float64_works(device):
-    if device.type != "cpu":
-        pytest.skip("default dispatch on CPU only")
-    h = torch.randn(5, 8, dtype=torch.float64)
-    s, t = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+def test_red_default_backend_float64_works(device, monkeypatch):
+    """float64 with the default dispatch takes the PyTorch path on every device (on a GPU the
+    default would otherwise be Triton, which takes no float64)."""
+    monkeypatch.delenv("REFT_KERNELS_BACKEND", raising=False)
+    h = torch.randn(5, 8, dtype=torch.float64, device=device)
+    s, t = torch.randn(8, dtype=torch.float64, device=device), torch.randn(8, dtype=torch.float64, device=device)
     ref = red_reference(h, s, t)
     assert max_err(red(h, s, t), ref) <= 1e-12 * max_abs(ref)
+    B = torch.randn(3, 8, dtype=torch.float64, device=device)
+    from reft_kernels import lowrank_edit
+    from reft_kernels.reference import lowrank_edit_reference
+    ref = lowrank_edit_reference(h, B, B)
+    assert max_err(lowrank_edit(h, B, B), ref) <= 1e-12 * max_abs(ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put params on another device")
