@@ -176,15 +176,20 @@ def splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
     return max(1, min(n_col_blocks, cdiv(target, n_row_blocks)))
 
 
+def _plan(n, d, r_pad, h_dtype, device):
+    """(BLOCK_M, BLOCK_D, warps, row blocks, column blocks, S, columns per range) of one launch
+    pair: S column ranges, each a whole number of column blocks."""
+    block_m, block_d, warps = tiles(n, d, r_pad, h_dtype, device.type == "cuda")
+    n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
+    cols_per_prog = cdiv(n_cb, splits(n_rb, n_cb, device)) * block_d
+    return block_m, block_d, warps, n_rb, n_cb, cdiv(d, cols_per_prog), cols_per_prog
+
+
 def fwd_split(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, a, B, C, c, spec, z, u):
     """Launch both kernels; arguments as prepared by ``triton_impl.fwd``."""
     dev = z.device
     r_pad = max(16, next_pow2(r))
-    block_m, block_d, warps = tiles(n, d, r_pad, src.dtype, dev.type == "cuda")
-    n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
-    s_count = splits(n_rb, n_cb, dev)
-    cols_per_prog = cdiv(n_cb, s_count) * block_d
-    s_count = cdiv(d, cols_per_prog)
+    block_m, block_d, warps, n_rb, n_cb, s_count, cols_per_prog = _plan(n, d, r_pad, src.dtype, dev)
     has_cp = C is not None or spec.tied
     f32 = dict(dtype=torch.float32, device=dev)
     up = torch.empty((s_count, n, r), **f32) if A is not None else None
@@ -215,11 +220,7 @@ def bwd_latent_split(g2, idx, index_given, B, u, spec, n, d, r):
     (zero on padding rows, whose ``u`` is unspecified). Returns fp32 (gz, ga or None), (n, r)."""
     dev = g2.device
     r_pad = max(16, next_pow2(r))
-    block_m, block_d, warps = tiles(n, d, r_pad, g2.dtype, dev.type == "cuda")
-    n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
-    s_count = splits(n_rb, n_cb, dev)
-    cols_per_prog = cdiv(n_cb, s_count) * block_d
-    s_count = cdiv(d, cols_per_prog)
+    block_m, block_d, warps, n_rb, _, s_count, cols_per_prog = _plan(n, d, r_pad, g2.dtype, dev)
     pp = torch.empty((s_count, n, r), dtype=torch.float32, device=dev)
     _lowrank_latent_part_kernel[(n_rb, s_count)](
         g2, idx, B, B, pp, pp, n, d, r, cols_per_prog, g2.stride(0), g2.stride(1),
