@@ -1,12 +1,2 @@
-"""One intra-op thread in the test process too (the workers set their own): tiny shapes gain
-nothing from more, and two processes share a 2-core machine."""
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+"""Tiny models run with one intra-op thread in the test process (see tests/_threads.py)."""
+from .._threads import _one_thread  # noqa: F401  (an autouse fixture, registered by this import)
