@@ -18,10 +18,12 @@
 # Budget: about 6 minutes on an H100 for build + tests (the sanitizer runs overlap the test shards)
 # and up to 4 more for the sweep (not yet timed on a GPU). The e2e stage is not part of "all" (that
 # already fills one 10-minute device call): run it as a call of its own, about 2-4 minutes
-# (estimated, not yet timed; E2E_TIMEOUT, default 360 s). Its LoRA rows need peft importable on
-# the machine (it has no network): when it is not, set PEFT_WHEEL_DIR to a folder holding the peft
-# wheel (pip download peft==0.21.2 --no-deps) to install it from there, or the lora rows report
-# the import error and the other providers still run.
+# (estimated, not yet timed; E2E_TIMEOUT, default 360 s).
+# Companion packages: the machine has no network. The LoRA rows of e2e and tests/scale/test_peft.py
+# need peft, tests/scale/test_liger.py needs liger_kernel (it skips without). Whatever of the two
+# is not importable is installed from WHEEL_DIR (default wheels/, filled on a machine with network by
+# tools/fetch_device_wheels.sh and carried with the tree); missing, the tests skip and the lora rows
+# report the import error while the other providers still run. PEFT_WHEEL_DIR is the old name.
 #
 #     OUT=/some/dir bash tools/device_check.sh            # everything but e2e, in that order
 #     OUT=/some/dir bash tools/device_check.sh bench      # the sweep only (a rerun after a fix;
@@ -50,11 +52,19 @@ bench() {  # the sweep; the plots are made from the CSV afterwards (bench/plot_r
     done
     cat "$OUT"/bench/*/results.md >> "$summary" 2>/dev/null || true
 }
+companions() {  # peft and liger_kernel from the carried wheels, when not importable already
+    local dir="${WHEEL_DIR:-${PEFT_WHEEL_DIR:-wheels}}" mod pkg
+    for pair in peft:peft liger_kernel:liger-kernel; do
+        mod=${pair%%:*} pkg=${pair#*:}
+        python -c "import $mod" > /dev/null 2>&1 && continue
+        if [ -d "$dir" ] && ls "$dir"/"${mod}"-*.whl > /dev/null 2>&1; then
+            step "wheel-$mod" 120 pip install --no-deps --no-index --find-links "$dir" "$pkg"
+        fi
+        python -c "import $mod" > /dev/null 2>&1 || echo "companions: $mod not importable (no wheel in $dir): its tests skip" >> "$summary"
+    done
+}
 e2e() {  # whole training steps; a timeout keeps the shapes already measured
-    if ! python -c "import peft" > /dev/null 2>&1 && [ -n "${PEFT_WHEEL_DIR:-}" ]; then
-        step peft 120 pip install --no-deps --no-index --find-links "$PEFT_WHEEL_DIR" peft
-    fi
-    python -c "import peft" > /dev/null 2>&1 || echo "e2e: peft not importable, the lora rows will say why" >> "$summary"
+    companions
     # E2E_ARGS: a rehearsal elsewhere, e.g. E2E_ARGS="--e2e-sweep tiny --device cpu" on a CPU
     # shellcheck disable=SC2086
     step e2e "${E2E_TIMEOUT:-360}" reft-kernels bench --e2e ${E2E_ARGS:---e2e-sweep gpu --device cuda} --out "$OUT/bench"
@@ -72,6 +82,7 @@ step build 300 python setup.py build_ext --inplace
 # the extension is already in place: the editable install must not build it again
 step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
 step import 60 python -c "import reft_kernels._C as C; print(C.__file__)"
+companions
 step info 60 reft-kernels info
 step check 180 reft-kernels check --device cuda --backend all
 
