@@ -9,8 +9,10 @@ Backends:
   was built; see ``reft_kernels._cuda``). Opt-in: never picked by default. Inside
   ``reft_kernels._cuda.on_host(...)`` (tests) it also takes CPU tensors.
 
-``backend=None`` picks the default: the ``REFT_KERNELS_BACKEND`` environment variable when set,
-otherwise Triton for CUDA tensors and the PyTorch path for everything else.
+``backend=None`` picks the default: the ``REFT_KERNELS_BACKEND`` environment variable when set;
+otherwise, on CUDA tensors, the backend a GPU sweep measured fastest for the nearest shape on this
+card (``reft_kernels._measured``; none is recorded yet) and Triton where no measurement applies;
+the PyTorch path for everything else.
 """
 from __future__ import annotations
 
@@ -39,12 +41,15 @@ def triton_usable_on(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device, *, triton_unsupported: str | None = None,
-                    cuda_unsupported: str | None = None) -> str:
+                    cuda_unsupported: str | None = None, measured=None) -> str:
     """Return the backend to run on ``device``; raise a clear error when it cannot run there.
 
     ``triton_unsupported`` / ``cuda_unsupported``: why those kernels cannot take this particular
     call (None when they can). The default dispatch then quietly picks the PyTorch path; an
     explicit request (argument or environment variable) raises ValueError with that reason.
+    ``measured``: a callable returning the measured default for this call (or None), asked only
+    by the default dispatch on CUDA tensors; a measured backend that cannot take the call (CUDA
+    without the extension, or an unsupported call) gives way to the fixed rule.
     """
     source = "backend"
     if backend is None:
@@ -52,6 +57,9 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
         if env:
             backend, source = env, f"the {ENV_VAR} environment variable"
         elif device.type == "cuda" and triton_usable_on(device) and triton_unsupported is None:
+            choice = measured() if measured is not None else None
+            if choice == "torch" or (choice == "cuda" and cuda_unsupported is None and cuda_extension_available()):
+                return choice
             return "triton"
         else:
             return "torch"

@@ -15,6 +15,7 @@ from . import _cuda
 from ._activations import act_code
 from ._backend import ENV_VAR, resolve_backend
 from ._constants import CUDA_MAX_RANK
+from ._measured import measured_backend
 from ._validate import (
     TRITON_DTYPES, check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param,
 )
@@ -48,7 +49,8 @@ def red(h, scale=None, bias=None, *, backend=None):
     check_param(scale, "scale", (d,), h, optional=True)
     check_param(bias, "bias", (d,), h, optional=True)
     why = _kernel_dtype_reason(h, backend)
-    be = resolve_backend(backend, h.device, triton_unsupported=why, cuda_unsupported=why)
+    be = resolve_backend(backend, h.device, triton_unsupported=why, cuda_unsupported=why,
+                         measured=lambda: measured_backend("red", h, h.numel() // d, d))
     check_backend_dtype(be, h)
     if be in ("triton", "cuda"):
         scale = scale.contiguous() if scale is not None else None
@@ -78,9 +80,18 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
         reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
     if cuda_reason is None and r > CUDA_MAX_RANK:
         cuda_reason = f"the CUDA kernels take ranks up to {CUDA_MAX_RANK}, got r = {r}"
-    be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason)
-    check_backend_dtype(be, h)
     n_rows = h.numel() // d
+
+    def measured():
+        if index is None:
+            return measured_backend("lowrank_edit", h, n_rows, d, r)
+        if not isinstance(index, torch.Tensor):  # check_index below names the problem
+            return None
+        return measured_backend("lowrank_edit_index", h, index.numel(), d, r)
+
+    be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason,
+                         measured=measured)
+    check_backend_dtype(be, h)
     if index is not None:
         index = check_index(index, n_rows, h)
     if inplace:

@@ -118,4 +118,7 @@ grep -h "^FAILED\|^ERROR" "$OUT"/tests.*.log >> "$summary" || true
 grep -E "FAIL|Error" "$OUT/check.log" >> "$summary" || true
 grep -h "ERROR SUMMARY\|MISMATCH\|all ok" "$OUT"/memcheck.log "$OUT"/racecheck.log >> "$summary" 2>/dev/null || true
 bench
+# the default backend per shape this run would set (copy it to reft_kernels/_measured_table.py
+# after reading it; cuda competes only when the tests and sanitizers above passed)
+step defaults 60 python tools/pick_defaults.py "$OUT" --table "$OUT/measured_table.py"
 cat "$summary"

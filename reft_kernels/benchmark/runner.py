@@ -14,7 +14,6 @@ import contextlib
 import csv
 import datetime
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import _backend, _triton
+from .._measured import card_slug
 from . import cases as C
 from .measure import copy_gbps, min_traffic_bytes, peak_mem_mb, time_ms
 
@@ -252,7 +252,7 @@ def device_name(device: torch.device) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = "cpu-" + (_cpu_model() or platform.machine())
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return card_slug(name)
 
 
 def _cpu_model():
