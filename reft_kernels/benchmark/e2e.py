@@ -29,7 +29,6 @@ first, with ``op = "e2e_train_step"``, ``mode = "train_step"``, ``n_rows`` the t
 from __future__ import annotations
 
 import csv
-import datetime
 import gc
 import math
 import sys
@@ -38,10 +37,9 @@ from pathlib import Path
 
 import torch
 
-from .. import _triton
 from . import e2e_models as M
 from .measure import _quantiles, peak_mem_mb
-from .runner import COLUMNS, _commit, _fmt, device_name
+from .runner import COLUMNS, _fmt, run_meta
 
 EXTRA = ("model", "layers", "seq_len", "batch", "case", "tokens_per_s", "trainable_params", "resident_mb",
          "overhead_pct", "overhead_p20_pct", "overhead_p80_pct", "loss", "threads", "timed_steps")
@@ -207,9 +205,7 @@ def run_e2e(plan_, providers, cases, device, out_dir, *, log=print, threads=None
 
 
 def _run(plan_, providers, cases, device, out_dir, log):
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "device": device_name(device), "torch": torch.__version__,
-            "triton": _triton.TRITON_VERSION or ""}
+    meta = run_meta(device)
     folder = Path(out_dir) / meta["device"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "e2e.csv"

@@ -274,6 +274,13 @@ def _commit():
         return ""
 
 
+def run_meta(device: torch.device) -> dict:
+    """The columns every row of a run shares: date (UTC), commit, device folder name, versions."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "device": device_name(device), "torch": torch.__version__,
+            "triton": _triton.TRITON_VERSION or ""}
+
+
 def default_providers(device: torch.device) -> list:
     """eager, compile and every backend of ours that runs on ``device`` (Triton through its CPU
     interpreter is not a speed: it is left out on CPU)."""
@@ -285,9 +292,7 @@ def run(cases, providers, device, out_dir, *, min_run_time=0.2, progress=True, l
     """Run ``cases`` x ``providers``; append to ``out_dir/<device>/results.csv``, write the run's
     ``results.md`` beside it, print the table. Returns (rows, csv path)."""
     device = torch.device(device)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "device": device_name(device), "torch": torch.__version__,
-            "triton": _triton.TRITON_VERSION or ""}
+    meta = run_meta(device)
     folder = Path(out_dir) / meta["device"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "results.csv"

@@ -145,3 +145,19 @@ def snapshot(model):
         "hooks": hooks,
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
+
+
+def state_snapshot(model):
+    """Everything a failed load could change: parameters and buffers (values, dtypes),
+    requires_grad flags, hooks, attributes; compare two with ``assert_same_state``."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    return state, flags, hooks, sorted(model.__dict__), sorted(model._modules)
+
+
+def assert_same_state(a, b):
+    assert a[0].keys() == b[0].keys()
+    for k in a[0]:
+        assert a[0][k].dtype == b[0][k].dtype and torch.equal(a[0][k], b[0][k]), k
+    assert a[1:] == b[1:]

@@ -11,6 +11,7 @@ import torch
 from reft_kernels.hf import REDConfig, ReftConfig, get_reft_model, load_interventions, save_interventions
 from reft_kernels.hf.io import CONFIG_NAME, WEIGHTS_NAME
 
+from ._attach_common import assert_same_state, state_snapshot
 from ._models import padded_batch, tiny_model
 
 CONFIGS = [ReftConfig(method="loreft", rank=4, positions="f2+l2", share_weights=False, layers=[0, 2]),
@@ -34,20 +35,6 @@ def _logits(model, seed=1):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-def _snapshot(model):
-    """Everything load_interventions could change: parameters and buffers (values, dtypes),
-    requires_grad flags, hooks, attributes."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    hooks = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
-    return state, flags, hooks, sorted(model.__dict__), sorted(model._modules)
-
-
-def _assert_same(a, b):
-    assert a[0].keys() == b[0].keys()
-    for k in a[0]:
-        assert a[0][k].dtype == b[0][k].dtype and torch.equal(a[0][k], b[0][k]), k
-    assert a[1:] == b[1:]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -130,10 +117,10 @@ def test_damaged_folder_raises_and_leaves_the_model_untouched(tmp_path, how, att
     model = tiny_model("llama")
     if attached:
         get_reft_model(model, CONFIGS, verbose=False)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(ValueError):
         load_interventions(model, tmp_path)
-    _assert_same(before, _snapshot(model))
+    assert_same_state(before, state_snapshot(model))
 
 
 @pytest.mark.parametrize("mismatch", ["hidden size", "layer count", "model type", "configs"])
@@ -152,10 +139,10 @@ def test_mismatched_model_raises_and_leaves_it_untouched(tmp_path, mismatch):
     else:
         model = tiny_model("llama")
         get_reft_model(model, [ReftConfig(rank=2, positions="f1+l1"), REDConfig()], verbose=False)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(ValueError, match="saved|other configs"):
         load_interventions(model, tmp_path)
-    _assert_same(before, _snapshot(model))
+    assert_same_state(before, state_snapshot(model))
 
 
 def test_save_needs_interventions(tmp_path):

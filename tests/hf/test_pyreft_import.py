@@ -15,6 +15,7 @@ from torch import nn
 from reft_kernels.hf import ReftConfig, get_reft_model, intervention_locations
 from reft_kernels.hf.pyreft_import import load_pyreft
 
+from ._attach_common import assert_same_state, state_snapshot
 from ._models import D, layers_of, padded_batch, tiny_model
 
 CLASSES = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention", "direft": "DireftIntervention",
@@ -278,25 +279,11 @@ def test_loading_draws_no_extra_random_numbers(tmp_path):
 
 # ----------------------------------------------------------------------------- errors leave the model as it was
 
-def _snapshot(model):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    hooks = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
-    return state, flags, hooks, sorted(model.__dict__), sorted(model._modules)
-
-
-def _assert_same(a, b):
-    assert a[0].keys() == b[0].keys()
-    for k in a[0]:
-        assert a[0][k].dtype == b[0][k].dtype and torch.equal(a[0][k], b[0][k]), k
-    assert a[1:] == b[1:]
-
-
 def _fails(model, directory, match, **kwargs):
-    before = _snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(ValueError, match=match):
         load_pyreft(model, directory, **kwargs)
-    _assert_same(before, _snapshot(model))
+    assert_same_state(before, state_snapshot(model))
     assert getattr(model, "reft", None) is None
 
 
@@ -426,7 +413,7 @@ def test_failure_after_attaching_is_undone(tmp_path, model, monkeypatch):
 def test_model_with_interventions_already(tmp_path, model):
     write_pyreft_dir(tmp_path, "loreft")
     get_reft_model(model, ReftConfig(rank=2, layers=[1]), verbose=False)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(ValueError, match="already has interventions"):
         load_pyreft(model, tmp_path)
-    _assert_same(before, _snapshot(model))
+    assert_same_state(before, state_snapshot(model))
