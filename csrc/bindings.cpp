@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "launch.h"
+#include "lowrank_edit_bwd_cluster.h"
 
 namespace reft {
 namespace {
@@ -175,9 +176,7 @@ std::vector<at::Tensor> red_bwd(const at::Tensor& g, const OptTensor& h, const O
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
     constexpr int V = vec_of<T>();
-    const int tx = red_block_x(d, V);
-    const int64_t col_blocks = cdiv(cdiv(d, V), tx);
-    const int64_t rpb = rows_per_block(n, kRedThreads / tx, col_blocks, sm_count(g));
+    const int64_t rpb = red_bwd_rows_per_block<T, W>(n, d, sm_count(g));  // one wave at the kernel's occupancy
     const int64_t blocks = cdiv(n, rpb);
     at::Tensor ds_part = need_ds ? f32_empty({blocks, d}, g) : at::Tensor();
     at::Tensor dt_part = need_dt ? f32_empty({blocks, d}, g) : at::Tensor();
@@ -293,15 +292,13 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
 // Backward. g rows (and dh rows, when dh is given) follow idx like the forward's h rows; x holds
 // the n input rows densely. Returns (gz, ga, dA, dB, dC) as fp32: gz, ga (n, r) (ga empty for the
 // identity activation), the (r, d) weight gradients or empty tensors when not needed.
-std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
-                                         int64_t d, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
-                                         int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A,
-                                         const at::Tensor& B, const OptTensor& P, const at::Tensor& z,
-                                         const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
-                                         bool need_dC) {
+// The backward's input checks (both kernels' entry points); returns the weights' dtype.
+Weights check_bwd_inputs(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n, int64_t d,
+                         int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride, int64_t dh_col_stride,
+                         const at::Tensor& x, const OptTensor& A, const at::Tensor& B, const OptTensor& P,
+                         const at::Tensor& z, const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dC) {
   TORCH_CHECK_VALUE(on_kernel_device(g), "lowrank_edit_bwd: g must be a CUDA tensor");
   TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "lowrank_edit_bwd: unknown activation code ", act);
-  const c10::cuda::CUDAGuard guard(g.device());
   const Weights w = check_weights(g, d, A, OptTensor(), B, P, OptTensor());
   const int64_t r = B.size(0);
   check_index(idx, g, n);
@@ -326,6 +323,20 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
     check_rows(g, n, d, g_row_stride, g_col_stride, "g");
     if (dh.has_value()) check_rows(*dh, n, d, dh_row_stride, dh_col_stride, "dh");
   }
+  return w;
+}
+
+std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
+                                         int64_t d, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
+                                         int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A,
+                                         const at::Tensor& B, const OptTensor& P, const at::Tensor& z,
+                                         const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
+                                         bool need_dC) {
+  const Weights w = check_bwd_inputs(g, dh, idx, n, d, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A,
+                                     B, P, z, u, act, tied, need_dA, need_dC);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t r = B.size(0);
+  const bool has_u = act != 0;
   at::Tensor gz = f32_empty({n, r}, g);
   at::Tensor ga = has_u ? f32_empty({n, r}, g) : f32_empty({0}, g);
   auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
@@ -339,8 +350,7 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
     constexpr int V = vec_of<T>();
-    const int64_t col_blocks = cdiv(d, kParamCols) * cdiv(r, param_rank_chunk(r));
-    const int64_t rpb = rows_per_block(n, kParamRows, col_blocks, sm_count(g));
+    const int64_t rpb = lowrank_edit_bwd_params_rows_per_block<T>(n, d, r, tied, sm_count(g));
     const int64_t blocks = cdiv(n, rpb);
     auto part = [&](bool need) { return need ? f32_empty({blocks, r, d}, g) : at::Tensor(); };
     at::Tensor dA_part = part(need_dA), dB_part = part(need_dB), dC_part = part(need_dC);
@@ -384,6 +394,99 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
   return {gz, ga, dA, dB, dC};
 }
 
+// The one-pass cluster backward (lowrank_edit_bwd_cluster.cu) for (d, r) on `like`'s device:
+// (cluster size, threads per CTA, columns per CTA, rank chunk); cluster size 0 where the kernel does
+// not apply (r > 16, d > 4096 or a `cluster_size` that does not fit; a device below sm_90, or a
+// build without sm_90 code). `cluster_size` 0 lets the plan choose.
+std::vector<int64_t> lowrank_edit_bwd_cluster_plan(const at::Tensor& like, int64_t d, int64_t r, int64_t cluster_size) {
+  TORCH_CHECK_VALUE(on_kernel_device(like), "lowrank_edit_bwd_cluster_plan: like must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(like.device());
+  LowrankBwdClusterPlan plan = lowrank_bwd_cluster_plan(d, r, cluster_size);
+  if (plan.cluster_size > 0 && !lowrank_bwd_cluster_device_ok(like.device().index())) plan.cluster_size = 0;
+  return {plan.cluster_size, plan.threads, plan.slice, plan.rank_chunk};
+}
+
+// Backward in one pass with thread-block clusters: the arguments and outputs of lowrank_edit_bwd,
+// plus `cluster_size` and `max_clusters` (0: chosen here; tests and tuning may set them). Raises
+// ValueError where lowrank_edit_bwd_cluster_plan says the kernel does not apply.
+std::vector<at::Tensor> lowrank_edit_bwd_cluster(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx,
+                                                 int64_t n, int64_t d, int64_t g_row_stride, int64_t g_col_stride,
+                                                 int64_t dh_row_stride, int64_t dh_col_stride, const at::Tensor& x,
+                                                 const OptTensor& A, const at::Tensor& B, const OptTensor& P,
+                                                 const at::Tensor& z, const OptTensor& u, int64_t act, bool tied,
+                                                 bool need_dA, bool need_dB, bool need_dC, int64_t cluster_size,
+                                                 int64_t max_clusters) {
+  const Weights w = check_bwd_inputs(g, dh, idx, n, d, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A,
+                                     B, P, z, u, act, tied, need_dA, need_dC);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t r = B.size(0);
+  const LowrankBwdClusterPlan plan = lowrank_bwd_cluster_plan(d, r, cluster_size);
+  TORCH_CHECK_VALUE(plan.cluster_size > 0, "lowrank_edit_bwd_cluster: takes r <= ", kClusterMaxRank, " and d <= ",
+                    kClusterMaxWidth, " (at most ", kClusterMaxSlice, " columns per CTA), got r = ", r, ", d = ", d,
+                    ", cluster_size = ", cluster_size);
+  TORCH_CHECK_VALUE(lowrank_bwd_cluster_device_ok(g.device().index()),
+                    "lowrank_edit_bwd_cluster: needs a device of compute capability 9.0 or newer and a build with "
+                    "sm_90 code");
+  const bool has_u = act != 0;
+  at::Tensor gz = f32_empty({n, r}, g);
+  at::Tensor ga = has_u ? f32_empty({n, r}, g) : f32_empty({0}, g);
+  auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
+  at::Tensor dA = grad_out(need_dA), dB = grad_out(need_dB), dC = grad_out(need_dC);
+  if (n == 0) {
+    for (auto* t : {&dA, &dB, &dC})
+      if (t->numel() > 0) t->zero_();
+    return {gz, ga, dA, dB, dC};
+  }
+  dispatch_dtypes(g.scalar_type(), w.dtype, "lowrank_edit_bwd_cluster", [&](auto tt, auto tw) {
+    using T = typename decltype(tt)::type;
+    using W = typename decltype(tw)::type;
+    constexpr int V = vec_of<T>();
+    LowrankBwdClusterParams cp{};
+    LowrankBwdParams& p = cp.b;
+    p.g = g.data_ptr();
+    p.x = x.data_ptr();
+    p.dh = dh.has_value() ? dh->data_ptr() : nullptr;
+    p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
+    p.A = ptr_or_null(A);
+    p.B = B.data_ptr();
+    p.P = ptr_or_null(P);
+    p.z = z.data_ptr<float>();
+    p.u = has_u ? u->data_ptr<float>() : nullptr;
+    p.gz = gz.data_ptr<float>();
+    p.ga = has_u ? ga.data_ptr<float>() : nullptr;
+    p.n_rows = n;
+    p.d = d;
+    p.r = r;
+    p.g_row_stride = g_row_stride;
+    p.g_col_stride = g_col_stride;
+    p.x_row_stride = x.stride(0);
+    p.x_col_stride = x.stride(1);
+    p.dh_row_stride = dh_row_stride;
+    p.dh_col_stride = dh_col_stride;
+    p.act = static_cast<int>(act);
+    p.tied = tied;
+    p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
+               (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
+    p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
+    cp.slice = plan.slice;
+    cp.n_row_blocks = cdiv(n, kClusterRows);
+    cp.x_vec_ok = aligned(p.x, 16) && x.stride(1) == 1 && x.stride(0) % V == 0;
+    const int64_t clusters = lowrank_bwd_cluster_count<T, W>(
+        plan, cp.n_row_blocks, cluster_stages_x(need_dA, need_dB, need_dC, tied), max_clusters);
+    auto part = [&](bool need) { return need ? f32_empty({clusters, r, d}, g) : at::Tensor(); };
+    at::Tensor dA_part = part(need_dA), dB_part = part(need_dB), dC_part = part(need_dC);
+    p.dA_part = need_dA ? dA_part.data_ptr<float>() : nullptr;
+    p.dB_part = need_dB ? dB_part.data_ptr<float>() : nullptr;
+    p.dC_part = need_dC ? dC_part.data_ptr<float>() : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    launch_lowrank_edit_bwd_cluster<T, W>(cp, plan, clusters, stream);
+    if (need_dA) launch_partial_sum(p.dA_part, clusters, r * d, 1.f, dA.data_ptr<float>(), stream);
+    if (need_dB) launch_partial_sum(p.dB_part, clusters, r * d, 1.f, dB.data_ptr<float>(), stream);
+    if (need_dC) launch_partial_sum(p.dC_part, clusters, r * d, -1.f, dC.data_ptr<float>(), stream);
+  });
+  return {gz, ga, dA, dB, dC};
+}
+
 }  // namespace
 }  // namespace reft
 
@@ -393,6 +496,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("red_bwd", &reft::red_bwd, "RED backward: (dh, dscale fp32, dbias fp32)");
   m.def("lowrank_edit_fwd", &reft::lowrank_edit_fwd, "low-rank edit forward: (z, u, hsave)");
   m.def("lowrank_edit_bwd", &reft::lowrank_edit_bwd, "low-rank edit backward: (gz, ga, dA, dB, dC)");
+  m.def("lowrank_edit_bwd_cluster", &reft::lowrank_edit_bwd_cluster,
+        "low-rank edit backward in one pass with thread-block clusters (sm_90): (gz, ga, dA, dB, dC)");
+  m.def("lowrank_edit_bwd_cluster_plan", &reft::lowrank_edit_bwd_cluster_plan,
+        "(cluster size, threads, columns per CTA, rank chunk) of the cluster backward; cluster size 0: not taken");
   // checked against reft_kernels/_constants.py when the extension is loaded
   m.attr("MAX_RANK") = reft::kMaxRank;
   m.attr("NUM_ACTIVATIONS") = reft::kNumActivations;

@@ -11,6 +11,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 
 #include "reft_params.h"
 
@@ -45,14 +50,68 @@ inline int red_block_x(int64_t d, int vec) {
   return tx;
 }
 
+// RED backward: row tiles no wider than kRedBwdMaxX vectors (512 columns of fp16/bf16, 256 of
+// fp32), so that wide rows still give ty >= 4 thread rows per block. A block then covers more
+// rows for the same grid, which divides the (row blocks, d) fp32 partials and the finish's reads
+// by up to 4 against full-width tiles (estimated for d = 4096 bf16 on 132 SMs: 264 -> 66 row
+// blocks, ds + dt partials 8.6 -> 2.2 MB written and read again, beside 403 MB of g, h, dh), for
+// a fixed-order sum over the 4 thread rows at the end of each block.
+constexpr int kRedBwdMaxX = 64;
+
+inline int red_bwd_block_x(int64_t d, int vec) { return std::min(red_block_x(d, vec), kRedBwdMaxX); }
+
 // Row blocks of a backward that reduces over rows: about 4 blocks per SM in all, each covering
 // a multiple of `row_quantum` rows. Returns rows per block; the block count is cdiv(n, that).
+// (The scalar parameter-gradient kernel's plan, kept as it was; the other reductions plan from
+// the occupancy of their compiled kernel: rows_per_block_for_wave.)
 inline int64_t rows_per_block(int64_t n_rows, int64_t row_quantum, int64_t col_blocks, int sm_count) {
   const int64_t target = std::max<int64_t>(1, cdiv(4LL * sm_count, col_blocks));
   const int64_t quanta = cdiv(n_rows, row_quantum);
   const int64_t blocks = std::min(quanta, target);
   return cdiv(quanta, blocks) * row_quantum;
 }
+
+// Rows per block such that the grid (row blocks x col_tiles) is at most one wave of `wave`
+// resident blocks (blocks per SM from cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), each
+// row block a multiple of `row_quantum` rows. One wave: every block does the same work and none
+// waits for a second round; more row blocks would only grow the fp32 partials.
+inline int64_t rows_per_block_for_wave(int64_t n_rows, int64_t row_quantum, int64_t col_tiles, int64_t wave) {
+  const int64_t target = std::max<int64_t>(1, std::max<int64_t>(1, wave) / std::max<int64_t>(1, col_tiles));
+  const int64_t quanta = std::max<int64_t>(1, cdiv(n_rows, row_quantum));
+  const int64_t blocks = std::min(quanta, target);
+  return cdiv(quanta, blocks) * row_quantum;
+}
+
+// Kernel selection by environment variable, read at every launch so that one process can run
+// (and a benchmark compare) both. An unknown value raises std::invalid_argument (a ValueError in
+// Python) naming the variable. `choices` lists the accepted values, the first is the default.
+inline int env_choice(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 0;
+  int i = 0;
+  std::string accepted;
+  for (const char* c : choices) {
+    if (std::strcmp(v, c) == 0) return i;
+    accepted += (i ? ", " : "") + std::string(c);
+    ++i;
+  }
+  throw std::invalid_argument(std::string(name) + "=" + v + " is not one of: " + accepted);
+}
+
+// REFT_KERNELS_CUDA_PARAMS selects the low-rank parameter-gradient kernel: "scalar" (default, the
+// previous kernel: one column per thread, 2- or 4-byte loads) or "vector" (16-byte loads, V
+// columns per thread; lowrank_edit_bwd.cu). The previous kernel stays the default until a GPU run
+// has measured both.
+constexpr const char* kParamsKernelEnv = "REFT_KERNELS_CUDA_PARAMS";
+inline bool params_kernel_vector() { return env_choice(kParamsKernelEnv, {"scalar", "vector"}) == 1; }
+
+// REFT_KERNELS_CUDA_FINISH selects the finish of the row-block partial sums (partial_sum.cu):
+// "serial" (default, the previous kernel: one thread per column adds every row block) or "split"
+// (where it pays, several threads per column each add a fixed range of row blocks, then a fixed
+// tree in shared memory). Both are bitwise deterministic for a given (n_blocks, width); their
+// summation orders differ.
+constexpr const char* kFinishEnv = "REFT_KERNELS_CUDA_FINISH";
+inline bool finish_split_enabled() { return env_choice(kFinishEnv, {"serial", "split"}) == 1; }
 
 // Low-rank edit, row-group kernels (forward; backward dh): each warp owns kRowsPerWarp rows and
 // computes their latents kRankChunk ranks at a time (kRowsPerWarp * kRankChunk = 32, one value
@@ -67,8 +126,9 @@ constexpr int kRankChunk = 8;
 // Also reft_kernels/_constants.py CUDA_MAX_RANK (the extension exports it; Python checks on load).
 constexpr int kMaxRank = 64;
 
-// Low-rank edit, parameter-gradient kernel: each block owns kParamCols columns (one per thread),
-// up to 16 ranks (grid z) and a range of rows, staged kParamRows at a time.
+// Low-rank edit, parameter-gradient kernel (REFT_KERNELS_CUDA_PARAMS=scalar, the default): each
+// block owns kParamCols columns (one per thread), up to 16 ranks (grid z) and a range of rows,
+// staged kParamRows at a time.
 constexpr int kParamCols = 128;
 constexpr int kParamRows = 32;
 constexpr int kParamMaxRankChunk = 16;
@@ -76,13 +136,36 @@ constexpr int kParamMaxRankChunk = 16;
 // Ranks per block of the parameter-gradient kernel: the smallest of 4, 8, 16 covering min(r, 16).
 inline int param_rank_chunk(int64_t r) { return r <= 4 ? 4 : (r <= 8 ? 8 : kParamMaxRankChunk); }
 
+// Parameter-gradient kernel with 16-byte loads (REFT_KERNELS_CUDA_PARAMS=vector): kParamVecWarps
+// warps per block; lane l owns the V = vec_of<T>() columns from (column block * 32 + l) * V, so a
+// block covers 32 V columns (256 for fp16/bf16, 128 for fp32), and RK ranks (grid x: the rank
+// chunks of one tile are launched next to each other and share its g and x rows through L2).
+// Latents of kParamVecRows rows are staged in shared memory at a time; warp w takes rows 16 w to
+// 16 w + 15 of a stage, kParamVecUnroll rows per step with all their loads issued before their
+// FMAs. The warps' accumulators are added in the fixed order
+// w = 0, 1, 2, 3 through shared memory at the end. The rank chunk RK keeps RK x V accumulators
+// per matrix in registers (lowrank_edit_bwd.cu: params_vec_max_chunk).
+constexpr int kParamVecWarps = 4;
+constexpr int kParamVecRows = 64;
+constexpr int kParamVecUnroll = 4;
+// Row blocks are multiples of this many rows (one unrolled step of every warp).
+constexpr int kParamVecQuantum = kParamVecWarps * kParamVecUnroll;
+
 template <typename T, typename W> void launch_red_fwd(const RedFwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_red_bwd(const RedBwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_lowrank_edit_fwd(const LowrankFwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_lowrank_edit_bwd_dh(const LowrankBwdParams& p, cudaStream_t stream);
 template <typename T> void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stream);
 
-// out[j] = sign * sum_{b < n_blocks} parts[b * width + j], summed in order b = 0, 1, ...
+// Grid planning that reads the compiled kernels' occupancy (cudaOccupancyMaxActiveBlocksPerMultiprocessor):
+// rows per block of the RED backward and of the parameter-gradient kernel selected by
+// REFT_KERNELS_CUDA_PARAMS. The caller sizes the fp32 partial buffers as cdiv(n_rows, that) rows.
+template <typename T, typename W> int64_t red_bwd_rows_per_block(int64_t n_rows, int64_t d, int sm_count);
+template <typename T>
+int64_t lowrank_edit_bwd_params_rows_per_block(int64_t n_rows, int64_t d, int64_t r, bool tied, int sm_count);
+
+// out[j] = sign * sum_{b < n_blocks} parts[b * width + j], in an order fixed by (n_blocks, width)
+// and REFT_KERNELS_CUDA_FINISH (b = 0, 1, ... by default; partial_sum.cu).
 void launch_partial_sum(const float* parts, int64_t n_blocks, int64_t width, float sign, float* out,
                         cudaStream_t stream);
 

@@ -3,10 +3,21 @@
 //
 // Grid (row blocks, column blocks). A block owns tx * 8 (or tx * 4 for fp32) columns of a
 // contiguous range of rows; its ty thread rows walk that range with a stride of ty, each thread
-// accumulating its columns in fp32 registers; the ty partial sums are then added in a fixed
-// order through shared memory and written to the block's row of the (row blocks, d) buffers.
-// launch_partial_sum finishes the sum over row blocks, also in a fixed order: no atomics, the
-// same bits on every run.
+// accumulating its columns in fp32 registers over the whole range (no synchronisation in the row
+// loop: the column sums are formed once per block, not per row step); the ty partial sums are
+// then added in a fixed order through shared memory and written to the block's row of the
+// (row blocks, d) buffers. launch_partial_sum finishes the sum over row blocks, also in a fixed
+// order: no atomics, the same bits on every run.
+//
+// Grid size: one wave of the compiled kernel's resident blocks (red_bwd_rows_per_block, from
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor) instead of a fixed 4 per SM, and tiles of at
+// most kRedBwdMaxX vectors so that wide rows give ty = 4 thread rows per block: 4x fewer row
+// blocks than full-width tiles for the same grid, so 4x smaller fp32 partials and finish, for 3
+// shared-memory steps at the end of each block. Registers, shared memory and so occupancy are
+// unchanged: 4 blocks of 256 threads per SM at 59-60 registers for fp16/bf16, 6 at 40 for fp32
+// (tools/cuda_compile_check.py; blocks per SM estimated from the register file). A tree over the
+// thread rows instead of the serial fixed-order sum was tried: 68-71 registers (3 blocks per SM)
+// and 37-44 for fp32 (5), an occupancy drop for a few shared-memory steps saved, so not kept.
 #include <c10/cuda/CUDAException.h>
 
 #include "launch.h"
@@ -93,10 +104,20 @@ __global__ void __launch_bounds__(kRedThreads) red_bwd_kernel(const RedBwdParams
   }
 }
 
+// Rows per block: a multiple of the block's ty thread rows, the grid one wave of resident blocks.
+template <typename T, typename W>
+int64_t red_bwd_rows_per_block(int64_t n_rows, int64_t d, int sm_count) {
+  const int tx = red_bwd_block_x(d, vec_of<T>());
+  const int64_t col_blocks = cdiv(cdiv(d, vec_of<T>()), tx);
+  const auto kernel = red_bwd_kernel<T, W>;
+  const int64_t wave = static_cast<int64_t>(resident_blocks_per_sm(kernel, kRedThreads)) * sm_count;
+  return rows_per_block_for_wave(n_rows, kRedThreads / tx, col_blocks, wave);
+}
+
 template <typename T, typename W>
 void launch_red_bwd(const RedBwdParams& p, cudaStream_t stream) {
   if (p.n_rows == 0 || p.d == 0) return;
-  const int tx = red_block_x(p.d, vec_of<T>());
+  const int tx = red_bwd_block_x(p.d, vec_of<T>());
   const int ty = kRedThreads / tx;
   const int64_t col_blocks = cdiv(cdiv(p.d, vec_of<T>()), tx);
   const int64_t row_blocks = cdiv(p.n_rows, p.rows_per_block);
@@ -111,5 +132,10 @@ template void launch_red_bwd<__half, __half>(const RedBwdParams&, cudaStream_t);
 template void launch_red_bwd<__half, float>(const RedBwdParams&, cudaStream_t);
 template void launch_red_bwd<__nv_bfloat16, __nv_bfloat16>(const RedBwdParams&, cudaStream_t);
 template void launch_red_bwd<__nv_bfloat16, float>(const RedBwdParams&, cudaStream_t);
+template int64_t red_bwd_rows_per_block<float, float>(int64_t, int64_t, int);
+template int64_t red_bwd_rows_per_block<__half, __half>(int64_t, int64_t, int);
+template int64_t red_bwd_rows_per_block<__half, float>(int64_t, int64_t, int);
+template int64_t red_bwd_rows_per_block<__nv_bfloat16, __nv_bfloat16>(int64_t, int64_t, int);
+template int64_t red_bwd_rows_per_block<__nv_bfloat16, float>(int64_t, int64_t, int);
 
 }  // namespace reft

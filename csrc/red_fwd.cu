@@ -2,8 +2,12 @@
 //
 // Each thread moves 16-byte vectors (8 fp16/bf16 or 4 fp32 elements) when the host has checked
 // the alignment (`vec_ok`), masked scalar accesses otherwise and on a row's ragged tail. Blocks
-// of 256 threads are shaped (tx, ty) so that narrow rows still fill them; the grid is at most
-// 8 blocks per SM and strides over the rows.
+// of 256 threads are shaped (tx, ty) so that narrow rows still fill them; the grid strides over
+// the rows and holds at most one wave: the blocks per SM that the compiled instantiation's
+// registers allow (cudaOccupancyMaxActiveBlocksPerMultiprocessor) x SMs. The previous fixed 8
+// blocks per SM overshot: at 40 registers (fp16/bf16 with scale and bias, tools/
+// cuda_compile_check.py) 6 blocks of 256 threads fit, so 2 of every 8 ran as a second, mostly
+// idle wave doing a full block's share of the rows (estimated up to ~1.3x the one-wave time).
 #include <c10/cuda/CUDAException.h>
 
 #include "launch.h"
@@ -47,10 +51,11 @@ void launch_red_fwd(const RedFwdParams& p, cudaStream_t stream) {
   if (p.n_rows == 0 || p.d == 0) return;
   const int tx = red_block_x(p.d, vec_of<T>());
   const int ty = kRedThreads / tx;
-  const int64_t blocks = std::min<int64_t>(cdiv(p.n_rows, ty), 8LL * p.sm_count);
   REFT_BOOL_SWITCH(p.scale != nullptr, HAS_SCALE, [&] {
     REFT_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
       const auto kernel = red_fwd_kernel<T, W, HAS_SCALE, HAS_BIAS>;
+      const int64_t wave = static_cast<int64_t>(resident_blocks_per_sm(kernel, kRedThreads)) * p.sm_count;
+      const int64_t blocks = std::min<int64_t>(cdiv(p.n_rows, ty), wave);
       REFT_LAUNCH(kernel, static_cast<unsigned>(blocks), dim3(tx, ty), stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -2,9 +2,14 @@
 // warp reductions and the activations (same codes and formulas as reft_kernels/_activations.py).
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "launch.h"
 
@@ -25,6 +30,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Blocks of `threads` threads of `kernel` that one SM holds at once, as the compiled kernel's
+// registers and static shared memory allow (at least 1): the grid planners multiply it by the
+// SM count for one full wave. A host call without a device synchronisation. The answer depends
+// only on (kernel, threads, device), so it is asked once and kept: the small-n calls are
+// launch-bound and should not pay the occupancy query (about a microsecond) on every launch.
+template <typename K>
+inline int resident_blocks_per_sm(K kernel, int threads) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, device);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  return cache[key] = (blocks > 0 ? blocks : 1);
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -43,6 +68,23 @@ __device__ __forceinline__ void load_f32(const T* row, int64_t col, int64_t d, i
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = (ok && col + i < d) ? to_f32(row[(col + i) * stride]) : 0.f;
   }
+}
+
+// The N elements row[(col + i) * stride] as stored (no conversion yet), zero for col + i >= d and
+// everywhere when !ok: one 16-byte load under the same conditions as load_f32. Keeping packs
+// unconverted until their FMAs holds N / 2 registers per fp16/bf16 pack instead of N, so a kernel
+// can have several rows' loads in flight at once (lowrank_edit_bwd_params_vec_kernel).
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* row, int64_t col, int64_t d, int64_t stride, bool vec,
+                                                bool ok) {
+  Pack<T, N> p;
+  if (ok && vec && col + N <= d) {
+    p = *reinterpret_cast<const Pack<T, N>*>(row + col);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p.v[i] = (ok && col + i < d) ? row[(col + i) * stride] : from_f32<T>(0.f);
+  }
+  return p;
 }
 
 // row[(col + i) * stride] = val[i] rounded to T, for col + i < d; nothing when !ok.

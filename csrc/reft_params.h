@@ -85,4 +85,15 @@ struct LowrankBwdParams {
   bool wvec_ok;
 };
 
+// Low-rank edit backward in one pass with thread-block clusters (lowrank_edit_bwd_cluster.cu):
+// the split kernels' parameters (rows_per_block unused; the partial buffers have one row per
+// cluster of the grid) plus the column split. The cluster size C is the launch's; CTA c of a
+// cluster owns columns [c * slice, min(d, (c + 1) * slice)).
+struct LowrankBwdClusterParams {
+  LowrankBwdParams b;
+  int64_t slice;         // columns per CTA: a multiple of 16 (whole 16-byte vectors of any dtype)
+  int64_t n_row_blocks;  // cdiv(n_rows, kClusterRows)
+  bool x_vec_ok;         // x rows allow 16-byte vectors (as vec_ok for g and dh)
+};
+
 }  // namespace reft

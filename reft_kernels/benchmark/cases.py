@@ -34,8 +34,22 @@ from ..orthogonal import orthonormal_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
-OUR_PROVIDERS = ("torch", "triton", "cuda")
+# Opt-in kernels measured beside the defaults they may replace: provider -> (backend, the
+# environment it runs under). Each switch keeps the previous kernel as the default until a GPU
+# sweep has measured both (README, "Backends").
+VARIANT_PROVIDERS = {
+    # the one-pass backward with thread-block clusters (sm_90; r <= 16, d <= 4096)
+    "cuda-cluster": ("cuda", {"REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}),
+    # the 16-byte parameter-gradient kernel and the parallel fixed-order finish
+    "cuda-vector": ("cuda", {"REFT_KERNELS_CUDA_PARAMS": "vector", "REFT_KERNELS_CUDA_FINISH": "split"}),
+}
+OUR_PROVIDERS = ("torch", "triton", "cuda") + tuple(VARIANT_PROVIDERS)
 ALL_PROVIDERS = ("eager", "compile") + OUR_PROVIDERS
+
+
+def provider_backend(provider: str) -> str:
+    """The backend a provider of ours runs on (a variant's base backend)."""
+    return VARIANT_PROVIDERS[provider][0] if provider in VARIANT_PROVIDERS else provider
 
 
 @dataclass(frozen=True)
@@ -148,8 +162,10 @@ def eager_fn(case: Case):
     return None  # f7+l7+R: the pyreft rotation keeps state, see stateful_providers
 
 
-def ours_fn(case: Case, backend: str):
-    """Our op on ``backend`` for ``case``."""
+def ours_fn(case: Case, provider: str):
+    """Our op on ``provider``'s backend for ``case`` (a variant's environment is set by
+    ``runner.provider_context``)."""
+    backend = provider_backend(provider)
     if case.op == "red":
         return lambda h, scale, bias: red(h, scale, bias, backend=backend)
     if case.op == "lowrank_edit":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -167,11 +168,28 @@ def provider_fn(case, provider, inputs, compiled_cache):
 def provider_context(provider):
     """Settings a provider is measured under. ``compile``: no donated buffers, which would let a
     compiled backward run only once per forward (the ``bwd`` mode times repeated backward passes
-    of one retained forward); it costs the compiled backward some buffer reuse."""
+    of one retained forward); it costs the compiled backward some buffer reuse. A variant
+    (``cases.VARIANT_PROVIDERS``): its kernel switches set in the environment, restored after."""
     cfg = getattr(getattr(torch, "_functorch", None), "config", None)
     if provider == "compile" and cfg is not None and hasattr(cfg, "donated_buffer"):
         return cfg.patch(donated_buffer=False)
+    if provider in C.VARIANT_PROVIDERS:
+        return _environment(C.VARIANT_PROVIDERS[provider][1])
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_bw=None):
@@ -285,7 +303,8 @@ def default_providers(device: torch.device) -> list:
     """eager, compile and every backend of ours that runs on ``device`` (Triton through its CPU
     interpreter is not a speed: it is left out on CPU)."""
     ours = [b for b in _backend.available_backends(device) if not (b == "triton" and device.type != "cuda")]
-    return ["eager", "compile"] + ours
+    variants = [p for p, (b, _) in C.VARIANT_PROVIDERS.items() if b in ours and device.type == "cuda"]
+    return ["eager", "compile"] + ours + variants
 
 
 def run(cases, providers, device, out_dir, *, min_run_time=0.2, progress=True, log=print):

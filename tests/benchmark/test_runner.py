@@ -4,6 +4,7 @@ wall-clock number is asserted."""
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 import torch
@@ -153,3 +154,41 @@ def test_plots_from_the_runner_csv(tmp_path):
     assert plot.main([str(path), "--out", str(tmp_path / "plots")]) == 0
     names = {p.name for p in (tmp_path / "plots").iterdir()}
     assert {"time_red_fwd_fp32.png", "bandwidth_red_fwd_bwd_fp32.png"} <= names
+
+
+def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
+    """cuda-cluster / cuda-vector: the cuda backend with their kernel switches set while they run
+    (and restored after), checked against float64 like every provider. On a CPU machine the CUDA
+    kernels run through the host emulation."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU sweep measures them on the real kernels")
+    from reft_kernels import _cuda
+    from tests.cuda.emulation.build import build
+
+    seen = {}
+    real = C.ours_fn
+
+    def spy(case, provider):
+        fn = real(case, provider)
+
+        def run(**kw):
+            seen.setdefault(provider, {k: os.environ.get(k) for k in SWITCHES})
+            return fn(**kw)
+        return run
+
+    SWITCHES = ("REFT_KERNELS_CUDA_LOWRANK_BWD", "REFT_KERNELS_CUDA_PARAMS", "REFT_KERNELS_CUDA_FINISH")
+    for k in SWITCHES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(C, "ours_fn", spy)
+    cases = [C.Case("lowrank_edit", "loreft", "fp32", 40, 24, 3), C.Case("red", "red", "bf16", 40, 24)]
+    with _cuda.on_host(build()):
+        rows, written, _ = _run(tmp_path, cases, ["cuda", "cuda-cluster", "cuda-vector"])
+    assert {r["status"] for r in written} == {"ok"}, [r["status"] for r in written if r["status"] != "ok"]
+    assert {(r["op"], r["provider"]) for r in written} == {(c.op, p) for c in cases
+                                                            for p in ("cuda", "cuda-cluster", "cuda-vector")}
+    assert seen["cuda"] == dict.fromkeys(SWITCHES)
+    assert seen["cuda-cluster"] == {**dict.fromkeys(SWITCHES), "REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}
+    assert seen["cuda-vector"] == {**dict.fromkeys(SWITCHES), "REFT_KERNELS_CUDA_PARAMS": "vector",
+                                   "REFT_KERNELS_CUDA_FINISH": "split"}
+    assert all(k not in os.environ for k in SWITCHES)  # restored
+    assert runner.default_providers(CPU) == ["eager", "compile", "torch"]  # variants: GPU sweeps only

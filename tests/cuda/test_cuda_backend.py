@@ -29,7 +29,7 @@ from reft_kernels.ops.red.cuda_impl import red_bwd_op, red_fwd_op
 
 from .._helpers import (
     MIXED_DTYPE_CASES, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params,
-    padded_index, red_ref_fn,
+    padded_index, red_ref_fn, run_with_grads,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,6 +215,44 @@ def test_cuda_rank_limit():
         lowrank_edit(h, torch.randn(65, 8, device="cuda"), backend="cuda")
     y = lowrank_edit(h, torch.randn(64, 8, device="cuda") * 0.1, backend="cuda")
     assert y.shape == h.shape
+
+
+# ----------------------------------------------------------------------------- cluster backward (sm_90)
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _cuda.extension_available(),
+                    reason="needs a GPU and the built extension (emulated: test_cuda_cluster_emulated.py)")
+@pytest.mark.parametrize("d,r,h_dtype,p_dtype,terms,tied,act,with_index", [
+    (4096, 8, torch.bfloat16, torch.bfloat16, "BAac", True, None, False),
+    (4096, 8, torch.bfloat16, torch.float32, "BAaCc", False, "gelu", True),
+    (1000, 16, torch.float16, torch.float16, "BAaCc", False, "silu", False),
+    (257, 3, torch.float32, torch.float32, "BAac", True, None, True),
+], ids=["loreft_4096_bf16", "noreft_gelu_4096_bf16_fp32p_index", "r16_1000_fp16", "loreft_257_fp32_index"])
+def test_lowrank_cluster_bwd_on_gpu(monkeypatch, d, r, h_dtype, p_dtype, terms, tied, act, with_index):
+    """REFT_KERNELS_CUDA_LOWRANK_BWD=cluster on CUDA tensors against the float64 reference, every
+    gradient; 600 rows = 38 row blocks, several per cluster; bitwise equal over two runs."""
+    from reft_kernels.ops.lowrank_edit import cuda_impl
+
+    ext = _cuda.extension()
+    if ext.lowrank_edit_bwd_cluster_plan(torch.empty(0, device="cuda"), d, r, 0)[0] == 0:
+        pytest.skip("a GPU below sm_90, or a build without sm_90 code: the split kernels run")
+    taken = []
+    use = cuda_impl._use_cluster_bwd
+    monkeypatch.setattr(cuda_impl, "_use_cluster_bwd", lambda *a: taken.append(use(*a)) or taken[-1])
+    monkeypatch.setenv(cuda_impl.LOWRANK_BWD_ENV, "cluster")
+    n = 600
+    base, view = make_base("contiguous", (n,), d, dtype=h_dtype, device="cuda")
+    base.requires_grad_()
+    p = make_lowrank_params(d, r, p_dtype, terms=terms, tied=tied, device="cuda")
+    index = padded_index(n, n - 40, 8, device="cuda") if with_index else None
+    fn = lowrank_edit_ if with_index else lowrank_edit
+    vw = (lambda t: view(t) * 1.0) if with_index else view
+    kw = dict(act=act, index=index, backend="cuda")
+    check_against_reference(fn, lowrank_ref_fn, base, vw, p, inplace=with_index, kernel_kwargs=kw,
+                            ref_kwargs=dict(act=act, index=index))
+    assert taken == [True]
+    g = torch.randn(n, d, device="cuda").to(h_dtype)
+    (y1, g1), (y2, g2) = (run_with_grads(fn, base, vw, p, g, inplace=with_index, **kw) for _ in range(2))
+    assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
 def test_cuda_compile_check_script():

@@ -238,3 +238,103 @@ def test_red_single_column_or_no_rows_any_column_stride(layout, lead, d):
     base, view = make_base(layout, lead, d)
     base.requires_grad_()
     check_against_reference(red, red_ref_fn, base, view, make_red_params(d), kernel_kwargs={"backend": "cuda"})
+
+
+# ----------------------------------------------------------------------------- switched kernels
+# The 16-byte parameter-gradient kernel (REFT_KERNELS_CUDA_PARAMS=vector) and the split finish of
+# the partial sums (REFT_KERNELS_CUDA_FINISH=split); the cases are shared with the GPU tests of
+# test_cuda_kernel_modes.py. The emulated device reports 2 SMs of 16 resident 128-thread blocks
+# (8 of 256), so the reductions below take up to 32 (16) row blocks.
+
+from . import kernel_mode_cases as km  # noqa: E402
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("r", km.RANKS)
+def test_params_vector_ranks_fp32(monkeypatch, r, tied):
+    """Every rank chunk of the fp32 vector kernel (4, 8, 16 tied; 2, 4, 8 untied) with its ragged
+    last chunk; d = 257 in rows 264 apart: 64 whole 4-column packs per row in the vector loop and
+    a 1-column tail in the scalar loop."""
+    km.use_modes(monkeypatch, "vector_split")
+    km.check_lowrank(CPU, 257, r, km.LOREFT if tied else km.NOREFT_GELU, layout="padded", g_layout="padded")
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("r", [1, 3, 4, 5, 8, 9, 17])
+def test_params_vector_ranks_bf16(monkeypatch, r, tied):
+    """fp16/bf16 chunks (2, 4, 8 tied; 1, 2, 4 untied); d = 100 in rows 104 apart: 12 packs of 8
+    and a 4-column tail."""
+    km.use_modes(monkeypatch, "vector_split")
+    km.check_lowrank(CPU, 100, r, km.LOREFT if tied else km.NOREFT_GELU, dtype=torch.bfloat16, lead=(2, 5),
+                     layout="padded", g_layout="padded")
+
+
+@pytest.mark.parametrize("dtype,p_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.bfloat16)],
+                         ids=["fp16", "bf16_h_fp32_p", "fp32_h_bf16_p"])
+@pytest.mark.parametrize("d", [64, 7])
+def test_params_vector_dtypes(monkeypatch, dtype, p_dtype, d):
+    """d = 64: whole packs only; d = 7: no whole fp16/bf16 pack, every lane in the scalar loop."""
+    km.use_modes(monkeypatch, "vector")
+    km.check_lowrank(CPU, d, 6, km.NOREFT_GELU, dtype=dtype, p_dtype=p_dtype, lead=(4, 5))
+
+
+@pytest.mark.parametrize("layout,lead,g_layout", [
+    ("contiguous", (3, 5), "unaligned"),     # g one element off 16 bytes: g by elements, x by packs
+    ("contiguous", (3, 5), "strided"),       # g with column stride 2
+    ("sliced_cols", (15,), None),            # x rows d + 3 apart: unaligned starts
+    ("strided_cols", (4, 4), None),          # x with column stride 2
+    ("col_major", (13,), None),              # x with column stride n
+    ("transposed", (3, 5), None),            # rows copied by as_rows: x packs again
+], ids=["g_unaligned", "g_strided", "x_sliced", "x_strided", "x_col_major", "transposed"])
+@pytest.mark.parametrize("family", ["loreft", "noreft_gelu"])
+def test_params_vector_scalar_paths(monkeypatch, layout, lead, g_layout, family):
+    """Rows that cannot be read as 16-byte packs take the vector kernel's scalar loop."""
+    km.use_modes(monkeypatch, "vector_split")
+    km.check_lowrank(CPU, 40, 5, km.LOREFT if family == "loreft" else km.NOREFT_GELU, layout=layout, lead=lead,
+                     g_layout=g_layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["loreft", "noreft_gelu"])
+def test_params_vector_index_with_padding(monkeypatch, dtype, family):
+    """In place through an index with -1 entries: padding rows are masked in the stage."""
+    km.use_modes(monkeypatch, "vector_split")
+    km.check_lowrank(CPU, 72, 9, km.LOREFT if family == "loreft" else km.NOREFT_GELU, dtype=dtype, lead=(5, 9),
+                     mode="inplace_index")
+
+
+@pytest.mark.parametrize("wanted", ["B", "A", "C", "h"])
+def test_params_vector_partial_requires_grad(monkeypatch, wanted):
+    """One matrix gradient at a time (B alone reads g only, A and C read x only), or none."""
+    km.use_modes(monkeypatch, "vector")
+    km.check_lowrank(CPU, 48, 5, km.NOREFT_GELU, lead=(20,), wanted=wanted)
+
+
+@pytest.mark.parametrize("mode,inplace", [("vector_split", False), ("vector_split", True), ("split", False)],
+                         ids=["vector_split-out", "vector_split-inplace_index", "split-out"])
+def test_params_many_row_blocks_deterministic(monkeypatch, mode, inplace):
+    """Vector kernel, out of place: 17 row blocks of 16 rows, finished over r d = 288 columns in 8
+    ranges of 3 row blocks (the sixth ragged, the last two empty); in place: 13 row blocks in 4
+    ranges. Scalar kernel: 5 row blocks in 2 ranges. Bitwise equal across two runs, and right."""
+    km.use_modes(monkeypatch, mode)
+    km.check_lowrank_deterministic(CPU, inplace=inplace)
+
+
+@pytest.mark.parametrize("n,d", [(600, 48), (97, 1024), (1000, 7)])
+def test_red_split_finish_deterministic(monkeypatch, n, d):
+    """RED's ds, dt split-finished: 13 row blocks in 4 ranges of 4 (600 x 48); 4 row blocks of
+    tiles 256 columns wide with 4 thread rows (97 x 1024); 8 row blocks of 128 thread rows over a
+    row of 2 vectors, one of them ragged (1000 x 7)."""
+    km.use_modes(monkeypatch, "split")
+    km.check_red_deterministic(CPU, n=n, d=d)
+
+
+@pytest.mark.parametrize("var", [km.PARAMS_ENV, km.FINISH_ENV])
+def test_unknown_kernel_switch_refused(monkeypatch, var):
+    monkeypatch.setenv(var, "fastest")
+    base = torch.randn(40, 16, requires_grad=True)
+    p = make_lowrank_params(16, 3, tied=True)
+    y = lowrank_edit(base, p["B"], p["A"], p["a"], p["C"], backend="cuda")
+    with pytest.raises(ValueError, match=var):
+        y.sum().backward()

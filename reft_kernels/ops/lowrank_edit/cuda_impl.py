@@ -9,8 +9,33 @@ devices, so their registration, schemas and fake implementations are testable an
 PyTorch path keeps the same saved layout, so the fallback converts nothing. Latents (n, r) and
 parameter gradients are in the accumulation dtype (float32; float64 for float64 h); an output
 that was not asked for is an empty tensor.
+
+Backward kernel, chosen by the environment variable ``REFT_KERNELS_CUDA_LOWRANK_BWD`` (read at
+every backward call):
+
+- ``"split"`` (default): ``csrc/lowrank_edit_bwd.cu``, a kernel for gz and dh and a kernel for the
+  parameter-gradient partials; g is read from HBM twice (about 8 bytes per element in bf16).
+- ``"cluster"``: ``csrc/lowrank_edit_bwd_cluster.cu``, one pass with thread-block clusters (sm_90
+  and newer): the CTAs of a cluster split d, sum the latent gradient through distributed shared
+  memory in a fixed order and keep the parameter-gradient partials in registers across the row
+  blocks of a persistent grid (g, h read once and dh written once: about 6 bytes per element in
+  bf16, plus (clusters, r, d) fp32 partials). It takes r <= 16 and d <= 4096; other shapes, GPUs
+  below sm_90 and builds without sm_90 code run the split kernels. Deterministic for a given GPU
+  (the cluster count follows the SM count); its sums run in another order than the split
+  kernels', so the two differ in the last bits. Opt-in until a GPU run has measured both.
+
+Any other value raises ValueError.
+
+Two more switches, read by the extension at every launch (``csrc/launch.h``), choose inside the
+split backward: ``REFT_KERNELS_CUDA_PARAMS`` = ``"scalar"`` (default, one column per thread) or
+``"vector"`` (16-byte loads, several rows' loads in flight), and ``REFT_KERNELS_CUDA_FINISH`` =
+``"serial"`` (default, one thread per column) or ``"split"`` (several threads per column and a
+fixed tree) for the fixed-order sums of the partials (RED's too). Both stay opt-in until a GPU
+run has measured them; the benchmark's ``cuda-cluster`` and ``cuda-vector`` providers do.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -84,6 +109,40 @@ def _lowrank_edit_fwd_inplace_fake(h, index, A, a, B, C, c, act, tied, save_u):
 
 # ----------------------------------------------------------------------------- backward
 
+LOWRANK_BWD_ENV = "REFT_KERNELS_CUDA_LOWRANK_BWD"
+LOWRANK_BWD_KERNELS = ("split", "cluster")
+
+# (cluster size, clusters) for the cluster backward; 0 = chosen by the extension (from d, and from
+# the GPU's co-resident clusters). Set by the emulated tests to reach several cluster sizes and
+# several clusters with small inputs; not a user setting.
+_CLUSTER_SHAPE = (0, 0)
+
+
+def lowrank_bwd_kernel() -> str:
+    """The backward kernel selected by ``REFT_KERNELS_CUDA_LOWRANK_BWD`` ("split" when unset)."""
+    value = os.environ.get(LOWRANK_BWD_ENV, "").strip().lower() or LOWRANK_BWD_KERNELS[0]
+    if value not in LOWRANK_BWD_KERNELS:
+        raise ValueError(f"{LOWRANK_BWD_ENV}={os.environ[LOWRANK_BWD_ENV]!r}: expected one of "
+                         f"{', '.join(repr(k) for k in LOWRANK_BWD_KERNELS)}")
+    return value
+
+
+# (extension, device, d, r, cluster size) -> the cluster kernel takes it: the plan asks the device
+# for its compute capability and the kernel for its compiled architecture, a few microseconds that
+# the small-n regime (a few hundred rows, launch-bound) should not pay on every backward.
+_CLUSTER_TAKES: dict = {}
+
+
+def _use_cluster_bwd(ext, like, d, r) -> bool:
+    """The cluster backward is selected and takes this shape on this device and build."""
+    if lowrank_bwd_kernel() != "cluster":
+        return False
+    key = (id(ext), like.device, d, r, _CLUSTER_SHAPE[0])
+    if key not in _CLUSTER_TAKES:
+        _CLUSTER_TAKES[key] = ext.lowrank_edit_bwd_cluster_plan(like, d, r, _CLUSTER_SHAPE[0])[0] > 0
+    return _CLUSTER_TAKES[key]
+
+
 @torch.library.custom_op(
     "reft_kernels::lowrank_edit_bwd", mutates_args=(),
     schema="(Tensor g, Tensor x, Tensor? index, Tensor? A, Tensor B, Tensor? C, Tensor z, Tensor? u, int act, "
@@ -112,9 +171,13 @@ def lowrank_edit_bwd_kernel(g, x, index, A, B, C, z, u, act, tied, need_dh, need
         dh = g2.clone(memory_format=torch.contiguous_format) if index is not None else torch.empty_like(
             g2, memory_format=torch.contiguous_format)
     need_dc_w = need_dC and C is not None
-    gz, ga, dA, dB, dC = _cuda.extension().lowrank_edit_bwd(
-        g2, dh, index, n, d, g2.stride(0), g2.stride(1), d, 1, x, A, B, (B if tied else C), z,
-        (u if act != IDENTITY else None), act, tied, need_dA, need_dB, need_dc_w)
+    ext = _cuda.extension()
+    args = (g2, dh, index, n, d, g2.stride(0), g2.stride(1), d, 1, x, A, B, (B if tied else C), z,
+            (u if act != IDENTITY else None), act, tied, need_dA, need_dB, need_dc_w)
+    if _use_cluster_bwd(ext, g2, d, B.shape[0]):
+        gz, ga, dA, dB, dC = ext.lowrank_edit_bwd_cluster(*args, *_CLUSTER_SHAPE)
+    else:
+        gz, ga, dA, dB, dC = ext.lowrank_edit_bwd(*args)
     lat = ga if act != IDENTITY else gz
     empty = _cuda.empty(g, torch.float32)
     return (dh.view(g.shape) if need_dh else _cuda.empty(g), dA, lat.sum(0) if need_da else empty,
