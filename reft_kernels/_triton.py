@@ -10,6 +10,7 @@ definitions importable; the ``triton`` backend then reports itself unavailable.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -52,34 +53,156 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """Per-SM limits of a GPU that decide how many blocks of a compiled kernel stay resident, its
+    SM count and L2 size. ``H100`` holds the H100 SXM's figures (the reference card of
+    tools/design_table.py); ``device_limits`` reads the card in use."""
+    sms: int = 132
+    regs: int = 65536
+    threads: int = 2048
+    blocks: int = 32
+    smem: int = 233472  # bytes of shared memory per SM (228 KiB)
+    smem_reserved: int = 1024  # bytes the runtime reserves per resident block
+    l2_bytes: int = 50 * 1024 * 1024
+
+
+H100 = SmLimits()
+
+
+def blocks_per_sm(regs: int, smem: int, warps: int, limits: SmLimits = H100) -> int:
+    """Resident blocks per SM of a kernel compiled to ``regs`` registers per thread, ``smem``
+    bytes of shared memory and ``warps`` warps: the smallest of the register, thread, shared
+    memory and block limits (registers are allocated per warp in units of 256)."""
+    regs_per_warp = -(-max(int(regs), 1) * 32 // 256) * 256
+    by_regs = limits.regs // (regs_per_warp * warps)
+    by_threads = limits.threads // (32 * warps)
+    by_smem = limits.smem // (smem + limits.smem_reserved) if smem else limits.blocks
+    return max(0, min(by_regs, by_threads, by_smem, limits.blocks))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
+def _limits(index: int) -> SmLimits:
+    p = torch.cuda.get_device_properties(index)
+    get = lambda name, default: int(getattr(p, name, 0) or default)  # noqa: E731  (older torch lacks some)
+    return SmLimits(sms=p.multi_processor_count, regs=get("regs_per_multiprocessor", H100.regs),
+                    threads=get("max_threads_per_multi_processor", H100.threads),
+                    smem=get("shared_memory_per_multiprocessor", H100.smem),
+                    l2_bytes=get("L2_cache_size", H100.l2_bytes))
+
+
+def device_limits(device: torch.device) -> SmLimits:
+    """``SmLimits`` of the CUDA ``device`` (cached per device)."""
+    return _limits(_device_index(device))
+
+
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _limits(index).sms
 
 
-def target_programs(device: torch.device) -> int:
+# Fallback programs per SM of a row-split grid when the compiled kernel cannot be inspected.
+PROGRAMS_PER_SM = 4
+
+
+def target_programs(device: torch.device, per_sm: int | None = None) -> int:
     """How many programs a reduction grid should aim for on ``device``.
 
-    Four per SM on a GPU keeps every SM busy while the fp32 partial buffers of the row-split
-    reductions stay small; the CPU interpreter runs programs one after another, so there a couple
-    of programs (enough to exercise the second reduction stage) is cheapest.
+    On a GPU: ``per_sm`` (the kernel's resident blocks per SM, ``resident_blocks``) times the SM
+    count, one whole wave, or ``PROGRAMS_PER_SM`` per SM when not given. The CPU interpreter runs
+    programs one after another, so there a couple of programs (enough to exercise the second
+    reduction stage) is cheapest.
     """
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return (per_sm or PROGRAMS_PER_SM) * _sm_count(_device_index(device))
     return 2
 
 
-def row_split(n_rows: int, block_m: int, n_col_blocks: int, device: torch.device) -> tuple[int, int]:
+def row_split(n_rows: int, block_m: int, n_col_blocks: int, device: torch.device,
+              per_sm: int | None = None) -> tuple[int, int]:
     """Split ``n_rows`` (> 0) among the programs of a (P, n_col_blocks) grid that reduces over rows.
 
-    Returns (P, rows_per_program), ``rows_per_program`` a multiple of ``block_m``, P close to
-    ``target_programs(device) / n_col_blocks``. Each program writes one fp32 partial row, so the
-    partial buffers hold P x (width) values and the final sum over P is fixed-order.
+    Returns (P, rows_per_program), ``rows_per_program`` a multiple of ``block_m``. Without
+    ``per_sm`` (or off a GPU): P close to ``target_programs(device) / n_col_blocks`` (four
+    programs per SM on a GPU). With ``per_sm``, the compiled kernel's resident blocks per SM:
+    the grid is one whole wave (``split_rows`` with ``one_wave``). Each program writes one fp32
+    partial row, so the partial buffers hold P x (width) values and the final sum over P is
+    fixed-order.
+    """
+    one_wave = per_sm is not None and device.type == "cuda"
+    return split_rows(n_rows, block_m, n_col_blocks, target_programs(device, per_sm if one_wave else None),
+                      one_wave)
+
+
+def split_rows(n_rows: int, block_m: int, n_col_blocks: int, target: int, one_wave: bool) -> tuple[int, int]:
+    """``row_split``'s arithmetic, pure: (P, rows_per_program) for ``target`` programs in all.
+
+    ``one_wave``: P = floor(target / n_col_blocks) (at least 1), so that P x n_col_blocks never
+    exceeds ``target`` = resident blocks x SMs and no SM runs a second, partial wave (at the
+    reference shape, one block per SM, 32 column blocks, 132 SMs: P = 4, 128 programs, where
+    four per SM planned 17 x 32 = 544 programs, 4.1 waves). Otherwise P = ceil(target /
+    n_col_blocks). Either way P <= the row blocks, and the rows are then spread evenly.
     """
     n_row_blocks = cdiv(n_rows, block_m)
-    progs = max(1, min(n_row_blocks, cdiv(target_programs(device), n_col_blocks)))
+    want = target // n_col_blocks if one_wave else cdiv(target, n_col_blocks)
+    progs = max(1, min(n_row_blocks, want))
     rows_per_prog = cdiv(n_row_blocks, progs) * block_m
     return cdiv(n_rows, rows_per_prog), rows_per_prog
+
+
+def _spec_key(args) -> tuple:
+    """What Triton specialises a launch on, besides constexprs: per tensor its 16-byte alignment
+    and dtype, per int whether it is 1, a multiple of 16, or beyond int32."""
+    key = []
+    for v in args:
+        if isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool) or not isinstance(v, int):
+            key.append(v)
+        else:
+            key.append((v == 1, v % 16 == 0, v >= 2 ** 31))
+    return tuple(key)
+
+
+_RESIDENT: dict = {}
+
+
+def compiled_resources(compiled) -> tuple[int, int, int]:
+    """(registers per thread, shared memory bytes, warps) of a Triton ``CompiledKernel`` (the
+    object ``kernel.warmup(...)`` or a launch returns), loading it on the current GPU."""
+    compiled._init_handles()  # fills n_regs (lazily loaded otherwise)
+    return int(compiled.n_regs), int(compiled.metadata.shared), int(compiled.metadata.num_warps)
+
+
+def resident_blocks(kernel, args: tuple, constexprs: dict, num_warps: int, device: torch.device) -> int | None:
+    """Resident blocks per SM of ``kernel`` compiled for these arguments, from the registers and
+    shared memory of the compiled code (``blocks_per_sm`` with the device's limits).
+
+    ``args``: the runtime arguments in order; ``constexprs``: the keyword constexprs. Compiles
+    (``warmup``, no launch) on the first call and caches per (kernel, constexprs, warps, device,
+    specialisation of the runtime arguments), so the answer, and the grid planned from it, is the
+    same for every call with the same arguments. None off a GPU, under the interpreter, or where
+    this Triton does not expose the compiled kernel (callers then keep ``PROGRAMS_PER_SM``).
+    """
+    if device.type != "cuda" or INTERPRET or not HAS_TRITON:
+        return None
+    if torch.compiler.is_compiling():
+        # Dynamo traces the launchers: it cannot trace warmup() or data_ptr() of fake tensors,
+        # so a compiled graph plans with the fixed PROGRAMS_PER_SM (same results to rounding;
+        # bitwise determinism holds per path)
+        return None
+    key = (kernel, tuple(sorted(constexprs.items())), num_warps, _device_index(device), _spec_key(args))
+    if key not in _RESIDENT:
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
+            regs, smem, warps = compiled_resources(compiled)
+            _RESIDENT[key] = max(1, blocks_per_sm(regs, smem, warps, device_limits(device)))
+        except Exception:  # noqa: BLE001 - a Triton whose compiled-kernel API differs: plan without it
+            _RESIDENT[key] = None
+    return _RESIDENT[key]
 
 
 def dot_precision(h_dtype: torch.dtype) -> str:

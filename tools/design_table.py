@@ -10,45 +10,43 @@ with scale and bias, and the f7+l7 regime (448 indexed rows of a 16384-row batch
 element count the (N, d) streams only (the (N, r) latents and fp32 partials add under 2% here);
 "expected" is what the kernel's loops read and write, "min" what any implementation must. A GPU
 run measures the real figures (``reft-kernels bench``'s ``gbps`` column); until then these are
-estimates. Occupancy uses the H100's limits: 65536 registers, 2048 threads, 32 blocks and 228 KiB
-of shared memory per SM, 132 SMs, registers allocated per warp in units of 256.
+estimates. Occupancy uses the H100's limits (``reft_kernels._triton.H100``: 65536 registers, 2048
+threads, 32 blocks and 228 KiB of shared memory per SM, 132 SMs, 50 MB of L2, registers allocated
+per warp in units of 256) through ``_triton.blocks_per_sm``, the function the launchers use on a
+GPU with the compiled kernel's own figures; grids that the launchers size from the occupancy are
+sized here the same way.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_compile_check as tcc  # noqa: E402  (sets up Triton without the interpreter)
 
-from reft_kernels._triton import cdiv  # noqa: E402
+from reft_kernels._triton import H100, PROGRAMS_PER_SM, blocks_per_sm, cdiv, split_rows  # noqa: E402
+from reft_kernels.ops.lowrank_edit import triton_fwd_resident as resident  # noqa: E402
 from reft_kernels.ops.lowrank_edit import triton_small_n as small_n  # noqa: E402
-from reft_kernels.ops.lowrank_edit.triton_impl import _tiles  # noqa: E402
+from reft_kernels.ops.lowrank_edit.triton_impl import _FINISH_BLOCK, _tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_tiles, _red_tiles  # noqa: E402
 
-SMS, REGS_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM, SMEM_PER_SM = 132, 65536, 2048, 32, 233472
+SMS = H100.sms
 N, D, R, R_PAD, N_SMALL = 16384, 4096, 8, 16, 448
 E = 2  # bytes per bf16 element
 
 
-def blocks_per_sm(regs: int, smem: int, warps: int) -> int:
-    regs_per_warp = math.ceil(regs * 32 / 256) * 256
-    by_regs = REGS_PER_SM // (regs_per_warp * warps)
-    by_threads = THREADS_PER_SM // (32 * warps)
-    by_smem = SMEM_PER_SM // (smem + 1024) if smem else BLOCKS_PER_SM  # 1 KiB reserved per block
-    return max(0, min(by_regs, by_threads, by_smem, BLOCKS_PER_SM))
-
-
-def _row_split_progs(n, block_m, n_col_blocks):
-    """``_triton.row_split`` on a 132-SM GPU (4 programs per SM)."""
-    n_row_blocks = cdiv(n, block_m)
-    progs = max(1, min(n_row_blocks, cdiv(4 * SMS, n_col_blocks)))
-    return cdiv(n, cdiv(n_row_blocks, progs) * block_m)
+def _row_split_progs(n, block_m, n_col_blocks, per_sm=None):
+    """Programs along rows of ``_triton.row_split`` on the H100: one whole wave of ``per_sm``
+    resident blocks when the launcher sizes the grid from the compiled kernel, else the fixed
+    ``PROGRAMS_PER_SM``."""
+    if per_sm is None:
+        return split_rows(n, block_m, n_col_blocks, PROGRAMS_PER_SM * SMS, one_wave=False)[0]
+    return split_rows(n, block_m, n_col_blocks, per_sm * SMS, one_wave=True)[0]
 
 
 def rows():
-    """(label, kernel, runtime values, constexprs, warps, grid, bytes expected, bytes min, launches)."""
+    """(label, kernel, runtime values, constexprs, warps, grid, bytes expected, bytes min, launches);
+    ``grid`` is a number, or a function of the compiled kernel's resident blocks per SM."""
     out = []
     t = tcc._t
     bm, bd, w = _red_tiles(D, on_gpu=True)
@@ -56,14 +54,17 @@ def rows():
                 stride_h_row=D, stride_h_col=1, stride_y_row=D)
     out.append(("RED forward", tcc._red_fwd_kernel, vals, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK_M=bm, BLOCK_D=bd),
                 w, cdiv(N, bm) * cdiv(D, bd), 2 * E, 2 * E, "1"))
-    bm, bd, w = _red_bwd_tiles(D, on_gpu=True)
-    vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), s_ptr=t("fp32"), dh_ptr=t("bf16"), ds_part_ptr=t("fp32"),
-                dt_part_ptr=t("fp32"), n_rows=N, d=D, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
-                stride_h_row=D, stride_h_col=1, stride_dh_row=D)
-    progs = _row_split_progs(N, bm, cdiv(D, bd))
-    out.append(("RED backward", tcc._red_bwd_kernel, vals,
-                dict(HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=bm, BLOCK_D=bd),
-                w, progs * cdiv(D, bd), 3 * E, 3 * E, "1 + 2 sums"))
+    for label, tile2d in (("RED backward", False), ("RED backward, 2-D accumulators (opt-in)", True)):
+        bm, bd, w = _red_bwd_tiles(D, on_gpu=True, tile2d=tile2d)
+        vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), s_ptr=t("fp32"), dh_ptr=t("bf16"), ds_part_ptr=t("fp32"),
+                    dt_part_ptr=t("fp32"), n_rows=N, d=D, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
+                    stride_h_row=D, stride_h_col=1, stride_dh_row=D)
+        n_cb = cdiv(D, bd)
+        out.append((label, tcc._red_bwd_kernel, vals,
+                    dict(HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=bm, BLOCK_D=bd,
+                         ACC_2D=tile2d),
+                    w, lambda per_sm, bm=bm, n_cb=n_cb: _row_split_progs(N, bm, n_cb, per_sm) * n_cb, 3 * E, 3 * E,
+                    "1 + 2 sums"))
     f32 = t("fp32")
     lora = dict(HAS_A=True, HAS_a=True, HAS_C=False, TIED=True, HAS_c=False, ACT=0)
     for label, n, index in [("LoReFT forward", N, False), ("LoReFT forward, f7+l7", N_SMALL, True)]:
@@ -76,6 +77,17 @@ def rows():
         # two passes over h, one write of y (+ the saved copy of the rows when indexed)
         exp, low = (4 * E, 3 * E) if index else (3 * E, 2 * E)
         out.append((label, tcc._lowrank_edit_fwd_kernel, vals, consts, w, cdiv(n, bm), exp, low, "1"))
+        if index:
+            continue
+        # the L2-resident persistent forward (REFT_KERNELS_LOWRANK_FWD=resident): one HBM read of
+        # h when its second pass hits L2, as planned
+        blocks = resident.row_blocks(R_PAD, tcc.DTYPES["bf16"])
+        rbm, progs = resident.plan(n, D, E, H100, lambda bm: None, blocks)
+        rbd, rw, stages = resident.gpu_tile(rbm, D, R_PAD, tcc.DTYPES["bf16"])
+        rvals = dict(vals, n_progs=progs)
+        rconsts = dict(consts, BLOCK_M=rbm, BLOCK_D=rbd, NUM_STAGES=stages)
+        out.append(("LoReFT forward, L2-resident (opt-in)", tcc._lowrank_edit_fwd_resident_kernel, rvals, rconsts,
+                    rw, progs, 2 * E, 2 * E, "1"))
     # the same f7+l7 forward through the split-d path (ops/lowrank_edit/triton_small_n.py)
     bm, bd, w = small_n.tiles(N_SMALL, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
     n_rb, n_cb = cdiv(N_SMALL, bm), cdiv(D, bd)
@@ -101,15 +113,26 @@ def rows():
                 dict(HAS_INDEX=False, ACT=0, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
                 w, cdiv(N, bm), 1 * E, 0, "1"))
     bm, bd, w = _tiles("bwd", N, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
-    vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), dh_ptr=t("bf16"), idx_ptr=t(tcc.torch.int64), A_ptr=f32,
-                B_ptr=f32, C_ptr=f32, z_ptr=f32, gz_ptr=f32, ga_ptr=f32, dA_part_ptr=f32, dB_part_ptr=f32,
-                dC_part_ptr=f32, n_rows=N, d=D, r=R, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
-                stride_h_row=D, stride_h_col=1, stride_dh_row=D, stride_dh_col=1)
-    progs = _row_split_progs(N, bm, cdiv(D, bd))
+    vals = tcc.bwd_values("bf16", D, R, True, True, False, False, n=N)
+    split = {}  # the backward's P, shared with its bias-partials row
+    n_cb = cdiv(D, bd)
     out.append(("LoReFT backward, dh + params", tcc._lowrank_edit_bwd_kernel, vals,
                 dict(HAS_INDEX=False, HAS_A=True, HAS_C=False, TIED=True, ACT=0, NEED_DH=True, NEED_DA=True,
-                     NEED_DB=True, NEED_DC=False, R_PAD=R_PAD, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="tf32"),
-                w, progs * cdiv(D, bd), 3 * E, 3 * E, "1 + 3 sums"))
+                     NEED_DB=True, NEED_DC=False, R_PAD=R_PAD, BLOCK_M=bm,
+                     BLOCK_D=bd, DOT_PREC="tf32"),
+                w, lambda per_sm: split.setdefault("P", _row_split_progs(N, bm, n_cb, per_sm)) * n_cb, 3 * E, 3 * E,
+                "1 + bias + finish"))
+    # the bias partials (da = sum of ga) over the same row split (P programs), then the finish
+    out.append(("LoReFT backward, bias partials", tcc._lowrank_bias_partials_kernel,
+                tcc.bias_values(D, R, True, True, False, False),
+                dict(ACT=0, NEED_DA_VEC=True, NEED_DC_VEC=False, R_PAD=R_PAD, BLOCK_M=tcc.bias_block_m(R_PAD),
+                     NUM_STAGES=3),
+                8, lambda per_sm: split["P"], 0, 0, "(see above)"))
+    # the finish: dA, dB (r x d each) and da summed over the P partial rows, in one launch
+    width = 2 * R * D + R  # dA, dB, da
+    fvals = dict(part_ptr=f32, out_ptr=f32, n_parts=4, width=width, stride=vals["part_width"])
+    out.append(("LoReFT backward, param finish", tcc._lowrank_param_finish_kernel, fvals, dict(BLOCK=_FINISH_BLOCK),
+                4, cdiv(width, _FINISH_BLOCK), 0, 0, "(see above)"))
     return out
 
 
@@ -124,11 +147,13 @@ def main() -> int:
             print(f"| {label} | compile failed: {res} |")
             continue
         regs, smem, _ = res
-        per_sm = blocks_per_sm(regs, smem, warps)
+        per_sm = blocks_per_sm(regs, smem, warps, H100)
+        grid = grid(per_sm) if callable(grid) else grid
         waves = grid / max(1, per_sm * SMS)
         n = N_SMALL if "f7+l7" in label else N
         low_txt = f"{low}" if low else "-"
-        print(f"| {label} | {n} | {exp} ({low_txt}) | {launches} | {regs} | {smem / 1024:.0f} | {warps} | {per_sm} | "
+        exp_txt = f"{exp} ({low_txt})" if exp else "~0 (fp32 latents / partials)"
+        print(f"| {label} | {n} | {exp_txt} | {launches} | {regs} | {smem / 1024:.0f} | {warps} | {per_sm} | "
               f"{grid} | {waves:.2f} |")
     return 0
 

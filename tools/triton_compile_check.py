@@ -2,8 +2,8 @@
 GPU-only constraints that the CPU interpreter cannot see.
 
 For each kernel and a spread of the launch configurations the launchers pick on a GPU (tile
-sizes from ``_red_tiles`` / ``_red_bwd_tiles`` / ``_tiles``, every dtype, rank, optional term, index and activation
-flag that changes the code), Triton compiles to a cubin for sm_80 (A100) and sm_90a (H100/H200);
+sizes from ``_red_tiles`` / ``_red_bwd_tiles`` / ``_tiles`` / ``triton_fwd_resident.gpu_tile``, every
+dtype, rank, optional term, index and activation flag that changes the code), Triton compiles to a cubin for sm_80 (A100) and sm_90a (H100/H200);
 ``cuobjdump --dump-resource-usage`` then reports registers, stack and local memory. The check
 fails on a compile error (e.g. a ``tl.dot`` dimension below 16), on any stack frame or local
 memory beyond ``SPILL_BYTES_ALLOWED`` (register spills), or when the shared memory Triton asks
@@ -39,15 +39,18 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
-    _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _tiles,
+    _FINISH_BLOCK, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
+    _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _lowrank_param_finish_kernel, _tiles,
     triton_max_rank,
 )
+from reft_kernels.ops.lowrank_edit import triton_fwd_resident  # noqa: E402
+from reft_kernels.ops.lowrank_edit.triton_fwd_resident import _lowrank_edit_fwd_resident_kernel  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
     _lowrank_apply_kernel, _lowrank_latent_part_kernel,
 )
 from reft_kernels.ops.lowrank_edit.triton_small_n import tiles as small_n_tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_bwd_tiles, _red_fwd_kernel, _red_tiles  # noqa: E402
-from reft_kernels._triton import dot_precision, next_pow2  # noqa: E402
+from reft_kernels._triton import H100, dot_precision, next_pow2  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -89,12 +92,14 @@ def red_configs(quick, n=16384):
         for scale, bias in [(True, True), (True, False), (False, True)]:
             yield _red_fwd_kernel, vals, dict(
                 HAS_SCALE=scale, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
-        block_m, block_d, warps = _red_bwd_tiles(d, on_gpu=True)
-        vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), s_ptr=_t("fp32"), dh_ptr=_t(dt), ds_part_ptr=_t("fp32"),
-                    dt_part_ptr=_t("fp32"), n_rows=n, d=d, rows_per_prog=1024, stride_g_row=d,
-                    stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d)
-        yield _red_bwd_kernel, vals, dict(
-            HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
+        for tile2d in (False, True):  # REFT_KERNELS_RED_BWD=rowsum / tile2d
+            block_m, block_d, warps = _red_bwd_tiles(d, on_gpu=True, tile2d=tile2d)
+            vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), s_ptr=_t("fp32"), dh_ptr=_t(dt), ds_part_ptr=_t("fp32"),
+                        dt_part_ptr=_t("fp32"), n_rows=n, d=d, rows_per_prog=1024, stride_g_row=d,
+                        stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d)
+            yield _red_bwd_kernel, vals, dict(
+                HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=block_m, BLOCK_D=block_d,
+                ACC_2D=tile2d), warps, dt
 
 
 # (name, HAS_A, HAS_a, HAS_C, TIED, HAS_c): the term patterns of pyreft's six methods
@@ -132,14 +137,55 @@ def lowrank_configs(quick, d=4096):
                 HAS_INDEX=index, ACT=act, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
                 DOT_PREC=prec), warps, dt
         block_m, block_d, warps = _tiles("bwd", 16384, d, r_pad, DTYPES[dt], on_gpu=True)
-        vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), dh_ptr=_t(dt), idx_ptr=_t(torch.int64), A_ptr=f32, B_ptr=f32,
-                    C_ptr=f32, z_ptr=f32, gz_ptr=f32, ga_ptr=f32, dA_part_ptr=f32, dB_part_ptr=f32,
-                    dC_part_ptr=f32, n_rows=16384, d=d, r=r, rows_per_prog=1024, stride_g_row=d,
-                    stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d, stride_dh_col=1)
+        vals = bwd_values(dt, d, r, has_A, has_a, has_C, has_c)
         yield _lowrank_edit_bwd_kernel, vals, dict(
             HAS_INDEX=index, HAS_A=has_A, HAS_C=has_C, TIED=tied, ACT=act, NEED_DH=True,
-            NEED_DA=has_A, NEED_DB=True, NEED_DC=has_C, R_PAD=r_pad, BLOCK_M=block_m,
-            BLOCK_D=block_d, DOT_PREC=prec), warps, dt
+            NEED_DA=has_A, NEED_DB=True, NEED_DC=has_C, R_PAD=r_pad,
+            BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec), warps, dt
+        if has_a or has_c:
+            yield _lowrank_bias_partials_kernel, bias_values(d, r, has_A, has_a, has_C, has_c), dict(
+                ACT=act, NEED_DA_VEC=has_a, NEED_DC_VEC=has_c, R_PAD=r_pad, BLOCK_M=bias_block_m(r_pad),
+                NUM_STAGES=3), 8, dt
+        # the L2-resident forward (ops/lowrank_edit/triton_fwd_resident.py): every row block the
+        # planner may pick (the one it picks at this shape on an H100 with --quick)
+        elem = DTYPES[dt].itemsize
+        blocks = triton_fwd_resident.row_blocks(r_pad, DTYPES[dt])
+        picked = triton_fwd_resident.plan(16384, d, elem, H100, lambda bm: 1, blocks)[0]
+        for bm in [picked] if quick else blocks:
+            block_d, warps, stages = triton_fwd_resident.gpu_tile(bm, d, r_pad, DTYPES[dt])
+            vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64),
+                        A_ptr=f32, a_ptr=f32, B_ptr=f32, C_ptr=f32, c_ptr=f32, z_ptr=f32, u_ptr=f32,
+                        n_rows=16384, d=d, r=r, n_progs=132, stride_h_row=d, stride_h_col=1, stride_y_row=d,
+                        stride_y_col=1)
+            yield _lowrank_edit_fwd_resident_kernel, vals, dict(
+                HAS_INDEX=index, HAS_A=has_A, HAS_a=has_a, HAS_C=has_C, TIED=tied, HAS_c=has_c,
+                ACT=act, SAVE_H=index, SAVE_U=act != 0, R_PAD=r_pad, BLOCK_M=bm, BLOCK_D=block_d,
+                NUM_STAGES=stages, DOT_PREC=prec), warps, dt
+
+
+def bwd_values(dt, d, r, has_A, has_a, has_C, has_c, n=16384):
+    """Runtime arguments of ``_lowrank_edit_bwd_kernel`` with the partial layout of the launcher
+    (dA, dB, dC, da, dc side by side, those needed)."""
+    f32 = _t("fp32")
+    sizes = [r * d if has_A else 0, r * d, r * d if has_C else 0, r if has_a else 0, r if has_c else 0]
+    return dict(g_ptr=_t(dt), h_ptr=_t(dt), dh_ptr=_t(dt), idx_ptr=_t(torch.int64), A_ptr=f32, B_ptr=f32,
+                C_ptr=f32, z_ptr=f32, gz_ptr=f32, ga_ptr=f32, dA_part_ptr=f32, dB_part_ptr=f32, dC_part_ptr=f32,
+                n_rows=n, d=d, r=r, rows_per_prog=1024, part_width=-(-sum(sizes) // 16) * 16, stride_g_row=d, stride_g_col=1, stride_h_row=d, stride_h_col=1,
+                stride_dh_row=d, stride_dh_col=1)
+
+
+def bias_values(d, r, has_A, has_a, has_C, has_c):
+    """Runtime arguments of ``_lowrank_bias_partials_kernel`` (the launcher's partial layout)."""
+    f32 = _t("fp32")
+    sizes = [r * d if has_A else 0, r * d, r * d if has_C else 0, r if has_a else 0, r if has_c else 0]
+    return dict(gz_ptr=f32, ga_ptr=f32, part_ptr=f32, n_rows=16384, r=r, rows_per_prog=1024,
+                part_width=-(-sum(sizes) // 16) * 16, off_da_vec=sum(sizes[:3]), off_dc_vec=sum(sizes[:4]))
+
+
+def finish_configs(quick):
+    """The one-launch finish of the backward's parameter gradients (LoReFT r = 8, d = 4096)."""
+    vals = dict(part_ptr=_t("fp32"), out_ptr=_t("fp32"), n_parts=4, width=2 * 8 * 4096 + 8, stride=2 * 8 * 4096 + 16)
+    yield _lowrank_param_finish_kernel, vals, dict(BLOCK=_FINISH_BLOCK), 4, "fp32"
 
 
 def small_n_configs(quick, d=4096, n=448):
@@ -182,7 +228,9 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 KERNELS = {k.fn.__name__: k for k in (_red_fwd_kernel, _red_bwd_kernel, _lowrank_edit_fwd_kernel,
-                                       _lowrank_edit_bwd_latent_kernel, _lowrank_edit_bwd_kernel,
+                                       _lowrank_edit_fwd_resident_kernel, _lowrank_edit_bwd_latent_kernel,
+                                       _lowrank_edit_bwd_kernel, _lowrank_bias_partials_kernel,
+                                       _lowrank_param_finish_kernel,
                                        _lowrank_latent_part_kernel, _lowrank_apply_kernel)}
 
 
@@ -208,7 +256,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     seen, jobs = set(), []
     for kernel, values, consts, warps, dt in (list(red_configs(args.quick)) + list(lowrank_configs(args.quick))
-                                          + list(small_n_configs(args.quick))):
+                                          + list(finish_configs(args.quick)) + list(small_n_configs(args.quick))):
         key = (kernel.fn.__name__, tuple(sorted(consts.items())), dt, warps,
                tuple(sorted((k, v) for k, v in values.items() if isinstance(v, int))))
         if key not in seen:
@@ -219,7 +267,7 @@ def main(argv=None) -> int:
     failures = 0
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         for (name, values, consts, warps, dt, arch), res in zip(jobs, pool.map(_compile_one, jobs)):
-            desc = " ".join(f"{k}={v}" for k, v in consts.items()) + f" warps={warps} {dt} d={values['d']}"
+            desc = " ".join(f"{k}={v}" for k, v in consts.items()) + f" warps={warps} {dt} d={values.get('d', '-')}"
             if isinstance(res, str):
                 failures += 1
                 print(f"{name:34s} {arch:4d} FAILED to compile: {res}  {desc}")

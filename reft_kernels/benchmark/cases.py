@@ -37,11 +37,18 @@ METHODS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
 # Opt-in kernels measured beside the defaults they may replace: provider -> (backend, the
 # environment it runs under). Each switch keeps the previous kernel as the default until a GPU
 # sweep has measured both (README, "Backends").
+# Third item: the ops whose kernels the switches change (the variant is not run on the others).
+LOWRANK_OPS = ("lowrank_edit", "lowrank_edit_index")
 VARIANT_PROVIDERS = {
     # the one-pass backward with thread-block clusters (sm_90; r <= 16, d <= 4096)
-    "cuda-cluster": ("cuda", {"REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}),
-    # the 16-byte parameter-gradient kernel and the parallel fixed-order finish
-    "cuda-vector": ("cuda", {"REFT_KERNELS_CUDA_PARAMS": "vector", "REFT_KERNELS_CUDA_FINISH": "split"}),
+    "cuda-cluster": ("cuda", {"REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}, LOWRANK_OPS),
+    # the 16-byte parameter-gradient kernel and the parallel fixed-order finish (RED's sums too)
+    "cuda-vector": ("cuda", {"REFT_KERNELS_CUDA_PARAMS": "vector", "REFT_KERNELS_CUDA_FINISH": "split"},
+                    ("red",) + LOWRANK_OPS),
+    # the persistent L2-resident low-rank forward
+    "triton-resident": ("triton", {"REFT_KERNELS_LOWRANK_FWD": "resident"}, LOWRANK_OPS),
+    # RED's backward with a 2-D fp32 accumulator tile
+    "triton-tile2d": ("triton", {"REFT_KERNELS_RED_BWD": "tile2d"}, ("red",)),
 }
 OUR_PROVIDERS = ("torch", "triton", "cuda") + tuple(VARIANT_PROVIDERS)
 ALL_PROVIDERS = ("eager", "compile") + OUR_PROVIDERS
@@ -164,7 +171,9 @@ def eager_fn(case: Case):
 
 def ours_fn(case: Case, provider: str):
     """Our op on ``provider``'s backend for ``case`` (a variant's environment is set by
-    ``runner.provider_context``)."""
+    ``runner.provider_context``); None for a variant that does not change this op's kernels."""
+    if provider in VARIANT_PROVIDERS and case.op not in VARIANT_PROVIDERS[provider][2]:
+        return None
     backend = provider_backend(provider)
     if case.op == "red":
         return lambda h, scale, bias: red(h, scale, bias, backend=backend)

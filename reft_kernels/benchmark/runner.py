@@ -162,7 +162,8 @@ def provider_fn(case, provider, inputs, compiled_cache):
         return fn, []
     if case.op == "orthonormal_rows" and provider != "torch":
         return None
-    return C.ours_fn(case, provider), []
+    fn = C.ours_fn(case, provider)
+    return None if fn is None else (fn, [])
 
 
 def provider_context(provider):
@@ -303,7 +304,7 @@ def default_providers(device: torch.device) -> list:
     """eager, compile and every backend of ours that runs on ``device`` (Triton through its CPU
     interpreter is not a speed: it is left out on CPU)."""
     ours = [b for b in _backend.available_backends(device) if not (b == "triton" and device.type != "cuda")]
-    variants = [p for p, (b, _) in C.VARIANT_PROVIDERS.items() if b in ours and device.type == "cuda"]
+    variants = [p for p, (b, *_) in C.VARIANT_PROVIDERS.items() if b in ours and device.type == "cuda"]
     return ["eager", "compile"] + ours + variants
 
 

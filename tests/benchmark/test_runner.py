@@ -157,38 +157,45 @@ def test_plots_from_the_runner_csv(tmp_path):
 
 
 def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
-    """cuda-cluster / cuda-vector: the cuda backend with their kernel switches set while they run
-    (and restored after), checked against float64 like every provider. On a CPU machine the CUDA
-    kernels run through the host emulation."""
+    """Each variant provider: its backend with its kernel switches set while it runs (restored
+    after), on the ops whose kernels they change only, checked against float64 like every
+    provider. On a CPU machine the CUDA kernels run through the host emulation and the Triton
+    kernels through the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("the GPU sweep measures them on the real kernels")
     from reft_kernels import _cuda
     from tests.cuda.emulation.build import build
 
+    switches = sorted({k for _, env, _ in C.VARIANT_PROVIDERS.values() for k in env})
     seen = {}
     real = C.ours_fn
 
     def spy(case, provider):
         fn = real(case, provider)
+        if fn is None:
+            return None
 
         def run(**kw):
-            seen.setdefault(provider, {k: os.environ.get(k) for k in SWITCHES})
+            seen.setdefault((case.op, provider), {k: os.environ.get(k) for k in switches})
             return fn(**kw)
         return run
 
-    SWITCHES = ("REFT_KERNELS_CUDA_LOWRANK_BWD", "REFT_KERNELS_CUDA_PARAMS", "REFT_KERNELS_CUDA_FINISH")
-    for k in SWITCHES:
+    for k in switches:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(C, "ours_fn", spy)
     cases = [C.Case("lowrank_edit", "loreft", "fp32", 40, 24, 3), C.Case("red", "red", "bf16", 40, 24)]
+    providers = ["cuda", "triton", *C.VARIANT_PROVIDERS]
     with _cuda.on_host(build()):
-        rows, written, _ = _run(tmp_path, cases, ["cuda", "cuda-cluster", "cuda-vector"])
+        rows, written, _ = _run(tmp_path, cases, providers)
     assert {r["status"] for r in written} == {"ok"}, [r["status"] for r in written if r["status"] != "ok"]
-    assert {(r["op"], r["provider"]) for r in written} == {(c.op, p) for c in cases
-                                                            for p in ("cuda", "cuda-cluster", "cuda-vector")}
-    assert seen["cuda"] == dict.fromkeys(SWITCHES)
-    assert seen["cuda-cluster"] == {**dict.fromkeys(SWITCHES), "REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}
-    assert seen["cuda-vector"] == {**dict.fromkeys(SWITCHES), "REFT_KERNELS_CUDA_PARAMS": "vector",
-                                   "REFT_KERNELS_CUDA_FINISH": "split"}
-    assert all(k not in os.environ for k in SWITCHES)  # restored
+    want = {(c.op, p) for c in cases for p in providers
+            if p not in C.VARIANT_PROVIDERS or c.op in C.VARIANT_PROVIDERS[p][2]}
+    assert {(r["op"], r["provider"]) for r in written} == want == set(seen)
+    assert ("red", "cuda-cluster") not in want and ("lowrank_edit", "triton-tile2d") not in want
+    for (op, provider), env in seen.items():
+        expect = dict.fromkeys(switches)
+        if provider in C.VARIANT_PROVIDERS:
+            expect.update(C.VARIANT_PROVIDERS[provider][1])
+        assert env == expect, (op, provider)
+    assert all(k not in os.environ for k in switches)  # restored
     assert runner.default_providers(CPU) == ["eager", "compile", "torch"]  # variants: GPU sweeps only

@@ -5,11 +5,18 @@ Numerics: operands are loaded as fp32, every ``tl.dot`` accumulates in fp32 (3xT
 fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows, r) latent stays
 in registers between the two passes over ``h`` and is saved in fp32 for the backward, and ``y``
 is rounded once to ``h``'s dtype. Parameter gradients are reduced deterministically: fp32
-partials per program over a fixed row range, then one fixed-order sum (no atomics).
+partials per program over a fixed row range, then one fixed-order sum over the programs in one
+launch (``_lowrank_param_finish_kernel``; no atomics, no torch reductions).
 
 Memory: the forward saves ``h`` by reference (out of place) or a copy of the listed rows only
-(in place), plus the (rows, r) latent; the backward allocates ``dh`` and (P, r, d) fp32 partials
-with P about 4 x the SM count / number of column blocks, never another (N, d) temporary.
+(in place), plus the (rows, r) latent; the backward allocates ``dh`` and one (P, width) fp32
+partial buffer (width = r x d per needed weight gradient + r per needed bias), P = one wave of
+the compiled kernel's resident blocks / number of column blocks on a GPU, never another (N, d)
+temporary.
+
+Forward kernels: ``_lowrank_edit_fwd_kernel`` below (64-row blocks, two passes over ``h``; the
+default), ``triton_fwd_resident`` (L2-resident persistent one-pass, ``REFT_KERNELS_LOWRANK_FWD=
+resident``) and ``triton_small_n`` (d split across programs for few rows).
 """
 from __future__ import annotations
 
@@ -148,12 +155,53 @@ def _lowrank_edit_bwd_latent_kernel(
 
 
 @triton.jit
+def _lowrank_bias_partials_kernel(
+    gz_ptr, ga_ptr, part_ptr, n_rows, r, rows_per_prog, part_width, off_da_vec, off_dc_vec,
+    ACT: tl.constexpr, NEED_DA_VEC: tl.constexpr, NEED_DC_VEC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Bias partials of the backward, grid (P,): program p stores ``sum ga[:, k]`` and ``-sum
+    gz[:, k]`` over rows [p * rows_per_prog, (p+1) * rows_per_prog) of the (n_rows, r) fp32
+    latents (``ga`` is ``gz`` when ACT is the identity; padding rows hold 0 in both) to row p of
+    the partial buffer at ``off_da_vec`` / ``off_dc_vec``, the row split of
+    ``_lowrank_edit_bwd_kernel``, accumulated as (BLOCK_M, R_PAD) tiles and reduced once.
+
+    A kernel of its own: accumulated inside ``_lowrank_edit_bwd_kernel`` (per step, as 2-D
+    tiles, or in a branch for an extra column of programs) these sums pushed its fp32 R_PAD = 64
+    and bf16 R_PAD = 128 tiles into register spills (tools/triton_compile_check.py). It reads
+    n x r x 4 bytes per bias: 0.5 MB at the reference shape."""
+    row0 = tl.program_id(0).to(tl.int64) * rows_per_prog
+    da_out = part_ptr + tl.program_id(0).to(tl.int64) * part_width + off_da_vec
+    dc_out = part_ptr + tl.program_id(0).to(tl.int64) * part_width + off_dc_vec
+    k = tl.arange(0, R_PAD)
+    k_ok = k < r
+    acc_a = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc_c = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=NUM_STAGES):
+        m = row0 + m0 + tl.arange(0, BLOCK_M)
+        lat_off = m[:, None] * r + k[None, :]
+        lat_mask = ((m < n_rows) & (m < row0 + rows_per_prog))[:, None] & k_ok[None, :]  # own rows only
+        gz = tl.load(gz_ptr + lat_off, mask=lat_mask, other=0.0)
+        if NEED_DA_VEC:
+            if ACT != 0:
+                acc_a += tl.load(ga_ptr + lat_off, mask=lat_mask, other=0.0)
+            else:
+                acc_a += gz
+        if NEED_DC_VEC:
+            acc_c += gz
+    if NEED_DA_VEC:
+        tl.store(da_out + k, tl.sum(acc_a, axis=0), mask=k_ok)
+    if NEED_DC_VEC:
+        tl.store(dc_out + k, -tl.sum(acc_c, axis=0), mask=k_ok)
+
+
+@triton.jit
 def _lowrank_edit_bwd_kernel(
     g_ptr, h_ptr, dh_ptr, idx_ptr,
     A_ptr, B_ptr, C_ptr,
     z_ptr, gz_ptr, ga_ptr,
     dA_part_ptr, dB_part_ptr, dC_part_ptr,
-    n_rows, d, r, rows_per_prog,
+    n_rows, d, r, rows_per_prog, part_width,
     stride_g_row, stride_g_col, stride_h_row, stride_h_col, stride_dh_row, stride_dh_col,
     HAS_INDEX: tl.constexpr, HAS_A: tl.constexpr, HAS_C: tl.constexpr, TIED: tl.constexpr,
     ACT: tl.constexpr,
@@ -164,9 +212,13 @@ def _lowrank_edit_bwd_kernel(
 
     Program (p, j) owns columns block j of rows [p * rows_per_prog, (p+1) * rows_per_prog) and
     computes ``dh = g + ga A - gz C`` there, plus fp32 partial parameter gradients over its rows,
-    ``ga^T h``, ``z^T g`` (minus ``gz^T h`` when TIED) and ``gz^T h``, stored to row p of the
-    (P, r, d) partial buffers. ``h`` rows are always the dense rows 0..n_rows-1 (the saved copy
-    when HAS_INDEX); ``g``/``dh`` rows follow ``idx`` when HAS_INDEX (``dh`` may alias ``g``).
+    ``ga^T h``, ``z^T g`` (minus ``gz^T h`` when TIED) and ``-gz^T h``, stored as (r, d) blocks
+    to row p of the (P, part_width) partial buffer (``d*_part_ptr`` point at each block's column
+    offset in row 0); ``_lowrank_bias_partials_kernel`` fills the bias columns of the same rows, so that
+    one fixed-order sum over P (``_lowrank_param_finish_kernel``) finishes every parameter
+    gradient.
+    ``h`` rows are always the dense rows 0..n_rows-1 (the saved copy when HAS_INDEX); ``g``/``dh``
+    rows follow ``idx`` when HAS_INDEX (``dh`` may alias ``g``).
     """
     pid_p = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -219,13 +271,28 @@ def _lowrank_edit_bwd_kernel(
             acc_b = tl.dot(tl.trans(z), g, acc_b, input_precision=DOT_PREC)
             if TIED:
                 acc_b -= tl.dot(tl.trans(gz), x, input_precision=DOT_PREC)
-    part_off = pid_p.to(tl.int64) * r * d + w_off
+    part_off = pid_p.to(tl.int64) * part_width + w_off
     if NEED_DA:
         tl.store(dA_part_ptr + part_off, acc_a, mask=wmask)
     if NEED_DB:
         tl.store(dB_part_ptr + part_off, acc_b, mask=wmask)
     if NEED_DC:
         tl.store(dC_part_ptr + part_off, -acc_c, mask=wmask)
+
+
+@triton.jit
+def _lowrank_param_finish_kernel(part_ptr, out_ptr, n_parts, width, stride, BLOCK: tl.constexpr):
+    """``out[j] = part[0, j] + part[1, j] + ... + part[n_parts-1, j]`` in that order, fp32: the
+    deterministic finish of the backward's parameter gradients (every needed dA, dB, dC, da, dc
+    side by side in one row of ``part``, rows ``stride`` apart), one launch; grid (cdiv(width, BLOCK),)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + cols
+    for _ in range(0, n_parts):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += stride  # pointer steps: no int32 product of p and the stride
+    tl.store(out_ptr + cols, acc, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -295,10 +362,13 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
     block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda)
-    from . import triton_small_n  # imports this module's _row_source
+    from . import triton_fwd_resident, triton_small_n  # both import this module's _row_source
     if n > 0 and triton_small_n.use_split(n, block_m, dev):
         triton_small_n.fwd_split(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
                                  A, a, B, C, c, spec, z, u)
+    elif n > 0 and triton_fwd_resident.use_resident():
+        triton_fwd_resident.launch(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
+                                   A, a, B, C, c, spec, z, u)
     elif n > 0:
         _lowrank_edit_fwd_kernel[(cdiv(n, block_m),)](
             src, dst, _dummy(hsave, z), idx,
@@ -353,28 +423,72 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     need_dc = need_dc_w and C is not None
     block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda)
     n_dblocks = cdiv(d, block_d)
-    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
-    da_part = torch.empty((progs, r, d), **f32) if need_da_w else None
-    db_part = torch.empty((progs, r, d), **f32) if need_db else None
-    dc_part = torch.empty((progs, r, d), **f32) if need_dc else None
-    _lowrank_edit_bwd_kernel[(progs, n_dblocks)](
-        g2, x, _dummy(dh, g2), idx,
-        _dummy(A, B), B, _dummy(C, B),
-        z, gz, _dummy(ga, gz),
-        _dummy(da_part, gz), _dummy(db_part, gz), _dummy(dc_part, gz),
-        n, d, r, rows_per_prog,
-        g2.stride(0), g2.stride(1), x.stride(0), x.stride(1),
-        dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
-        HAS_INDEX=index is not None, HAS_A=A is not None, HAS_C=C is not None, TIED=spec.tied,
-        ACT=spec.act, NEED_DH=need_dh, NEED_DA=need_da_w, NEED_DB=need_db, NEED_DC=need_dc,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
-    )
-    ga = ga if has_act else gz
-    return (da_part.sum(0) if need_da_w else None,
-            ga.sum(0) if need_da_b else None,
-            db_part.sum(0) if need_db else None,
-            dc_part.sum(0) if need_dc else None,
-            -gz.sum(0) if need_dc_b else None)
+    # every needed parameter gradient side by side in one fp32 row per program: dA, dB, dC as
+    # (r, d) blocks, then da, dc (r values each)
+    layout, width = {}, 0
+    for name, needed, size in (("dA", need_da_w, r * d), ("dB", need_db, r * d), ("dC", need_dc, r * d),
+                               ("da", need_da_b, r), ("dc", need_dc_b, r)):
+        if needed:
+            layout[name], width = (width, size), width + size
+    off = lambda name: layout.get(name, (0, 0))[0]  # noqa: E731
+    # rows padded to 16 floats: a row stride divisible by 16 lets the compiler vectorise the
+    # partial stores (an odd stride cost the fp32 r = 1 tile a 24-byte spill on sm_90a)
+    stride = cdiv(width, 16) * 16
+    consts = dict(HAS_INDEX=index is not None, HAS_A=A is not None, HAS_C=C is not None, TIED=spec.tied,
+                  ACT=spec.act, NEED_DH=need_dh, NEED_DA=need_da_w, NEED_DB=need_db, NEED_DC=need_dc,
+                  R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec)
+
+    def args(part, rows_per_prog):
+        blocks = [part.view(-1)[off(name):] if name in layout else gz for name in ("dA", "dB", "dC")]
+        return (g2, x, _dummy(dh, g2), idx, _dummy(A, B), B, _dummy(C, B), z, gz, _dummy(ga, gz), *blocks,
+                n, d, r, rows_per_prog, stride,
+                g2.stride(0), g2.stride(1), x.stride(0), x.stride(1),
+                dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0)
+
+    # one wave of the blocks the compiled kernel fits per SM (None off a GPU: the fixed plan). The
+    # probe's one-row partial buffer is allocated like the real one (same offsets of dA, dB, dC,
+    # so the same pointer alignment) and rows_per_prog = block_m is specialised like any multiple
+    # of it: the kernel compiled for the query is the one the launch below runs, not an extra one.
+    probe = torch.empty((1, stride), **f32) if (width and x.is_cuda) else gz
+    per_sm = _triton.resident_blocks(_lowrank_edit_bwd_kernel, args(probe, block_m), consts, warps, dev)
+    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev, per_sm)
+    part = torch.empty((progs, stride), **f32) if width else gz
+    _lowrank_edit_bwd_kernel[(progs, n_dblocks)](*args(part, rows_per_prog), **consts, num_warps=warps)
+    if need_da_b or need_dc_b:
+        _lowrank_bias_partials_kernel[(progs,)](
+            gz, _dummy(ga, gz), part, n, r, rows_per_prog, stride, off("da"), off("dc"),
+            ACT=spec.act, NEED_DA_VEC=need_da_b, NEED_DC_VEC=need_dc_b, R_PAD=r_pad,
+            BLOCK_M=bias_block_m(r_pad) if x.is_cuda else block_m, NUM_STAGES=3, num_warps=8)
+    out = _finish_param_grads(part, progs, width)
+    grads = {name: out[o:o + size] for name, (o, size) in layout.items()}
+    mat = lambda name: grads[name].view(r, d) if name in grads else None  # noqa: E731
+    return mat("dA"), grads.get("da"), mat("dB"), mat("dC"), grads.get("dc")
+
+
+def bias_block_m(r_pad: int) -> int:
+    """Rows per step of ``_lowrank_bias_partials_kernel`` on a GPU: 16 KB fp32 tiles (256 rows at
+    R_PAD = 16), pipelined 3 deep, since only P programs (4 at the reference shape) share the
+    (n, r) latents: 0.5 MB each at the reference shape, 16 steps per program (estimated a few
+    microseconds, not measured)."""
+    return max(16, 4096 // r_pad)
+
+
+# Finish: 512 columns per program, 4 warps, so each thread moves one 16-byte vector per partial
+# row. At the reference shape (LoReFT r = 8, d = 4096: 65,544 columns, P <= 32 rows) that is
+# 129 programs and at most 8.4 MB read: a few microseconds (estimated, not measured).
+_FINISH_BLOCK = 512
+
+
+def _finish_param_grads(part: torch.Tensor, progs: int, width: int) -> torch.Tensor:
+    """The (width,) fp32 sum over the ``progs`` rows of ``part[:, :width]``, in row order: one
+    launch of ``_lowrank_param_finish_kernel``, or ``part[0]`` itself when there is one row."""
+    if progs == 1 or width == 0:
+        return part[0, :width] if width else part.new_empty(0)
+    out = torch.empty(width, dtype=torch.float32, device=part.device)
+    block = _FINISH_BLOCK if part.is_cuda else min(4096, next_pow2(width))
+    _lowrank_param_finish_kernel[(cdiv(width, block),)](part, out, progs, width, part.stride(0), BLOCK=block,
+                                                         num_warps=4)
+    return out
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):

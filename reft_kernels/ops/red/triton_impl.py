@@ -7,6 +7,8 @@ programs in a fixed order (no atomics: bitwise reproducible).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ... import _triton
@@ -49,13 +51,16 @@ def _red_bwd_kernel(
     n_rows, d, rows_per_prog,
     stride_g_row, stride_g_col, stride_h_row, stride_h_col, stride_dh_row,
     HAS_SCALE: tl.constexpr, NEED_DH: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_2D: tl.constexpr,
 ):
     """One pass over ``(g, h)``: ``dh = g * s`` and fp32 partial column sums of ``g * h`` and ``g``.
 
     Grid (P, cdiv(d, BLOCK_D)): program (p, j) owns rows [p * rows_per_prog, (p+1) * rows_per_prog)
     (``rows_per_prog`` a multiple of BLOCK_M) and columns block j, and writes its partial sums to
-    row p of the (P, d) buffers; the caller sums those P rows.
+    row p of the (P, d) buffers; the caller sums those P rows. ACC_2D: accumulate (BLOCK_M,
+    BLOCK_D) fp32 tiles over the row loop and reduce them over rows once at the end, instead of a
+    cross-warp column sum (shared memory and a barrier) every BLOCK_M rows; a different, still
+    fixed, summation order.
     """
     pid_p = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -64,6 +69,8 @@ def _red_bwd_kernel(
         s = tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     ds_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dt_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ds_acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dt_acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     row0 = pid_p.to(tl.int64) * rows_per_prog
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = row0 + m0 + tl.arange(0, BLOCK_M)
@@ -73,15 +80,24 @@ def _red_bwd_kernel(
         if NEED_DS:
             h = tl.load(h_ptr + rows[:, None] * stride_h_row + cols[None, :] * stride_h_col,
                         mask=mask, other=0.0).to(tl.float32)
-            ds_acc += tl.sum(g * h, axis=0)
+            if ACC_2D:
+                ds_acc2 += g * h
+            else:
+                ds_acc += tl.sum(g * h, axis=0)
         if NEED_DT:
-            dt_acc += tl.sum(g, axis=0)
+            if ACC_2D:
+                dt_acc2 += g
+            else:
+                dt_acc += tl.sum(g, axis=0)
         if NEED_DH:
             dh = g
             if HAS_SCALE:
                 dh = g * s[None, :]
             tl.store(dh_ptr + rows[:, None] * stride_dh_row + cols[None, :],
                      dh.to(dh_ptr.dtype.element_ty), mask=mask)
+    if ACC_2D:
+        ds_acc = tl.sum(ds_acc2, axis=0)
+        dt_acc = tl.sum(dt_acc2, axis=0)
     if NEED_DS:
         tl.store(ds_part_ptr + pid_p.to(tl.int64) * d + cols, ds_acc, mask=col_ok)
     if NEED_DT:
@@ -101,11 +117,33 @@ def _red_tiles(d: int, on_gpu: bool):
     return max(1, 8192 // block_d), block_d, 4
 
 
-def _red_bwd_tiles(d: int, on_gpu: bool):
+# The backward's accumulation (REFT_KERNELS_RED_BWD): "rowsum" (the default) sums each (BLOCK_M,
+# BLOCK_D) tile over its rows every step; "tile2d" keeps 2-D fp32 accumulators and reduces once.
+# Compiled for sm_80 / sm_90a with Triton 3.9 at d = 4096, HAS_SCALE and every gradient, 4 warps
+# (registers, then resident blocks per SM by registers; no spills, 1-2 KiB shared memory):
+#   rowsum (16, 256):  bf16 117/118 -> 4/4, fp32 124/119 -> 4/4
+#   tile2d (16, 256):  bf16 128/139 -> 4/3, fp32 168/166 -> 3/3   (the occupancy loss seen before)
+#   tile2d (8, 256):   bf16  80/84  -> 6/5, fp32  96/96  -> 5/5
+#   tile2d (16, 128):  bf16  80/80  -> 6/6, fp32  96/96  -> 5/5   <- chosen
+# tile2d stays opt-in until a GPU has measured both (fewer bytes per step in flight per block,
+# more blocks; no per-step barrier).
+RED_BWD_ENV_VAR = "REFT_KERNELS_RED_BWD"
+RED_BWD_MODES = ("rowsum", "tile2d")
+
+
+def red_bwd_mode() -> str:
+    value = os.environ.get(RED_BWD_ENV_VAR, "rowsum").strip().lower() or "rowsum"
+    if value not in RED_BWD_MODES:
+        raise ValueError(f"{RED_BWD_ENV_VAR} must be one of {RED_BWD_MODES}, got {value!r}")
+    return value
+
+
+def _red_bwd_tiles(d: int, on_gpu: bool, tile2d: bool = False):
     """(BLOCK_M, BLOCK_D, num_warps) of the backward: each program loops over its rows in
-    BLOCK_M-row steps, keeping two fp32 column accumulators of BLOCK_D. Not yet tuned on a GPU."""
+    BLOCK_M-row steps, keeping two fp32 column accumulators of BLOCK_D (``tile2d``: two (BLOCK_M,
+    BLOCK_D) accumulators). Not yet tuned on a GPU."""
     if on_gpu:
-        return 16, min(next_pow2(d), 256), 4
+        return (16, min(next_pow2(d), 128), 4) if tile2d else (16, min(next_pow2(d), 256), 4)
     return 64, min(next_pow2(d), 128), 4
 
 
@@ -134,21 +172,28 @@ def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
     if n == 0:
         zeros = torch.zeros(d, dtype=torch.float32, device=dev)
         return dh, (zeros if need_ds else None), (zeros.clone() if need_dt else None)
-    block_m, block_d, warps = _red_bwd_tiles(d, g2.is_cuda)
+    tile2d = red_bwd_mode() == "tile2d"
+    block_m, block_d, warps = _red_bwd_tiles(d, g2.is_cuda, tile2d)
     n_dblocks = cdiv(d, block_d)
-    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev)
     h2 = h2 if h2 is not None else g2  # only read when need_ds
+    consts = dict(HAS_SCALE=scale is not None, NEED_DH=need_dh, NEED_DS=need_ds, NEED_DT=need_dt,
+                  BLOCK_M=block_m, BLOCK_D=block_d, ACC_2D=tile2d)
+
+    def args(ds_part, dt_part, rows_per_prog):
+        return (g2, h2, scale if scale is not None else g2, dh if dh is not None else g2,
+                ds_part if ds_part is not None else g2, dt_part if dt_part is not None else g2,
+                n, d, rows_per_prog, g2.stride(0), g2.stride(1), h2.stride(0), h2.stride(1), d)
+
+    # one wave of the blocks the compiled kernel fits per SM (None off a GPU: the fixed plan); the
+    # probe's one-row fp32 partials specialise like the real ones, so the query compiles the very
+    # kernel the launch runs
+    probe = torch.empty((1, d), dtype=torch.float32, device=dev) if g2.is_cuda else None
+    per_sm = _triton.resident_blocks(_red_bwd_kernel, args(probe if need_ds else None, probe if need_dt else None,
+                                                           block_m), consts, warps, dev)
+    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev, per_sm)
     ds_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_ds else None
     dt_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_dt else None
-    _red_bwd_kernel[(progs, n_dblocks)](
-        g2, h2, scale if scale is not None else g2,
-        dh if dh is not None else g2,
-        ds_part if ds_part is not None else g2, dt_part if dt_part is not None else g2,
-        n, d, rows_per_prog,
-        g2.stride(0), g2.stride(1), h2.stride(0), h2.stride(1), d,
-        HAS_SCALE=scale is not None, NEED_DH=need_dh, NEED_DS=need_ds, NEED_DT=need_dt,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )
+    _red_bwd_kernel[(progs, n_dblocks)](*args(ds_part, dt_part, rows_per_prog), **consts, num_warps=warps)
     ds = ds_part.sum(0) if need_ds else None
     dt = dt_part.sum(0) if need_dt else None
     return dh, ds, dt
