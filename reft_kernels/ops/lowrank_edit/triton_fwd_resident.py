@@ -45,7 +45,7 @@ import torch
 from ... import _triton
 from ..._activations import act_fwd_tl
 from ..._triton import SmLimits, cdiv, next_pow2, tl, triton
-from .triton_impl import _row_source
+from .triton_impl import _latent_step, _row_source
 
 ENV_VAR = "REFT_KERNELS_LOWRANK_FWD"
 MODES = ("auto", "rowblock", "resident")
@@ -89,19 +89,8 @@ def _lowrank_edit_fwd_resident_kernel(
         if HAS_A or HAS_C or TIED:
             for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
                 cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-                col_ok = cols < d
-                x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
-                            mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-                wmask = col_ok[:, None] & k_ok[None, :]
-                if HAS_A:
-                    at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                    u = tl.dot(x, at, u, input_precision=DOT_PREC)
-                if HAS_C:
-                    ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                    p = tl.dot(x, ct, p, input_precision=DOT_PREC)
-                elif TIED:
-                    ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                    p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+                u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u,
+                                    p, HAS_A, HAS_C, TIED, DOT_PREC)
         if HAS_a:
             u += a_vec[None, :]
         z = act_fwd_tl(u, ACT) - p

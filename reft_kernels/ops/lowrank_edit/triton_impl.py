@@ -49,6 +49,30 @@ def _row_source(idx_ptr, m, n_rows, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u, p,
+                 HAS_A: tl.constexpr, HAS_C: tl.constexpr, TIED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One column block ``cols`` (int64, BLOCK_D) of the latent pass over rows ``h_row`` (element
+    offsets; ``row_ok`` masks padding rows): returns (u + x A^T, p + x C^T) for that block, fp32,
+    ``x`` the (BLOCK_M, BLOCK_D) rows as fp32; C is ``B`` when TIED. Columns past ``d`` and ranks
+    past ``r`` (``k_ok``) load as zero. Shared by every forward kernel (the one-pass, the
+    L2-resident and the split-d ones) so that they sum over ``d`` in the same way."""
+    col_ok = cols < d
+    x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    wmask = col_ok[:, None] & k_ok[None, :]
+    if HAS_A:
+        at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+        u = tl.dot(x, at, u, input_precision=DOT_PREC)
+    if HAS_C:
+        ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+        p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+    elif TIED:
+        ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+        p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+    return u, p
+
+
+@triton.jit
 def _lowrank_edit_fwd_kernel(
     h_ptr, y_ptr, hsave_ptr, idx_ptr,
     A_ptr, a_ptr, B_ptr, C_ptr, c_ptr,
@@ -82,19 +106,8 @@ def _lowrank_edit_fwd_kernel(
     if HAS_A or HAS_C or TIED:
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            col_ok = cols < d
-            x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            wmask = col_ok[:, None] & k_ok[None, :]
-            if HAS_A:
-                at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                u = tl.dot(x, at, u, input_precision=DOT_PREC)
-            if HAS_C:
-                ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                p = tl.dot(x, ct, p, input_precision=DOT_PREC)
-            elif TIED:
-                ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-                p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+            u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u, p,
+                                HAS_A, HAS_C, TIED, DOT_PREC)
     if HAS_a:
         u += tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     z = act_fwd_tl(u, ACT) - p

@@ -35,7 +35,7 @@ import torch
 from ... import _triton
 from ..._activations import IDENTITY, act_fwd_tl, act_grad_torch
 from ..._triton import cdiv, next_pow2, tl, triton
-from .triton_impl import _row_source
+from .triton_impl import _latent_step, _row_source
 
 ENV_VAR = "REFT_KERNELS_SMALL_N"
 MODES = ("auto", "one-pass", "split")
@@ -62,16 +62,8 @@ def _lowrank_latent_part_kernel(
     c0 = s * cols_per_prog
     for dd in range(0, cols_per_prog, BLOCK_D):
         cols = c0 + dd + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_ok = cols < d
-        x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        wmask = col_ok[:, None] & k_ok[None, :]
-        if HAS_A:
-            at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-            u = tl.dot(x, at, u, input_precision=DOT_PREC)
-        if HAS_CP:
-            ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-            p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+        u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, C_ptr, u, p,
+                            HAS_A, HAS_CP, False, DOT_PREC)
     off = s * n_rows * r + m[:, None] * r + k[None, :]
     lat_mask = m_ok[:, None] & k_ok[None, :]
     if HAS_A:
