@@ -289,9 +289,6 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
   return {z, u, hsave};
 }
 
-// Backward. g rows (and dh rows, when dh is given) follow idx like the forward's h rows; x holds
-// the n input rows densely. Returns (gz, ga, dA, dB, dC) as fp32: gz, ga (n, r) (ga empty for the
-// identity activation), the (r, d) weight gradients or empty tensors when not needed.
 // The backward's input checks (both kernels' entry points); returns the weights' dtype.
 Weights check_bwd_inputs(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n, int64_t d,
                          int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride, int64_t dh_col_stride,
@@ -326,6 +323,65 @@ Weights check_bwd_inputs(const at::Tensor& g, const OptTensor& dh, const OptTens
   return w;
 }
 
+// The backward's outputs, allocated alike by both entry points: gz, ga (n, r) fp32 (ga empty for
+// the identity activation) and the (r, d) fp32 weight gradients (empty when not needed; zeroed
+// when n == 0, where nothing is launched).
+struct BwdOutputs {
+  at::Tensor gz, ga, dA, dB, dC;
+  std::vector<at::Tensor> list() const { return {gz, ga, dA, dB, dC}; }
+};
+
+BwdOutputs bwd_outputs(const at::Tensor& g, int64_t n, int64_t d, int64_t r, bool has_u, bool need_dA, bool need_dB,
+                       bool need_dC) {
+  auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
+  BwdOutputs o{f32_empty({n, r}, g), has_u ? f32_empty({n, r}, g) : f32_empty({0}, g), grad_out(need_dA),
+               grad_out(need_dB), grad_out(need_dC)};
+  if (n == 0)
+    for (auto* t : {&o.dA, &o.dB, &o.dC})
+      if (t->numel() > 0) t->zero_();
+  return o;
+}
+
+// The fields of LowrankBwdParams that both backward kernels read: every pointer, size and stride
+// but the partial buffers and the row split, and the 16-byte access flags for T and W.
+template <typename T, typename W>
+void fill_bwd_params(LowrankBwdParams& p, const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
+                     int64_t d, int64_t r, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
+                     int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A, const at::Tensor& B,
+                     const OptTensor& P, const at::Tensor& z, const OptTensor& u, const BwdOutputs& out, int64_t act,
+                     bool tied) {
+  constexpr int V = vec_of<T>();
+  const bool has_u = act != 0;
+  p.g = g.data_ptr();
+  p.x = x.data_ptr();
+  p.dh = dh.has_value() ? dh->data_ptr() : nullptr;
+  p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
+  p.A = ptr_or_null(A);
+  p.B = B.data_ptr();
+  p.P = ptr_or_null(P);
+  p.z = z.data_ptr<float>();
+  p.u = has_u ? u->data_ptr<float>() : nullptr;
+  p.gz = out.gz.data_ptr<float>();
+  p.ga = has_u ? out.ga.data_ptr<float>() : nullptr;
+  p.n_rows = n;
+  p.d = d;
+  p.r = r;
+  p.g_row_stride = g_row_stride;
+  p.g_col_stride = g_col_stride;
+  p.x_row_stride = x.stride(0);
+  p.x_col_stride = x.stride(1);
+  p.dh_row_stride = dh_row_stride;
+  p.dh_col_stride = dh_col_stride;
+  p.act = static_cast<int>(act);
+  p.tied = tied;
+  p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
+             (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
+  p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
+}
+
+// Backward. g rows (and dh rows, when dh is given) follow idx like the forward's h rows; x holds
+// the n input rows densely. Returns (gz, ga, dA, dB, dC) as fp32: gz, ga (n, r) (ga empty for the
+// identity activation), the (r, d) weight gradients or empty tensors when not needed.
 std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
                                          int64_t d, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
                                          int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A,
@@ -336,62 +392,30 @@ std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& d
                                      B, P, z, u, act, tied, need_dA, need_dC);
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t r = B.size(0);
-  const bool has_u = act != 0;
-  at::Tensor gz = f32_empty({n, r}, g);
-  at::Tensor ga = has_u ? f32_empty({n, r}, g) : f32_empty({0}, g);
-  auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
-  at::Tensor dA = grad_out(need_dA), dB = grad_out(need_dB), dC = grad_out(need_dC);
-  if (n == 0) {
-    for (auto* t : {&dA, &dB, &dC})
-      if (t->numel() > 0) t->zero_();
-    return {gz, ga, dA, dB, dC};
-  }
+  const BwdOutputs out = bwd_outputs(g, n, d, r, act != 0, need_dA, need_dB, need_dC);
+  if (n == 0) return out.list();
   dispatch_dtypes(g.scalar_type(), w.dtype, "lowrank_edit_bwd", [&](auto tt, auto tw) {
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
-    constexpr int V = vec_of<T>();
     const int64_t rpb = lowrank_edit_bwd_params_rows_per_block<T>(n, d, r, tied, sm_count(g));
     const int64_t blocks = cdiv(n, rpb);
     auto part = [&](bool need) { return need ? f32_empty({blocks, r, d}, g) : at::Tensor(); };
     at::Tensor dA_part = part(need_dA), dB_part = part(need_dB), dC_part = part(need_dC);
     LowrankBwdParams p{};
-    p.g = g.data_ptr();
-    p.x = x.data_ptr();
-    p.dh = dh.has_value() ? dh->data_ptr() : nullptr;
-    p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
-    p.A = ptr_or_null(A);
-    p.B = B.data_ptr();
-    p.P = ptr_or_null(P);
-    p.z = z.data_ptr<float>();
-    p.u = has_u ? u->data_ptr<float>() : nullptr;
-    p.gz = gz.data_ptr<float>();
-    p.ga = has_u ? ga.data_ptr<float>() : nullptr;
+    fill_bwd_params<T, W>(p, g, dh, idx, n, d, r, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A, B, P,
+                          z, u, out, act, tied);
     p.dA_part = need_dA ? dA_part.data_ptr<float>() : nullptr;
     p.dB_part = need_dB ? dB_part.data_ptr<float>() : nullptr;
     p.dC_part = need_dC ? dC_part.data_ptr<float>() : nullptr;
-    p.n_rows = n;
-    p.d = d;
-    p.r = r;
-    p.g_row_stride = g_row_stride;
-    p.g_col_stride = g_col_stride;
-    p.x_row_stride = x.stride(0);
-    p.x_col_stride = x.stride(1);
-    p.dh_row_stride = dh_row_stride;
-    p.dh_col_stride = dh_col_stride;
     p.rows_per_block = rpb;
-    p.act = static_cast<int>(act);
-    p.tied = tied;
-    p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
-               (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
-    p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_lowrank_edit_bwd_dh<T, W>(p, stream);
     launch_lowrank_edit_bwd_params<T>(p, stream);
-    if (need_dA) launch_partial_sum(p.dA_part, blocks, r * d, 1.f, dA.data_ptr<float>(), stream);
-    if (need_dB) launch_partial_sum(p.dB_part, blocks, r * d, 1.f, dB.data_ptr<float>(), stream);
-    if (need_dC) launch_partial_sum(p.dC_part, blocks, r * d, -1.f, dC.data_ptr<float>(), stream);
+    if (need_dA) launch_partial_sum(p.dA_part, blocks, r * d, 1.f, out.dA.data_ptr<float>(), stream);
+    if (need_dB) launch_partial_sum(p.dB_part, blocks, r * d, 1.f, out.dB.data_ptr<float>(), stream);
+    if (need_dC) launch_partial_sum(p.dC_part, blocks, r * d, -1.f, out.dC.data_ptr<float>(), stream);
   });
-  return {gz, ga, dA, dB, dC};
+  return out.list();
 }
 
 // The one-pass cluster backward (lowrank_edit_bwd_cluster.cu) for (d, r) on `like`'s device:
@@ -427,47 +451,16 @@ std::vector<at::Tensor> lowrank_edit_bwd_cluster(const at::Tensor& g, const OptT
   TORCH_CHECK_VALUE(lowrank_bwd_cluster_device_ok(g.device().index()),
                     "lowrank_edit_bwd_cluster: needs a device of compute capability 9.0 or newer and a build with "
                     "sm_90 code");
-  const bool has_u = act != 0;
-  at::Tensor gz = f32_empty({n, r}, g);
-  at::Tensor ga = has_u ? f32_empty({n, r}, g) : f32_empty({0}, g);
-  auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
-  at::Tensor dA = grad_out(need_dA), dB = grad_out(need_dB), dC = grad_out(need_dC);
-  if (n == 0) {
-    for (auto* t : {&dA, &dB, &dC})
-      if (t->numel() > 0) t->zero_();
-    return {gz, ga, dA, dB, dC};
-  }
+  const BwdOutputs out = bwd_outputs(g, n, d, r, act != 0, need_dA, need_dB, need_dC);
+  if (n == 0) return out.list();
   dispatch_dtypes(g.scalar_type(), w.dtype, "lowrank_edit_bwd_cluster", [&](auto tt, auto tw) {
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
     constexpr int V = vec_of<T>();
     LowrankBwdClusterParams cp{};
     LowrankBwdParams& p = cp.b;
-    p.g = g.data_ptr();
-    p.x = x.data_ptr();
-    p.dh = dh.has_value() ? dh->data_ptr() : nullptr;
-    p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
-    p.A = ptr_or_null(A);
-    p.B = B.data_ptr();
-    p.P = ptr_or_null(P);
-    p.z = z.data_ptr<float>();
-    p.u = has_u ? u->data_ptr<float>() : nullptr;
-    p.gz = gz.data_ptr<float>();
-    p.ga = has_u ? ga.data_ptr<float>() : nullptr;
-    p.n_rows = n;
-    p.d = d;
-    p.r = r;
-    p.g_row_stride = g_row_stride;
-    p.g_col_stride = g_col_stride;
-    p.x_row_stride = x.stride(0);
-    p.x_col_stride = x.stride(1);
-    p.dh_row_stride = dh_row_stride;
-    p.dh_col_stride = dh_col_stride;
-    p.act = static_cast<int>(act);
-    p.tied = tied;
-    p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
-               (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
-    p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
+    fill_bwd_params<T, W>(p, g, dh, idx, n, d, r, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A, B, P,
+                          z, u, out, act, tied);
     cp.slice = plan.slice;
     cp.n_row_blocks = cdiv(n, kClusterRows);
     cp.x_vec_ok = aligned(p.x, 16) && x.stride(1) == 1 && x.stride(0) % V == 0;
@@ -480,11 +473,11 @@ std::vector<at::Tensor> lowrank_edit_bwd_cluster(const at::Tensor& g, const OptT
     p.dC_part = need_dC ? dC_part.data_ptr<float>() : nullptr;
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_lowrank_edit_bwd_cluster<T, W>(cp, plan, clusters, stream);
-    if (need_dA) launch_partial_sum(p.dA_part, clusters, r * d, 1.f, dA.data_ptr<float>(), stream);
-    if (need_dB) launch_partial_sum(p.dB_part, clusters, r * d, 1.f, dB.data_ptr<float>(), stream);
-    if (need_dC) launch_partial_sum(p.dC_part, clusters, r * d, -1.f, dC.data_ptr<float>(), stream);
+    if (need_dA) launch_partial_sum(p.dA_part, clusters, r * d, 1.f, out.dA.data_ptr<float>(), stream);
+    if (need_dB) launch_partial_sum(p.dB_part, clusters, r * d, 1.f, out.dB.data_ptr<float>(), stream);
+    if (need_dC) launch_partial_sum(p.dC_part, clusters, r * d, -1.f, out.dC.data_ptr<float>(), stream);
   });
-  return {gz, ga, dA, dB, dC};
+  return out.list();
 }
 
 }  // namespace
