@@ -79,6 +79,38 @@ __global__ void __launch_bounds__(kWarps * 32, 1) lowrank_edit_bwd_dh_kernel(con
   }
 }
 
+// Stages rows t0 .. t0 + ROWS - 1 (those before row_end) for a parameter-gradient kernel's ranks
+// k0 .. k0 + RK - 1: the latents gz, ga (gz for the identity activation) and z (when need_b) in
+// fp32, zero on rows past row_end and ranks past r, and with ZERO_PADDING on padding rows (-1 in
+// the index) too, for a kernel whose masked rows still run their FMAs (the vector kernel; the
+// scalar one skips them, and reading the index per latent there cost 8 registers: 64 -> 72 on
+// sm_90, tools/cuda_compile_check.py); and each row's element offset in g and in x, -1 where the
+// row is not real. `nt` threads share the work; the caller synchronises before reading the stage.
+template <int ROWS, int RK, bool ZERO_PADDING>
+__device__ __forceinline__ void stage_param_rows(const LowrankBwdParams& p, int64_t t0, int64_t row_end, int64_t k0,
+                                                 bool need_b, int tid, int nt, float (*s_gz)[RK], float (*s_ga)[RK],
+                                                 float (*s_z)[RK], int64_t* s_g_off, int64_t* s_x_off) {
+  const int64_t n = p.n_rows, r = p.r;
+  for (int e = tid; e < ROWS * RK; e += nt) {
+    const int i = e / RK, kk = e % RK;
+    const int64_t m = t0 + i, k = k0 + kk;
+    int64_t src;
+    const bool v = m < row_end && k < r && (!ZERO_PADDING || row_source(p.idx, m, n, src));
+    const int64_t o = m * r + k;
+    const float gz = v ? p.gz[o] : 0.f;
+    s_gz[i][kk] = gz;
+    s_ga[i][kk] = (v && p.ga != nullptr) ? p.ga[o] : gz;
+    s_z[i][kk] = (v && need_b) ? p.z[o] : 0.f;
+  }
+  if (tid < ROWS) {
+    const int64_t m = t0 + tid;
+    int64_t src;
+    const bool ok = m < row_end && row_source(p.idx, m, n, src);
+    s_g_off[tid] = ok ? src * p.g_row_stride : -1;
+    s_x_off[tid] = ok ? m * p.x_row_stride : -1;
+  }
+}
+
 template <typename T, int RK, bool TIED>
 __global__ void __launch_bounds__(kParamCols) lowrank_edit_bwd_params_kernel(const LowrankBwdParams p) {
   __shared__ float s_z[kParamRows][RK];
@@ -104,23 +136,8 @@ __global__ void __launch_bounds__(kParamCols) lowrank_edit_bwd_params_kernel(con
   const int64_t row_end = min64(n, row_begin + p.rows_per_block);
   for (int64_t t0 = row_begin; t0 < row_end; t0 += kParamRows) {
     __syncthreads();  // the previous tile is consumed
-    for (int e = tid; e < kParamRows * RK; e += kParamCols) {
-      const int i = e / RK, kk = e % RK;
-      const int64_t m = t0 + i, k = k0 + kk;
-      const bool v = m < row_end && k < r;
-      const int64_t o = m * r + k;
-      const float gz = v ? p.gz[o] : 0.f;
-      s_gz[i][kk] = gz;
-      s_ga[i][kk] = (v && p.ga != nullptr) ? p.ga[o] : gz;
-      s_z[i][kk] = (v && need_b) ? p.z[o] : 0.f;
-    }
-    if (tid < kParamRows) {
-      const int64_t m = t0 + tid;
-      int64_t src;
-      const bool ok = m < row_end && row_source(p.idx, m, n, src);
-      s_g_off[tid] = ok ? src * p.g_row_stride : -1;
-      s_x_off[tid] = ok ? m * p.x_row_stride : -1;
-    }
+    stage_param_rows<kParamRows, RK, false>(p, t0, row_end, k0, need_b, tid, kParamCols, s_gz, s_ga, s_z, s_g_off,
+                                            s_x_off);
     __syncthreads();
     const int rows = static_cast<int>(min64(kParamRows, row_end - t0));
     if (col_ok) {
@@ -332,24 +349,8 @@ __global__ void __launch_bounds__(kParamVecWarps * 32, 2)
     __syncthreads();  // the previous stage is consumed
     // Latents of the stage's rows for this block's ranks; zero on padding rows (-1 in the index),
     // rows past the block's range and ranks past r, so that masked rows add nothing.
-    for (int e = tid; e < kParamVecRows * RK; e += kParamVecWarps * 32) {
-      const int i = e / RK, kk = e % RK;
-      const int64_t m = t0 + i, k = k0 + kk;
-      int64_t src;
-      const bool v = m < row_end && k < r && row_source(p.idx, m, n, src);
-      const int64_t o = m * r + k;
-      const float gz = v ? p.gz[o] : 0.f;
-      s_gz[i][kk] = gz;
-      s_ga[i][kk] = (v && p.ga != nullptr) ? p.ga[o] : gz;
-      s_z[i][kk] = (v && need_b) ? p.z[o] : 0.f;
-    }
-    if (tid < kParamVecRows) {
-      const int64_t m = t0 + tid;
-      int64_t src;
-      const bool ok = m < row_end && row_source(p.idx, m, n, src);
-      s_g_off[tid] = ok ? src * p.g_row_stride : -1;
-      s_x_off[tid] = ok ? m * p.x_row_stride : -1;
-    }
+    stage_param_rows<kParamVecRows, RK, true>(p, t0, row_end, k0, need_b, tid, kParamVecWarps * 32, s_gz, s_ga, s_z,
+                                              s_g_off, s_x_off);
     __syncthreads();
     const int rows = static_cast<int>(min64(kParamVecRows, row_end - t0));
     const int i_begin = warp * kStageRowsPerWarp;
