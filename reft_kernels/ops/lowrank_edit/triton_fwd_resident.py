@@ -45,7 +45,7 @@ import torch
 from ... import _triton
 from ..._activations import act_fwd_tl
 from ..._triton import SmLimits, cdiv, next_pow2, tl, triton
-from .triton_impl import _latent_step, _row_source
+from .triton_impl import _apply_step, _latent_step, _row_source
 
 ENV_VAR = "REFT_KERNELS_LOWRANK_FWD"
 MODES = ("auto", "rowblock", "resident")
@@ -103,16 +103,8 @@ def _lowrank_edit_fwd_resident_kernel(
             tl.store(u_ptr + lat_off, u, mask=m_ok[:, None] & k_ok[None, :])
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            col_ok = cols < d
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
-            if SAVE_H:
-                tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
-            b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0).to(tl.float32)
-            y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
-            tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty),
-                     mask=tile_ok)
+            _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k,
+                        k_ok, B_ptr, z, SAVE_H, DOT_PREC)
 
 
 def mode() -> str:

@@ -73,6 +73,24 @@ def _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_
 
 
 @triton.jit
+def _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k, k_ok,
+                B_ptr, z, SAVE_H: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One column block ``cols`` of the re-projection pass: ``y = h + z B`` for the block's rows,
+    rounded once to ``y``'s dtype; with SAVE_H the original rows are also copied to the dense
+    (n_rows, d) ``hsave`` (row ``m``). Each element is read before it is written, so ``y`` may
+    alias ``h``. Shared by the one-pass and the L2-resident forwards."""
+    col_ok = cols < d
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
+    if SAVE_H:
+        tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
+    b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
+    tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
 def _lowrank_edit_fwd_kernel(
     h_ptr, y_ptr, hsave_ptr, idx_ptr,
     A_ptr, a_ptr, B_ptr, C_ptr, c_ptr,
@@ -122,16 +140,8 @@ def _lowrank_edit_fwd_kernel(
 
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_ok = cols < d
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
-        if SAVE_H:
-            tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
-        b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
-        tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty),
-                 mask=tile_ok)
+        _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k, k_ok,
+                    B_ptr, z, SAVE_H, DOT_PREC)
 
 
 @triton.jit
