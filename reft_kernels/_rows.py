@@ -51,7 +51,17 @@ def put_rows_(dst: torch.Tensor, sel, index: torch.Tensor, rows: torch.Tensor) -
     Padding entries point at row 0; they write row 0's final value (its new value when row 0
     is listed, its current value otherwise), so every write that reaches row 0 agrees and the
     result does not depend on the order of the writes.
+
+    Not differentiable: autograd through these writes would send row 0's gradient once more for
+    every padding entry (each padding write copies row 0's value). Called with grad mode on and a
+    tensor that requires grad it raises; code that needs gradients calls ``put_rows``, whose
+    backward is exact for any index.
     """
+    if torch.is_grad_enabled() and (dst.requires_grad or rows.requires_grad):
+        raise RuntimeError(
+            "put_rows_ is not differentiable (its padding entries copy row 0, so autograd would "
+            "count row 0's gradient once per padding entry): use reft_kernels._rows.put_rows"
+        )
     if index.numel() == 0 or dst.numel() == 0:
         return dst
     row0 = dst[(0,) * (dst.dim() - 1)]
@@ -60,6 +70,57 @@ def put_rows_(dst: torch.Tensor, sel, index: torch.Tensor, rows: torch.Tensor) -
     row0 = torch.where(hit0.any(), new0, row0)
     rows = torch.where((index >= 0)[:, None], rows, row0)
     return dst.index_put_(sel, rows)
+
+
+class PutRowsFunction(torch.autograd.Function):
+    """``put_rows`` as an autograd Function with an exact backward for any index with padding.
+
+    Forward: a copy of ``dst`` (..., d) with row ``index[i]`` of ``dst.reshape(-1, d)`` replaced by
+    ``rows[i]`` (n, d) for every real entry; -1 entries write nothing.
+    Backward, with ``g`` the gradient of the output: ``d dst`` is ``g`` with the listed rows zeroed
+    (the same put, of zeros: itself exact, so double backward is exact too), ``d rows[i]`` is
+    ``g``'s row ``index[i]`` for a real entry and zero for a padding entry. Each row's gradient is
+    counted once, whatever the number and order of padding entries.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dst, index, rows):
+        out = dst.clone()
+        if index.numel() and out.numel():
+            sel, _ = row_selector(out, index)
+            put_rows_(as_2d_plus(out), sel, index, rows.to(out.dtype))
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dst, index, rows = inputs
+        ctx.save_for_backward(index)
+        ctx.rows_meta = (rows.shape, rows.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        shape, dtype = ctx.rows_meta
+        need_dst, _, need_rows = ctx.needs_input_grad
+        g_dst = g_rows = None
+        if need_dst:
+            g_dst = put_rows(g, index, g.new_zeros(shape))
+        if need_rows:
+            if g.numel() == 0:
+                g_rows = g.new_zeros(shape, dtype=dtype)
+            else:
+                sel, valid = row_selector(g, index)
+                g_rows = torch.where(valid[:, None], as_2d_plus(g)[sel], 0).to(dtype)
+        return g_dst, None, g_rows
+
+
+def put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``dst`` (..., d) whose rows ``index`` (n,) of ``dst.reshape(-1, d)`` hold ``rows``
+    (n, d), -1 entries skipped; differentiable with an exact backward (``PutRowsFunction``), no
+    host synchronisation. ``index`` must list each row at most once (``check_index``)."""
+    return PutRowsFunction.apply(dst, index, rows)
 
 
 def rows_addressing(h: torch.Tensor, index: torch.Tensor):

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from ._rows import as_2d_plus, put_rows_, row_selector
+from ._rows import as_2d_plus, put_rows, row_selector
 from ._validate import check_hidden, check_index
 from .functional import lowrank_edit, lowrank_edit_, red
 from .orthogonal import orthonormal_rows, random_orthonormal_rows
@@ -43,7 +43,8 @@ class RED(nn.Module):
 
     ``forward(h, index=None)``: RED's paper edits every row; with ``index`` (rows of
     ``h.reshape(-1, d)``, -1 = padding) only those rows are edited and the rest copied, through a
-    gather, the fused ``red`` on the gathered rows, and a scatter.
+    gather, the fused ``red`` on the gathered rows, and ``put_rows`` (exact gradients for any
+    index, padding included).
     """
 
     def __init__(self, d: int, *, dtype=None, device=None, backend=None):
@@ -59,13 +60,13 @@ class RED(nn.Module):
             return red(h, self.scale, self.bias, backend=self.backend)
         d = check_hidden(h)
         index = check_index(index, h.numel() // d, h)
-        # one row per entry, padding included: no host sync, no data-dependent shape
+        if h.numel() == 0:
+            return h.clone()
+        # one row per entry, padding included (padding entries read row 0 and are dropped by the
+        # put, gradient included): no host sync, no data-dependent shape
         sel, _ = row_selector(h, index)
-        out = as_2d_plus(h).clone()
-        if out.numel():
-            edited = red(out[sel], self.scale, self.bias, backend=self.backend)
-            put_rows_(out, sel, index, edited)
-        return out.view(h.shape)
+        edited = red(as_2d_plus(h)[sel], self.scale, self.bias, backend=self.backend)
+        return put_rows(h, index, edited)
 
     def extra_repr(self):
         return f"d={self.d}"

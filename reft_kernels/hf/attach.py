@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._rows import as_2d_plus, put_rows_, row_selector
+from .._rows import as_2d_plus, put_rows, row_selector
 from .._validate import remember_index_checked
 from ..modules import RED
 from .batch import KWARG, build_batch, cache_length
@@ -57,15 +57,14 @@ def _edit_rows(iv, h, index, dropout: float, training: bool):
     Without dropout it edits ``h`` in place (the layer output is a fresh tensor that nothing else
     holds yet), which saves a (B, S, d) copy per layer; when autograd forbids that (``h`` a leaf
     that requires grad, or a view) it edits a copy. With dropout in training, pyreft's
-    ``dropout(h + edit)`` on the edited rows: gather, edit, dropout, scatter into a copy.
+    ``dropout(h + edit)`` on the edited rows: gather, edit, dropout, ``put_rows`` into a copy.
     """
     if dropout > 0.0 and training:
+        if h.numel() == 0:
+            return h
         sel, _ = row_selector(h, index)
-        out = h.clone()
-        out2 = as_2d_plus(out)
         edited = F.dropout(iv(as_2d_plus(h)[sel]), dropout, training=True)
-        put_rows_(out2, sel, index, edited)
-        return out
+        return put_rows(h, index, edited)  # exact gradients with padding entries (not put_rows_)
     # ``h._base is not None`` rather than ``h._is_view()``: the same test, and torch.compile traces
     # it (``_is_view()`` is a graph break)
     if (h.requires_grad and h.is_leaf) or h._base is not None:
