@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import reft_kernels  # noqa: E402,F401
 from reft_kernels import _backend  # noqa: E402
 
+from ._threads import _one_thread  # noqa: E402,F401  (autouse: one intra-op thread per test)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 if os.environ.get("REFT_KERNELS_TEST_CUDA_EMULATION") == "1" and DEVICE.type == "cpu":
