@@ -4,6 +4,8 @@ Each checks its inputs (every bad input becomes a ValueError/TypeError naming th
 the shapes, or, for an in-place edit that cannot be done, a RuntimeError like PyTorch's own
 in-place ops raise, always before anything is written), picks the backend
 (``reft_kernels._backend``) and applies the autograd Function of ``reft_kernels/ops/<op>/``.
+Under ``torch.func`` transforms and forward-mode AD the PyTorch backend computes with plain
+differentiable ops instead and the kernel backends refuse (``reft_kernels._transforms``).
 """
 from __future__ import annotations
 
@@ -16,13 +18,17 @@ from ._activations import act_code
 from ._backend import ENV_VAR, resolve_backend
 from ._constants import CUDA_MAX_RANK
 from ._measured import measured_backend
+from ._rows import as_rows
+from ._transforms import transform_in_use, transform_reason, wrapped
 from ._validate import (
     TRITON_DTYPES, check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param,
 )
 from .ops.lowrank_edit.contract import Spec
 from .ops.lowrank_edit import function as lowrank_function
+from .ops.lowrank_edit import torch_impl as lowrank_torch
 from .ops.lowrank_edit.triton_impl import triton_max_rank
-from .ops.red.function import RedFunction
+from .ops.red import torch_impl as red_torch
+from .ops.red import function as red_function
 
 
 def _kernel_dtype_reason(h, backend):
@@ -43,19 +49,24 @@ def red(h, scale=None, bias=None, *, backend=None):
 
     Numerics: the kernels compute ``fma(h, s, t)`` in fp32 and round once (RED's own code rounds
     ``h * s`` before adding ``t``); the column sums of the backward accumulate in fp32 in a fixed
-    order. Runs outside autocast; one backward (no double backward).
+    order. Runs outside autocast; one backward (no double backward). Under ``torch.func``
+    transforms and forward-mode AD only ``backend="torch"`` runs (plain PyTorch ops, the same
+    numerics); the kernel backends raise RuntimeError there (``reft_kernels._transforms``).
     """
     d = check_hidden(h)
     check_param(scale, "scale", (d,), h, optional=True)
     check_param(bias, "bias", (d,), h, optional=True)
-    why = _kernel_dtype_reason(h, backend)
+    transform = transform_in_use((h, scale, bias))
+    why = _kernel_dtype_reason(h, backend) or transform_reason("red", transform, backend)
     be = resolve_backend(backend, h.device, triton_unsupported=why, cuda_unsupported=why,
                          measured=lambda: measured_backend("red", h, h.numel() // d, d))
     check_backend_dtype(be, h)
+    if transform is not None:
+        return red_torch.fwd(as_rows(h), scale, bias).reshape(h.shape)
     if be in ("triton", "cuda"):
         scale = scale.contiguous() if scale is not None else None
         bias = bias.contiguous() if bias is not None else None
-    return RedFunction.apply(h, scale, bias, be)
+    return red_function.apply(h, scale, bias, be)
 
 
 def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
@@ -75,7 +86,9 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     check_param(c, "c", (r,), h, optional=True)
     code = act_code(act)
     tied = C is not None and C is B
-    reason = cuda_reason = _kernel_dtype_reason(h, backend)
+    op = "lowrank_edit_" if inplace else "lowrank_edit"
+    transform = transform_in_use((h, B, A, a, C, c, index))
+    reason = cuda_reason = _kernel_dtype_reason(h, backend) or transform_reason(op, transform, backend)
     if reason is None and r > triton_max_rank(h.dtype):
         reason = f"the Triton kernels take ranks up to {triton_max_rank(h.dtype)} for {h.dtype} h, got r = {r}"
     if cuda_reason is None and r > CUDA_MAX_RANK:
@@ -92,6 +105,8 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     be = resolve_backend(backend, h.device, triton_unsupported=reason, cuda_unsupported=cuda_reason,
                          measured=measured)
     check_backend_dtype(be, h)
+    if transform is not None:
+        _check_transformed(op, transform, h, (B, A, a, C, c), index, inplace)
     if index is not None:
         index = check_index(index, n_rows, h)
     if inplace:
@@ -102,7 +117,23 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
         A, a, B, C, c = (t.contiguous() if t is not None else None for t in (A, a, B, C, c))
     elif be == "cuda":
         A, a, B, C, c = _cuda.kernel_params(h.dtype, A, a, B, (None if tied else C), c)
-    return Spec(be, code, tied), A, a, B, (None if tied else C), c, index
+    return Spec(be, code, tied), A, a, B, (None if tied else C), c, index, transform is not None
+
+
+def _check_transformed(op, transform, h, params, index, inplace):
+    """What the PyTorch path cannot do under a transform: batch or differentiate over ``index``,
+    or edit in place under a ``torch.func`` transform (its wrapper tensors have no storage to
+    check for aliasing; forward-mode AD's dual tensors do and are edited in place)."""
+    if wrapped(index):
+        raise ValueError(
+            f"reft_kernels.{op}: index must be a plain tensor under {transform} (one index for every "
+            "batch element): pass it from outside the transformed function, or with in_dims=None"
+        )
+    if inplace and any(wrapped(t) for t in (h, *params)):
+        raise RuntimeError(
+            f"reft_kernels.{op} cannot edit h in place under {transform}: use the out-of-place "
+            "reft_kernels.lowrank_edit with the same index, which returns the same values"
+        )
 
 
 def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, backend=None):
@@ -123,8 +154,15 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
     Returns ``y`` with ``h``'s shape and dtype; gradients flow to ``h`` and every parameter, each
     in its own dtype. Runs outside autocast (``y`` in ``h``'s dtype inside ``torch.autocast``
     too); one backward (no double backward).
+
+    Under ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) and forward-mode
+    AD only ``backend="torch"`` runs, from plain PyTorch ops with the same numerics (the default
+    dispatch picks it; ``"triton"``/``"cuda"`` raise RuntimeError before launching anything);
+    ``index`` must then be a plain tensor, shared by every batch element.
     """
-    spec, A, a, B, C, c, index = _prepare(h, B, A, a, C, c, act, index, backend, inplace=False)
+    spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=False)
+    if transformed:
+        return lowrank_torch.fwd_differentiable(h, A, a, B, C, c, spec, index)
     if index is not None:
         h = h.clone(memory_format=torch.contiguous_format)
     return lowrank_function.apply(h, A, a, B, C, c, spec, index)
@@ -140,7 +178,11 @@ def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None,
     Raises RuntimeError, before writing anything, where PyTorch's in-place ops would refuse too:
     ``h`` a leaf that requires grad or a view of one (with grad mode on), an inference tensor
     outside inference mode, an ``h`` whose elements may share memory (expanded or overlapping
-    views), or an ``h`` that shares memory with a parameter or the index.
+    views), or an ``h`` that shares memory with a parameter or the index. Under a ``torch.func``
+    transform it raises RuntimeError (use ``lowrank_edit``); under forward-mode AD, with
+    ``backend="torch"``, it writes the out-of-place result into ``h``.
     """
-    spec, A, a, B, C, c, index = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True)
+    spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True)
+    if transformed:  # forward-mode AD: the edit of a copy, written back (tangent and graph follow)
+        return h.copy_(lowrank_torch.fwd_differentiable(h.clone(), A, a, B, C, c, spec, index))
     return lowrank_function.apply(h, A, a, B, C, c, spec, index)

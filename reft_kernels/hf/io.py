@@ -1,12 +1,21 @@
 """Save and load the attached interventions: ``interventions.safetensors`` (the parameters) and
 ``reft_config.json`` (the configs, the model type, hidden size and layer count, the library
-version, and the weights file's SHA-256), each written to a temporary name in the target folder
-and renamed into place, so an interrupted save never leaves a half-written file under the real
-name.
+version, and the weights file's SHA-256).
 
-``load_interventions`` reads and checks everything (JSON, checksum, tensor names, shapes) before it
-changes anything: a corrupted, truncated or mismatched file raises ValueError and leaves the model
-exactly as it was.
+A save replaces the pair as one: the config is the commit point. The new weights go first to
+``interventions.safetensors.pending``, then the new config replaces the old one, then the pending
+weights replace the old weights; every file is written under a temporary name (``.reft-tmp-*``),
+flushed to disk and renamed into place, so no file is ever half-written under its real name. A
+reader takes the weights file whose checksum the config names (the real one, else the pending
+one), so the folder holds one complete save at every instant: the previous one until the new
+config is in place, the new one from then on. A save killed part-way leaves temporaries and
+perhaps a pending file; the next save first finishes (pending weights the config names) or
+removes (any other pending file, every ``.reft-tmp-*``) what it left. Other files in the folder
+are never touched. One writer per folder at a time.
+
+``load_interventions`` reads and checks everything (JSON, checksum, tensor names, shapes, finite
+values) before it changes anything: a corrupted, truncated or mismatched file raises ValueError
+and leaves the model exactly as it was.
 """
 from __future__ import annotations
 
@@ -22,22 +31,94 @@ from .config import config_from_dict
 
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "interventions.safetensors"
+PENDING_NAME = WEIGHTS_NAME + ".pending"
+TMP_PREFIX = ".reft-tmp-"
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+def _fsync_dir(folder: str) -> None:
+    """Make the renames in ``folder`` durable (where the OS lets a directory be opened)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask): ``mkstemp`` makes 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, rename it to ``path``
+    (with the permissions of a file written with ``open()``)."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, _file_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(folder)
+
+
+def _sha256_of(path: str):
+    """The file's SHA-256 (hex) and bytes, or (None, None) when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None, None
+    return hashlib.sha256(blob).hexdigest(), blob
+
+
+def _committed_sha(directory: str):
+    """The weights checksum that the folder's config names (None without a readable config)."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), "rb") as f:
+            meta = json.loads(f.read().decode())
+        return meta.get("weights_sha256") if isinstance(meta, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _settle(directory: str) -> None:
+    """Finish or undo what a killed save left in ``directory``: pending weights that the config
+    names are renamed into place (that save had committed), any other pending file is removed
+    (it had not), and so is every temporary file of ours. The folder's complete save, whichever
+    it is, stays readable throughout."""
+    pending = os.path.join(directory, PENDING_NAME)
+    if os.path.exists(pending):
+        sha, _ = _sha256_of(pending)
+        if sha is not None and sha == _committed_sha(directory):
+            os.replace(pending, os.path.join(directory, WEIGHTS_NAME))
+            _fsync_dir(directory)
+        else:
+            os.unlink(pending)
+    for name in os.listdir(directory):
+        if name.startswith(TMP_PREFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 def _describe_model(handle) -> dict:
@@ -64,7 +145,9 @@ def sharded(model) -> bool:
 def save_interventions(model, directory) -> None:
     """Write the interventions of ``model`` (see ``get_reft_model``) to ``directory`` (created if
     needed): the parameters as safetensors (on the CPU, each in its own dtype) and the JSON
-    config.
+    config. Over an earlier save the pair is replaced as one (see the module docstring): an
+    interruption at any point leaves the earlier save or the new one readable, never a mix, and
+    the next save removes what an interrupted one left.
 
     Under FSDP2 (``fully_shard``: the parameters are DTensors sharded over the ranks) every rank
     must call it: the shards are gathered (a collective) and rank 0 alone writes. Under DDP the
@@ -91,19 +174,28 @@ def save_interventions(model, directory) -> None:
         **_describe_model(handle),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), blob)
-    _atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())
+    directory = os.fspath(directory)
+    _settle(directory)
+    pending = os.path.join(directory, PENDING_NAME)
+    _atomic_write(pending, blob)
+    _atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())  # the commit
+    os.replace(pending, os.path.join(directory, WEIGHTS_NAME))
+    _fsync_dir(directory)
 
 
 def read_interventions(directory):
     """(metadata dict, configs, {name: CPU tensor}) read from ``directory`` and checked against its
-    own checksum; ValueError for anything missing, corrupted or truncated."""
+    own checksum; ValueError for anything missing, corrupted or truncated. The weights are those
+    of ``interventions.safetensors``, or, after a save interrupted between its commit and its
+    last rename, of the pending file that the config names."""
     from safetensors.torch import load as st_load
 
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (cpath, wpath):
-        if not os.path.isfile(path):
-            raise ValueError(f"no saved interventions at {directory!r}: {os.path.basename(path)} is missing")
+    ppath = os.path.join(directory, PENDING_NAME)
+    if not os.path.isfile(cpath):
+        raise ValueError(f"no saved interventions at {directory!r}: {CONFIG_NAME} is missing")
+    if not os.path.isfile(wpath) and not os.path.isfile(ppath):
+        raise ValueError(f"no saved interventions at {directory!r}: {WEIGHTS_NAME} is missing")
     try:
         with open(cpath, "rb") as f:
             meta = json.loads(f.read().decode())
@@ -114,9 +206,13 @@ def read_interventions(directory):
         configs = tuple(config_from_dict(c) for c in meta["configs"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cpath} is not a valid intervention config: {exc}") from None
-    with open(wpath, "rb") as f:
-        blob = f.read()
-    if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
+    blob = None
+    for path in (wpath, ppath):
+        sha, data = _sha256_of(path)
+        if sha is not None and sha == meta.get("weights_sha256"):
+            blob = data
+            break
+    if blob is None:
         raise ValueError(f"{wpath} does not match the checksum in {CONFIG_NAME}: the file is corrupted, "
                          "truncated, or from another save")
     try:
@@ -126,15 +222,18 @@ def read_interventions(directory):
     return meta, configs, tensors
 
 
-def load_interventions(model, directory):
+def load_interventions(model, directory, *, allow_nonfinite: bool = False):
     """Load interventions saved by ``save_interventions`` into ``model`` and return it.
 
     If ``model`` has no interventions yet, they are attached first from the saved configs (as
     ``get_reft_model`` does, quietly). If it has, its configs must equal the saved ones. The saved
     model type, hidden size and layer count must match the model. Every check runs before any
     parameter is written; on error the model is left exactly as it was (an attach made here is
-    undone).
+    undone). A saved tensor holding NaN or Inf raises ValueError naming it, unless
+    ``allow_nonfinite=True``.
     """
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
     meta, configs, tensors = read_interventions(directory)
     attached_here = getattr(model, "reft", None) is None
     if attached_here:
@@ -166,6 +265,11 @@ def load_interventions(model, directory):
                 raise ValueError(f"{name}: saved shape {tuple(src.shape)}, the model's is {tuple(dst.shape)}")
             if not src.is_floating_point():
                 raise ValueError(f"{name}: saved dtype {src.dtype} is not floating point")
+            if not allow_nonfinite:
+                bad = int((~torch.isfinite(src)).sum())
+                if bad:
+                    raise ValueError(f"{name}: the tensor saved in {directory!r} holds {bad} NaN or Inf "
+                                     f"value(s) of {src.numel()}; pass allow_nonfinite=True to load it anyway")
     except BaseException:
         if attached_here:
             get_handle(model).remove()

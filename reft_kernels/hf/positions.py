@@ -12,11 +12,13 @@ Conventions (the ReFT paper's, which pyreft's paper scripts follow):
   out the final prompt token; pass ``prompt_lengths - 1`` to reproduce them. Its paper scripts
   instead prepend one pad "sink" token, which moves every position by one.
 
-Shapes: shared weights give (B, P) with P = k + k2 (first positions, then last positions);
-unshared give (B, 2, P) with P = max(k, k2), row 0 the first positions and row 1 the last;
-``"all"`` gives (B, S). Unused slots hold -1. No host synchronisation and no Python loop over the
-batch: the result depends only on the mask's shape, so it can be computed inside a compiled or
-captured step.
+Shapes: each side's k is first capped at what a padded sequence of S tokens can hold (S // 2 per
+side for ``"f{k}+l{k2}"``, S for one side), so the cost follows the sequence, not k:
+``"f1000000+l1000000"`` on 6 tokens is ``"f3+l3"``. With k, k2 so capped, shared weights give
+(B, P) with P = k + k2 (first positions, then last positions); unshared give (B, 2, P) with
+P = max(k, k2), row 0 the first positions and row 1 the last; ``"all"`` gives (B, S). Unused slots
+hold -1. No host synchronisation and no Python loop over the batch: the result depends only on
+the mask's shape, so it can be computed inside a compiled or captured step.
 """
 from __future__ import annotations
 
@@ -43,6 +45,20 @@ def parse_positions(positions: str):
     if 0 in k.values():
         raise ValueError(f"positions {positions!r}: each k must be >= 1")
     return k.get("f", 0), k.get("l", 0)
+
+
+def both_sides(spec) -> bool:
+    """Whether ``parse_positions``' (k, k2) names both sides (each then capped at half the prompt)."""
+    return spec != "all" and all(spec)
+
+
+def cap_positions(spec, seq: int):
+    """(k, k2) of ``parse_positions`` capped at what a padded sequence of ``seq`` tokens can hold:
+    each side at ``seq // 2`` with both sides (a prompt of at most ``seq`` tokens gives each side
+    at most half of it), at ``seq`` with one. O(1): nothing is built from k."""
+    first, last = spec
+    most = seq // 2 if both_sides(spec) else seq
+    return min(first, most), min(last, most)
 
 
 def _describe(t):
@@ -100,12 +116,12 @@ def intervention_locations(attention_mask, positions="f7+l7", prompt_lengths=Non
         pos, length = _prompt_positions(attention_mask, prompt_lengths)
         j = torch.arange(seq, device=dev)
         return torch.where(j[None, :] < length[:, None], pos, -1)
-    first, last = spec
+    first, last = cap_positions(spec, seq)
     if seq == 0:
         shape = (bsz, first + last) if share_weights else (bsz, 2, max(first, last))
         return torch.full(shape, -1, dtype=torch.long, device=dev)
     pos, length = _prompt_positions(attention_mask, prompt_lengths)
-    cap = length // 2 if (first and last) else length
+    cap = length // 2 if both_sides(spec) else length
     n_first = cap.clamp_max(first)
     n_last = cap.clamp_max(last)
     # the first n_first prompt tokens are the real tokens of rank 0 .. n_first - 1

@@ -199,8 +199,9 @@ def _rotation_from_parametrization(original, base):
 class _Shapes:
     """Checks a state dict's tensors against the (r, d) found so far, naming file and key."""
 
-    def __init__(self, path, state):
+    def __init__(self, path, state, allow_nonfinite=False):
         self.path, self.state, self.r, self.d = path, state, None, None
+        self.allow_nonfinite = allow_nonfinite
 
     def get(self, name, dims, optional=False):
         t = self.state.get(name)
@@ -210,6 +211,11 @@ class _Shapes:
             raise ValueError(f"{self.path}: key {name!r} is missing (found {sorted(self.state)})")
         if not t.is_floating_point():
             raise ValueError(f"{self.path}: {name!r} has dtype {t.dtype}, expected floating point")
+        if not self.allow_nonfinite:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{self.path}: {name!r} holds {bad} NaN or Inf value(s) of {t.numel()}; "
+                                 "pass allow_nonfinite=True to load it anyway")
         if t.dim() != len(dims):
             raise ValueError(f"{self.path}: {name!r} has shape {tuple(t.shape)}, expected {len(dims)} dims "
                              f"({', '.join(dims)})")
@@ -223,9 +229,10 @@ class _Shapes:
         return t
 
 
-def _extract(method, state, path):
-    """({our parameter name: tensor}, U (d, r) float64 or None, add_bias, r, d) of one file."""
-    s = _Shapes(path, state)
+def _extract(method, state, path, allow_nonfinite=False):
+    """({our parameter name: tensor}, U (d, r) float64 or None, add_bias, r, d) of one file;
+    ValueError for a tensor holding NaN or Inf unless ``allow_nonfinite``."""
+    s = _Shapes(path, state, allow_nonfinite)
     params, used = {}, set()
 
     def take(ours, theirs, dims, optional=False):
@@ -285,7 +292,7 @@ def _check_orthonormal(U, saved_dtype, path):
 
 
 def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=None, dropout=0.0,
-                backend=None, verbose=False):
+                backend=None, verbose=False, allow_nonfinite=False):
     """Attach the interventions that pyreft 0.1.0 saved in ``directory`` (``ReftModel.save``) to
     ``model`` with ``get_reft_model`` and load their weights, so that the patched model computes
     what pyreft's ``ReftModel`` computes at the same positions. Returns ``model``.
@@ -299,8 +306,12 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
     Raises ValueError, naming the file or key, for a missing ``config.json`` or intervention file,
     an unreadable file, an unknown or mixed intervention type, a component other than
     ``block_output``, a hidden size or layer the model does not have, or a ``share_weights`` that
-    contradicts the files; on any error the model is left exactly as it was.
+    contradicts the files, or a tensor holding NaN or Inf (unless ``allow_nonfinite=True``; a
+    rotation with NaN or Inf still fails the orthonormality check); on any error the model is
+    left exactly as it was.
     """
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
     if share_weights is not None and not isinstance(share_weights, bool):
         raise TypeError(f"share_weights must be None or a bool, got {type(share_weights).__name__}")
     directory = os.fspath(directory)
@@ -348,7 +359,7 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
     rank = d = add_bias = None
     for (layer, k), key in sorted(sites.items()):
         path = os.path.join(directory, f"intkey_{key}.bin")
-        params, U, bias_here, r_here, d_here = _extract(method, _load_state(path), path)
+        params, U, bias_here, r_here, d_here = _extract(method, _load_state(path), path, allow_nonfinite)
         if rank is None:
             rank, d, add_bias = r_here, d_here, bias_here
         elif (r_here, d_here) != (rank, d):

@@ -162,3 +162,26 @@ def test_saving_over_an_old_save_replaces_it(tmp_path):
     load_interventions(fresh, tmp_path)
     assert torch.equal(_logits(fresh), _logits(second))
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["fresh", "attached"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")], ids=["nan", "inf"])
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, bad, attached):
+    trained = _trained()
+    name = next(k for k in trained.reft_interventions.state_dict() if k.endswith("weight"))
+    with torch.no_grad():
+        trained.reft_interventions.state_dict()[name].view(-1)[2] = bad
+    save_interventions(trained, tmp_path)
+    model = tiny_model("llama")
+    if attached:
+        get_reft_model(model, CONFIGS, verbose=False)
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match=f"{name}: the tensor saved in .* holds 1 NaN or Inf value"):
+        load_interventions(model, tmp_path)
+    assert_same_state(before, state_snapshot(model))
+    load_interventions(model, tmp_path, allow_nonfinite=True)
+    for (k, a), (_, b) in zip(trained.reft_interventions.state_dict().items(),
+                              model.reft_interventions.state_dict().items()):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), k
+    with pytest.raises(TypeError, match="allow_nonfinite must be a bool"):
+        load_interventions(model, tmp_path, allow_nonfinite="yes")

@@ -9,8 +9,12 @@ from reft_kernels.hf import intervention_locations, locations_to_rows, parse_pos
 
 
 def _loop_reference(mask, spec, prompt_lengths, share):
-    """One example at a time, in Python: the convention of reft_kernels/hf/positions.py."""
+    """One example at a time, in Python: the convention of reft_kernels/hf/positions.py (each
+    side's k capped at what the padded width allows: S // 2 per side with both, S with one)."""
     first, last = (None, None) if spec == "all" else spec
+    if spec != "all":
+        most = mask.shape[1] // 2 if (first and last) else mask.shape[1]
+        first, last = min(first, most), min(last, most)
     out = []
     for b in range(mask.shape[0]):
         real = [i for i in range(mask.shape[1]) if mask[b, i]]
@@ -19,7 +23,7 @@ def _loop_reference(mask, spec, prompt_lengths, share):
         if spec == "all":
             out.append(prompt + [-1] * (mask.shape[1] - n))
             continue
-        cap = n // 2 if (first and last) else n
+        cap = n // 2 if (spec[0] and spec[1]) else n
         nf, nl = min(first, cap), min(last, cap)
         f = prompt[:nf] + [-1] * (first - nf)
         lst = (prompt[n - nl:] if nl else []) + [-1] * (last - nl)
@@ -28,8 +32,12 @@ def _loop_reference(mask, spec, prompt_lengths, share):
         else:
             w = max(first, last)
             out.append([f + [-1] * (w - first), lst + [-1] * (w - last)])
-    return torch.tensor(out, dtype=torch.long).reshape(
-        (mask.shape[0], -1) if share or spec == "all" else (mask.shape[0], 2, max(first, last)))
+    bsz, seq = mask.shape
+    if spec == "all":
+        shape = (bsz, seq)
+    else:
+        shape = (bsz, first + last) if share else (bsz, 2, max(first, last))
+    return torch.tensor(out, dtype=torch.long).reshape(shape)
 
 
 def _batch(bsz, seq, side, gen):
@@ -94,3 +102,49 @@ def test_bad_masks():
         intervention_locations(torch.ones(2, 5), "f1", torch.ones(3, dtype=torch.long))
     with pytest.raises(TypeError, match="prompt_lengths"):
         intervention_locations(torch.ones(2, 5), "f1", torch.ones(2))
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+def test_huge_k_costs_what_the_sequence_costs(share):
+    """k far beyond the sequence: the locations are those of k capped at what 6 tokens hold
+    (3 per side with both sides, 6 with one), built at that size, not at k's."""
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    for huge, capped in [("f1000000+l1000000", "f3+l3"), ("l1000000", "l6"), ("f1000000", "f6")]:
+        got = intervention_locations(mask, huge, share_weights=share)
+        want = _loop_reference(mask, parse_positions(capped), None, share)
+        assert torch.equal(got, want), (huge, got, want)
+    both = intervention_locations(mask, "f1000000+l1000000", share_weights=share)
+    assert tuple(both.shape) == ((2, 6) if share else (2, 2, 3))
+    assert both.tolist() == ([[0, 1, 2, 3, 4, 5], [2, 3, -1, 4, 5, -1]] if share
+                             else [[[0, 1, 2], [3, 4, 5]], [[2, 3, -1], [4, 5, -1]]])
+
+
+def test_huge_k_forward_equals_capped_forward():
+    """A 2 x 6-token forward with positions="f1000000+l1000000": the rows handed to the layers
+    number B * P = 12 (not 4 million) and the logits are exactly those of "f3+l3"."""
+    from reft_kernels.hf import ReftConfig, get_reft_model
+    from reft_kernels.hf.batch import build_batch
+
+    from ._models import padded_batch, tiny_model
+
+    ids, mask = padded_batch([6, 4], 6, "left", seed=3)
+    models, logits = [], []
+    for positions in ("f1000000+l1000000", "f3+l3"):
+        cfg = ReftConfig(method="loreft", rank=2, layers=[0, 1], positions=positions)
+        rows = build_batch([cfg], 2, 6, mask, None, False, torch.device("cpu")).rows[0]
+        assert [tuple(r.shape) for r in rows] == [(12,)], positions
+        model = tiny_model("llama")
+        get_reft_model(model, cfg, verbose=False)
+        if models:
+            model.reft_interventions.load_state_dict(models[0].reft_interventions.state_dict())
+        else:
+            with torch.no_grad():
+                for p in model.reft_interventions.parameters():
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+        models.append(model)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    with torch.no_grad():
+        base = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.equal(logits[0], base)  # the edit does something

@@ -417,3 +417,26 @@ def test_model_with_interventions_already(tmp_path, model):
     with pytest.raises(ValueError, match="already has interventions"):
         load_pyreft(model, tmp_path)
     assert_same_state(before, state_snapshot(model))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, model, bad):
+    state = pyreft_state("noreft")
+    state["learned_source.weight"] = state["learned_source.weight"].clone()
+    state["learned_source.weight"][1, 3] = bad
+    write_pyreft_dir(tmp_path, "noreft", layers=(0,), states={(0, 0): state})
+    _fails(model, tmp_path, r"'learned_source\.weight' holds 1 NaN or Inf value")
+    load_pyreft(model, tmp_path, allow_nonfinite=True)
+    iv = model.reft_interventions[0]["layer0"]
+    want = state["learned_source.weight"].to(iv.weight.dtype)  # loaded as saved, the bad entry too
+    assert torch.equal(torch.isnan(iv.weight), torch.isnan(want))
+    assert torch.equal(torch.isinf(iv.weight), torch.isinf(want))
+    assert torch.equal(iv.weight[torch.isfinite(want)], want[torch.isfinite(want)])
+    # a rotation is checked for orthonormality as well: a non-finite one fails that check
+    rot = pyreft_state("loreft")
+    rot["rotate_layer"] = rot["rotate_layer"].clone()
+    rot["rotate_layer"][0, 0] = bad
+    write_pyreft_dir(tmp_path / "rot", "loreft", layers=(0,), states={(0, 0): rot})
+    other = tiny_model("llama")
+    _fails(other, tmp_path / "rot", r"'rotate_layer' holds 1 NaN or Inf value")
+    _fails(other, tmp_path / "rot", "not orthonormal", allow_nonfinite=True)

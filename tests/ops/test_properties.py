@@ -18,10 +18,10 @@ failure reported by hypothesis (it prints the drawn case) reproduces exactly.
 
 On judging a low-precision failure: the 2x-of-eager rule compares max errors, which says little
 when the compared tensor has one or a few elements (d = 1, r = 1, one row: e.g. the gradient of
-``a``). There, a backend that rounds in another order than eager (``backend="torch"`` fuses the
-bias into ``F.linear`` / ``addmm``, or casts fp32 parameters to h's dtype as eager does) misses
-the rule by chance in about 1 of 1000 random examples, while its errors are as large as eager's
-on average. Such a miss is a rounding coincidence; an error many ulps wide is not.
+``a``). There, a backend that rounds in another order than eager (every backend computes in
+fp32 and rounds once, where eager rounds each op) can miss the rule by chance, while its errors
+are no larger than eager's on average. Such a miss is a rounding coincidence; an error many ulps
+wide is not.
 """
 from __future__ import annotations
 

@@ -1,10 +1,22 @@
 """The low-rank edit in PyTorch ops (``backend="torch"``): runs on any device and dtype, float64
 included, and is the CPU path. It follows the contract of ``contract.py``.
 
-Numerics: parameters are cast to ``h``'s dtype and every product runs as eager PyTorch would
-run it in that dtype (so bf16 results match eager bf16 math); only ``act'`` is evaluated in fp32.
-Memory: the only (N, d) tensors allocated are the output (or, with an index, nothing: the rows
-are edited in place) and ``dh``; latents are (n, r).
+Numerics: the kernels' "fp32 inside, one rounding at the end". Rows of ``h`` (and ``g``) and
+every parameter are converted to the accumulation dtype (float32; float64 for float64 ``h``;
+parameters keep their full precision, an fp32 ``B`` beside a bf16 ``h`` is never rounded to
+bf16); the latent ``z = act(h A^T + a) - h C^T - c``, the activation and its derivative, and
+``y = h + z B`` are computed there and ``y`` is rounded to ``h``'s dtype once. The backward
+likewise: ``dh = g + ga A - gz C`` rounded once, parameter gradients summed over rows in the
+accumulation dtype. (Eager bf16 math rounds every intermediate instead: the (n, r) latent alone
+costs up to tens of bf16 ulps where ``z`` is large against ``y``.)
+
+Memory: the only (N, d) tensors allocated are the output (with an index, nothing: the rows are
+edited in place) and ``dh``. For fp16/bf16 rows the fp32 working copies are made one block of
+rows at a time (``_BLOCK_ELEMS`` elements, 16 MiB of fp32), so they stay small whatever N is;
+float32/float64 rows are used as they are, with no copy. Latents are (n, r).
+
+``fwd_differentiable`` is the same forward from plain differentiable ops (no in-place writes,
+no autograd Function): what ``torch.func`` transforms and forward-mode AD run.
 """
 from __future__ import annotations
 
@@ -14,13 +26,26 @@ import torch.nn.functional as F
 from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..._rows import acc_dtype, as_2d_plus, as_rows, put_rows_, row_selector
 
+_BLOCK_ELEMS = 1 << 22
+
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _blocks(n: int, d: int, dtype: torch.dtype):
+    """Row ranges [i, j) that cover n rows: one block when the rows need no conversion (already
+    in the accumulation dtype) or inside ``torch.compile`` (one block keeps the graph small),
+    else blocks of about ``_BLOCK_ELEMS`` elements."""
+    if dtype == acc_dtype(dtype) or torch.compiler.is_compiling():
+        step = max(n, 1)
+    else:
+        step = max(1, _BLOCK_ELEMS // max(d, 1))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _latent(x, A, a, B, C, c, spec):
-    """(z, u) for rows ``x`` (n, d), parameters already in ``x``'s dtype."""
+    """(z, u) for rows ``x`` (n, d); ``x`` and the parameters in one dtype. Plain ops only."""
     n, r = x.shape[0], B.shape[0]
     if A is not None:
         u = F.linear(x, A, a)
@@ -37,45 +62,94 @@ def _latent(x, A, a, B, C, c, spec):
     return z, u
 
 
+def _edit_rows(x, A, a, B, C, c, spec, save_u, valid=None):
+    """``y = x + z B`` for rows ``x`` (n, d) in their own dtype, one rounding; parameters already
+    in the accumulation dtype. Returns (y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None, in
+    the accumulation dtype). ``valid`` (n,) bool: z is zero (and y = x) where it is False."""
+    acc = acc_dtype(x.dtype)
+    n, d = x.shape
+    r = B.shape[0]
+    if x.dtype == acc:
+        z, u = _latent(x, A, a, B, C, c, spec)
+        if valid is not None:
+            z = torch.where(valid[:, None], z, 0)
+        return torch.addmm(x, z, B), z, (u if save_u else None)
+    y = x.new_empty((n, d))
+    z = x.new_empty((n, r), dtype=acc)
+    u = x.new_empty((n, r), dtype=acc) if save_u else None
+    for i, j in _blocks(n, d, x.dtype):
+        xc = x[i:j].to(acc)
+        zc, uc = _latent(xc, A, a, B, C, c, spec)
+        if valid is not None:
+            zc = torch.where(valid[i:j, None], zc, 0)
+        z[i:j] = zc
+        if save_u:
+            u[i:j] = uc
+        y[i:j] = xc.addmm_(zc, B)  # the one rounding: fp32 -> x's dtype
+    return y, z, u
+
+
 def _bwd_rows(g, x, z, u, A, B, C, spec, need):
-    """Backward on row matrices: (dh, dA, da, dB, dC, dc) in ``x``'s dtype or the accumulation
-    dtype for the sums; only ``dh`` is (n, d), built by ``addmm`` straight from ``g``."""
+    """Backward on row matrices ``g``, ``x`` (n, d) in h's dtype; ``z``, ``u`` and the parameters
+    in the accumulation dtype. Returns (dh (n, d) in g's dtype or None, dA, da, dB, dC, dc in
+    the accumulation dtype or None), the parameter gradients summed block by block in a fixed
+    order."""
     need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
     acc = acc_dtype(x.dtype)
-    gz = g @ B.t()
-    ga = gz
-    if spec.act != IDENTITY:
-        # act'(u) in fp32 and one rounding, as eager autograd does: in fp16/bf16 the derivative's
-        # ten-odd separately rounded ops cost 2-6x accuracy in the parameter gradients.
-        ga = (gz.to(acc) * act_grad_torch(u.to(acc), spec.act)).to(gz.dtype)
+    n, d = g.shape
+    r = B.shape[0]
     cm = B if spec.tied else C
-    dh = None
-    if need_dh:
-        dh = g
-        if A is not None:
-            dh = torch.addmm(dh, ga, A)
-        if cm is not None:
-            dh = dh.addmm_(gz, cm, alpha=-1) if dh is not g else torch.addmm(g, gz, cm, alpha=-1)
-    da_w = ga.t() @ x if need_da_w else None
-    da_b = ga.sum(0, dtype=acc) if need_da_b else None
-    db = None
-    if need_db:
-        db = z.t() @ g
-        if spec.tied:
-            db = db.addmm_(gz.t(), x, alpha=-1)
-    dc_w = -(gz.t() @ x) if need_dc_w and C is not None else None
-    dc_b = -gz.sum(0, dtype=acc) if need_dc_b else None
+    need_dc_w = need_dc_w and C is not None
+    need_x = need_da_w or need_dc_w or (need_db and spec.tied)
+    own = g.dtype != acc  # g's blocks are converted copies, free to overwrite
+    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=g.device)  # noqa: E731
+    da_w = zeros(r, d) if need_da_w else None
+    da_b = zeros(r) if need_da_b else None
+    db = zeros(r, d) if need_db else None
+    dc_w = zeros(r, d) if need_dc_w else None
+    dc_b = zeros(r) if need_dc_b else None
+    dh = g.new_empty((n, d)) if need_dh and own else None
+    for i, j in _blocks(n, d, g.dtype):
+        gc = g[i:j].to(acc)
+        xc = x[i:j].to(acc) if need_x else None
+        gz = gc @ B.t()
+        ga = gz
+        if spec.act != IDENTITY:
+            ga = gz * act_grad_torch(u[i:j], spec.act)
+        if need_da_w:
+            da_w.addmm_(ga.t(), xc)
+        if need_da_b:
+            da_b += ga.sum(0)
+        if need_db:
+            db.addmm_(z[i:j].t(), gc)
+            if spec.tied:
+                db.addmm_(gz.t(), xc, alpha=-1)
+        if need_dc_w:
+            dc_w.addmm_(gz.t(), xc, alpha=-1)
+        if need_dc_b:
+            dc_b -= gz.sum(0)
+        if need_dh and own:  # g + ga A - gz C into the converted block of g, last (it overwrites it)
+            if A is not None:
+                gc.addmm_(ga, A)
+            if cm is not None:
+                gc.addmm_(gz, cm, alpha=-1)
+            dh[i:j] = gc  # the one rounding
+        elif need_dh:  # one block, g itself: out of place
+            dh = torch.addmm(gc, ga, A) if A is not None else gc
+            if cm is not None:
+                dh = dh.addmm_(gz, cm, alpha=-1) if A is not None else torch.addmm(gc, gz, cm, alpha=-1)
+    if need_dh and dh is None:  # no rows
+        dh = g.new_empty((n, d))
     return dh, da_w, da_b, db, dc_w, dc_b
 
 
 def fwd(h, index, A, a, B, C, c, spec, save_u):
     """Forward; see ``contract.py``."""
     acc = acc_dtype(h.dtype)
-    A, a, B, C, c = (_cast(t, h.dtype) for t in (A, a, B, C, c))
+    A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
     if index is None:
-        x = as_rows(h)
-        z, u = _latent(x, A, a, B, C, c, spec)
-        return torch.addmm(x, z, B), z.to(acc), (u.to(acc) if save_u else None), None
+        y, z, u = _edit_rows(as_rows(h), A, a, B, C, c, spec, save_u)
+        return y, z, u, None
     n, r, d = index.shape[0], B.shape[0], h.shape[-1]
     hv = as_2d_plus(h)
     if hv.numel() == 0:  # no rows to edit: every entry is padding
@@ -83,18 +157,18 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
     sel, valid = row_selector(h, index)
     x = hv[sel]  # one row per entry; padding entries read row 0
-    z, u = _latent(x, A, a, B, C, c, spec)
-    z = torch.where(valid[:, None], z, 0)
-    put_rows_(hv, sel, index, torch.addmm(x, z, B))
-    u = torch.where(valid[:, None], u, 0).to(acc) if save_u else None
-    return h, z.to(acc), u, x
+    y, z, u = _edit_rows(x, A, a, B, C, c, spec, save_u, valid)
+    put_rows_(hv, sel, index, y)
+    u = torch.where(valid[:, None], u, 0) if save_u else None
+    return h, z, u, x
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):
     """Backward; see ``contract.py``."""
-    A, B, C = (_cast(t, x.dtype) for t in (A, B, C))
-    z = z.to(x.dtype)
-    u = u.to(x.dtype) if u is not None else None
+    acc = acc_dtype(x.dtype)
+    A, B, C = (_cast(t, acc) for t in (A, B, C))
+    z = z.to(acc)
+    u = u.to(acc) if u is not None else None
     if index is None:
         out = _bwd_rows(as_rows(g), as_rows(x), z, u, A, B, C, spec, need)
         return (out[0].reshape(g.shape) if need[0] else None), out[1:]
@@ -113,3 +187,27 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         dh = g.clone(memory_format=torch.contiguous_format)
         put_rows_(as_2d_plus(dh), sel, index, out[0])
     return dh, out[1:]
+
+
+def fwd_differentiable(h, A, a, B, C, c, spec, index):
+    """``y`` (``h``'s shape and dtype) from plain differentiable PyTorch ops, with ``fwd``'s
+    numerics; gradients, tangents and batching come from PyTorch (``torch.func`` transforms,
+    forward-mode AD). ``index``: None (every row) or (n,) rows of ``h.reshape(-1, d)``, -1 for
+    none. Padding entries are sent to n extra rows beyond the N real ones, one each, and dropped:
+    every real row is read and written once, so each gradient is counted once. Not memory-lean
+    (autograd keeps what it needs): only the transforms use it."""
+    acc = acc_dtype(h.dtype)
+    A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
+    d = h.shape[-1]
+    flat = h.reshape(-1, d)
+    if index is None:
+        x = flat.to(acc)
+        z, _ = _latent(x, A, a, B, C, c, spec)
+        return torch.addmm(x, z, B).to(h.dtype).reshape(h.shape)
+    n_rows, n = flat.shape[0], index.shape[0]
+    sel = torch.where(index >= 0, index, n_rows + torch.arange(n, device=index.device))
+    ext = torch.cat([flat, torch.zeros((n, d), dtype=h.dtype, device=h.device)])
+    x = ext.index_select(0, sel).to(acc)
+    z, _ = _latent(x, A, a, B, C, c, spec)
+    y = torch.addmm(x, z, B).to(h.dtype)
+    return ext.index_copy(0, sel, y)[:n_rows].reshape(h.shape)

@@ -49,3 +49,12 @@ class RedFunction(torch.autograd.Function):
         if dt is not None:
             dt = dt.to(ctx.bias_dtype)
         return dh, ds, dt, None
+
+
+def apply(h, scale, bias, backend):
+    """``RedFunction.apply``, or, when no gradient will be needed (grad mode off, or no input
+    requires grad), the backend's forward alone: no autograd node and nothing saved."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, scale, bias)):
+        return RedFunction.apply(h, scale, bias, backend)
+    with autocast_off(h.device.type):
+        return _FWD[backend](as_rows(h), scale, bias).reshape(h.shape)
