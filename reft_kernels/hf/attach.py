@@ -17,8 +17,15 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   batch's rows once and passes them down as ``reft_batch``;
 - with ReFT, the instance attribute ``model.generate``: notes the prompt's width for the call, so
   that a generation without a KV cache edits the same prompt rows as one with it;
+- the instance attribute ``model.save_pretrained`` (where the model has one): writes the adapter
+  (interventions, ``modules_to_save``, configs), not the base weights; see ``checkpoint.py``;
+- ``modules_to_save``: the named base modules train (``requires_grad``) and a CPU copy of their
+  state is kept for ``remove()``; see ``extras.py``;
+- on a ``peft.PeftModel``: its ``disable_adapter()`` disables the interventions too, and its
+  ``merge_and_unload()`` / ``unload()`` carry them to the model they return; see ``peft_interplay.py``;
 - the attribute ``model.reft``, a ``ReftHandle``: ``disabled()``, ``remove()``,
-  ``print_trainable_parameters()``, ``configs``, ``interventions``.
+  ``merge_and_unload()``, ``print_trainable_parameters()``, ``configs``, ``interventions``,
+  ``modules_to_save``.
 """
 from __future__ import annotations
 
@@ -34,12 +41,21 @@ from torch.nn import functional as F
 from .._rows import as_2d_plus, put_rows, row_selector
 from .._validate import remember_index_checked
 from ..modules import RED
+from . import extras
 from .batch import KWARG, build_batch, cache_length
 from .config import REDConfig, ReftConfig
+from .flag_watch import FlagWatch
+from .positions import prompt_lengths_from_labels
 from .sites import RED_SITES, REFT_SITES, find_sites, hidden_size, model_type, output_width, param_dtype_device
 
 HANDLE_ATTR = "reft"
 MODULE_ATTR = "reft_interventions"
+
+UNKNOWN_PROMPT = (
+    "ReFT positions: a batch came with labels but without intervention_locations, and in some example the "
+    "first real token already has a label (no -100 marks a prompt), so its prompt cannot be told from the "
+    "labels: its whole sequence counts as the prompt. Pass intervention_locations (ReftDataCollator builds "
+    "them) or labels with -100 on the prompt tokens")
 
 
 def _split_output(output):
@@ -158,8 +174,17 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
         real = mask if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (bsz, seq) else None
         mask = torch.ones(bsz, seq, dtype=torch.long, device=ref.device) if real is None else real.clone()
         mask[:, width:] = 0
+    prompt_lengths = None
+    labels = given.get("labels")
+    if (intervention_locations is None and width is None and not decode and handle._prompt_from_labels
+            and isinstance(labels, torch.Tensor) and tuple(labels.shape) == (bsz, seq)):
+        # a causal LM's training batch: the prompt is where the labels are masked (ReftDataCollator's)
+        real = mask if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (bsz, seq) else \
+            torch.ones(bsz, seq, dtype=torch.long, device=ref.device)
+        prompt_lengths, unknown = prompt_lengths_from_labels(real, labels)
+        handle._label_watch.watch(unknown)
     kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
-                                intervention_locations, decode, ref.device)
+                                intervention_locations, decode, ref.device, prompt_lengths)
     before = handle._in_forward
     handle._in_forward = True
     try:
@@ -187,10 +212,14 @@ def _patched_generate(model, *args, **kwargs):
 class ReftHandle:
     """The interventions attached to one model, and how to undo them; ``model.reft``."""
 
-    def __init__(self, model: nn.Module, configs: tuple, disable_model_grads: bool = True):
+    def __init__(self, model: nn.Module, configs: tuple, disable_model_grads: bool = True,
+                 modules_to_save: tuple = ()):
         self.model = model
         self.configs = configs
         self.disable_model_grads = disable_model_grads
+        self.modules_to_save = modules_to_save  # the names as given (see extras.py)
+        self.extra_modules = []  # [(module name, module)] that modules_to_save selects
+        self._extra_originals = {}  # their state before attaching, on the CPU (for remove())
         self.model_type = model_type(model)
         self.sites = []  # per config: [(key, layer, module name)]
         self.num_layers = []  # per config: layers the model has for that site kind
@@ -202,7 +231,10 @@ class ReftHandle:
         self._hooks = []
         self._requires_grad = {}
         self._had_forward = self._had_generate = None
+        self._patches = []  # [(object, attribute, its previous instance value or None)]
         self._reft_groups = [i for i, c in enumerate(configs) if isinstance(c, ReftConfig)]
+        self._prompt_from_labels = _is_causal_lm(model)
+        self._label_watch = FlagWatch(UNKNOWN_PROMPT)
 
     # ------------------------------------------------------------------ public
     @property
@@ -217,7 +249,8 @@ class ReftHandle:
     def disabled(self):
         """Forwards inside run the base model unedited (reference forwards, as DPO needs). Use it
         for forwards whose backward runs inside the context too (or under no_grad): RED's hooks
-        read the flag when gradient checkpointing recomputes them."""
+        read the flag when gradient checkpointing recomputes them. The ``modules_to_save`` keep
+        their trained values inside (they are the model's own modules; ``remove()`` restores them)."""
         if self._red_merged is not None:
             raise RuntimeError("RED is merged into the model's weights, so disabled() cannot give the base "
                                "model: call unmerge_red(model) first")
@@ -247,25 +280,46 @@ class ReftHandle:
         return line
 
     def remove(self) -> nn.Module:
-        """Detach everything: hooks, the forward wrapper, ``reft_interventions``, ``model.reft``;
-        restores each base parameter's ``requires_grad``. Other hooks are left alone. Returns
-        the model, as it was before ``get_reft_model``."""
-        model = self.model
-        if getattr(model, HANDLE_ATTR, None) is not self:
+        """Detach everything: hooks, the wrapped methods, ``reft_interventions``, ``model.reft``;
+        restores each base parameter's ``requires_grad`` and the ``modules_to_save`` as they were
+        before attaching (their trained values are dropped, as PEFT's ``unload()`` does; save them
+        first). Other hooks are left alone. Returns the model, as it was before ``get_reft_model``."""
+        self._check_attached("remove()")
+        self._detach(restore_extras=True)
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """RED folded into the weights and everything else detached: a plain ``transformers``
+        model; see ``reft_kernels.hf.merge.merge_and_unload``."""
+        from .merge import merge_and_unload
+
+        return merge_and_unload(self.model)
+
+    def _check_attached(self, what: str) -> None:
+        if getattr(self.model, HANDLE_ATTR, None) is not self:
             raise RuntimeError("these interventions were already removed from the model")
         if self._red_merged is not None:
-            raise RuntimeError("RED is merged into the model's weights: call unmerge_red(model) before remove()")
+            raise RuntimeError(f"RED is merged into the model's weights: call unmerge_red(model) before {what}")
+
+    def _detach(self, restore_extras: bool) -> None:
+        """Undo the attach: hooks, wrapped methods, the interventions module, ``requires_grad``,
+        the handle; the ``modules_to_save`` values too when ``restore_extras``."""
+        model = self.model
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._restore("forward", self._had_forward)
         self._restore("generate", self._had_generate)
+        for obj, attr, previous in reversed(self._patches):
+            _set_or_delete(obj, attr, previous)
+        self._patches.clear()
         delattr(model, MODULE_ATTR)
+        if restore_extras:
+            extras.restore(self.extra_modules, self._extra_originals)
         for name, p in model.named_parameters():
             if name in self._requires_grad:
                 p.requires_grad_(self._requires_grad[name])
         delattr(model, HANDLE_ATTR)
-        return model
 
     # ------------------------------------------------------------------ wrappers
     def _wrap_forward(self):
@@ -291,10 +345,33 @@ class ReftHandle:
         if self._reft_groups and callable(getattr(model, "generate", None)):
             model.generate = types.MethodType(_method(_patched_generate, type(model).generate), model)
 
-    def _inner(self, attr):
-        """The model's own ``attr`` (what it was before attaching), bound to the model."""
-        previous = self._had_forward if attr == "forward" else self._had_generate
-        return previous if previous is not None else getattr(type(self.model), attr).__get__(self.model)
+    def _wrap_save_and_peft(self):
+        from .checkpoint import is_peft_model, save_adapter
+        from .peft_interplay import warn_if_inside_peft, wrap_peft
+
+        if callable(getattr(type(self.model), "save_pretrained", None)):
+            self._patch(self.model, "save_pretrained", save_adapter)
+        if is_peft_model(self.model):
+            wrap_peft(self)
+        else:
+            warn_if_inside_peft(self.model)
+
+    def _inner(self, attr, obj=None):
+        """``obj``'s own ``attr`` (what it was before attaching), bound to it; ``obj`` defaults to
+        the model."""
+        obj = self.model if obj is None else obj
+        if obj is self.model and attr in ("forward", "generate"):
+            previous = self._had_forward if attr == "forward" else self._had_generate
+        else:
+            previous = next((prev for o, a, prev in self._patches if o is obj and a == attr), None)
+        return previous if previous is not None else getattr(type(obj), attr).__get__(obj)
+
+    def _patch(self, obj, attr, fn, template=None):
+        """Set ``obj.attr`` (an instance attribute) to ``fn`` bound to the model; ``remove()`` puts
+        back what was there."""
+        self._patches.append((obj, attr, obj.__dict__.get(attr)))
+        template = template if template is not None else getattr(type(obj), attr)
+        object.__setattr__(obj, attr, types.MethodType(_method(fn, template), self.model))
 
     def _call_inner(self, args, kwargs):
         """Call the model's own forward (what it was before attaching). The class's function is
@@ -342,16 +419,20 @@ class ReftHandle:
                         sides.append(ivs[name_])
                     plans.append((module, gi, sides))
             groups.append(ivs)
+        self.extra_modules = extras.resolve_modules_to_save(model, self.modules_to_save, MODULE_ATTR)
         # everything that can fail has been checked: change the model
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._extra_originals = extras.snapshot(self.extra_modules)
         if self.disable_model_grads:
             for p in model.parameters():
                 p.requires_grad_(False)
+        extras.unfreeze(self.extra_modules)
         groups.train(model.training)  # new modules start in training mode; follow the model's
         model.add_module(MODULE_ATTR, groups)
         try:
             self._wrap_forward()
             self._wrap_generate()
+            self._wrap_save_and_peft()
             # prepend=True puts each hook before those already there: registering in reverse keeps
             # the configs' order among ours (two configs on one layer apply in the order listed)
             # while all of ours run before any other hook
@@ -368,6 +449,9 @@ class ReftHandle:
                 h.remove()
             self._restore("forward", self._had_forward)
             self._restore("generate", self._had_generate)
+            for obj, attr, previous in reversed(self._patches):
+                _set_or_delete(obj, attr, previous)
+            self._patches.clear()
             delattr(model, MODULE_ATTR)
             for name, p in model.named_parameters():
                 p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
@@ -388,9 +472,17 @@ def _as_configs(config_or_configs) -> tuple:
 
 
 def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
-                   disable_model_grads: bool = True) -> nn.Module:
+                   disable_model_grads: bool = True, modules_to_save=None) -> nn.Module:
     """Attach the interventions of ``config_or_configs`` (a ``REDConfig``, a ``ReftConfig`` or a
     list of them) to ``model`` in place, freeze its base parameters, and return it.
+
+    ``modules_to_save`` (PEFT's name): a list of base module names, e.g. ``["classifier"]`` for
+    the new head of a sequence-classification model, that train beside the interventions and are
+    saved and loaded with them (``save_interventions`` / ``load_interventions``,
+    ``save_pretrained``); an entry matches a module's full name or its last dotted parts. It is
+    a keyword here rather than a config field because it belongs to the model, not to one
+    intervention. ``remove()`` restores those modules' values and ``requires_grad``;
+    ``disabled()`` leaves them as trained.
 
     ``disable_model_grads=False`` (pyreft's keyword) leaves every base parameter's
     ``requires_grad`` as it is: for a model that already carries trainable adapters, e.g. a
@@ -411,7 +503,8 @@ def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
         raise TypeError("attach the interventions before wrapping the model in DistributedDataParallel")
     if not isinstance(disable_model_grads, bool):
         raise TypeError(f"disable_model_grads must be a bool, got {type(disable_model_grads).__name__}")
-    handle = ReftHandle(model, _as_configs(config_or_configs), disable_model_grads)
+    names = extras.check_modules_to_save(modules_to_save)
+    handle = ReftHandle(model, _as_configs(config_or_configs), disable_model_grads, names)
     handle._attach()
     if verbose:
         handle.print_trainable_parameters()
@@ -423,3 +516,26 @@ def get_handle(model) -> ReftHandle:
     if not isinstance(handle, ReftHandle):
         raise ValueError("this model has no interventions attached (see reft_kernels.hf.get_reft_model)")
     return handle
+
+
+def _set_or_delete(obj, attr, previous) -> None:
+    """Put back an instance attribute that ``ReftHandle._patch`` replaced (delete it when there was
+    none, so the class's own method shows again)."""
+    if previous is None:
+        obj.__dict__.pop(attr, None)
+    else:
+        object.__setattr__(obj, attr, previous)
+
+
+def _is_causal_lm(model) -> bool:
+    """Whether ``model`` is a decoder-only model that generates (a causal LM): its training labels
+    then mark the prompt with -100. Encoders (sequence or token classification) and
+    encoder-decoder models take their positions from the attention mask alone."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # a wrapper whose can_generate needs more than the model
+        return False

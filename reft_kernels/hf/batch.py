@@ -31,23 +31,23 @@ class ReftBatch:
     decode: bool
 
 
-def _cache_class():
-    try:
-        from transformers import Cache
-    except Exception:  # transformers absent or too old: a pattern-override model without HF caches
-        return None
-    return Cache
+# Imported here, not inside cache_length: torch 2.11's Dynamo cannot trace an import that resolves
+# through transformers' lazy module ("Unsupported: Bad import result ... _LazyModule"), and
+# cache_length runs inside the patched forward that torch.compile(fullgraph=True) traces.
+try:
+    from transformers import Cache as _Cache
+except Exception:  # transformers absent or too old: a pattern-override model without HF caches
+    _Cache = None
 
 
 def cache_length(values) -> int:
     """Tokens already in the first ``transformers.Cache`` among ``values`` (0 when none): the
     cache object tells a decode step from a prefill whatever its keyword is called
     (``past_key_values`` on 5.17, ``cache`` on 5.24)."""
-    cache_cls = _cache_class()
-    if cache_cls is None:
+    if _Cache is None:
         return 0
     for v in values:
-        if isinstance(v, cache_cls):
+        if isinstance(v, _Cache):
             return int(v.get_seq_length())
     return 0
 
@@ -91,10 +91,11 @@ def check_locations(loc, bsz: int, seq: int, share_weights: bool, device) -> tor
 
 
 def build_batch(groups, bsz: int, seq: int, attention_mask: Optional[torch.Tensor], locations,
-                decode: bool, device) -> ReftBatch:
+                decode: bool, device, prompt_lengths: Optional[torch.Tensor] = None) -> ReftBatch:
     """The rows of every ReFT group for one forward. ``groups``: the ReftConfigs, in order.
-    Without ``locations``, each group's positions come from ``attention_mask`` (every real token
-    counted as the prompt; all tokens real when there is no 2-D mask)."""
+    Without ``locations``, each group's positions come from ``attention_mask`` (all tokens real
+    when there is no 2-D mask), the prompt being each example's first ``prompt_lengths`` real
+    tokens (every real token when None)."""
     if decode:
         return ReftBatch(rows=(), decode=True)
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
@@ -103,7 +104,7 @@ def build_batch(groups, bsz: int, seq: int, attention_mask: Optional[torch.Tenso
         # asked inside torch.compile, which cannot trace the question (and needs no cache there:
         # the index checks are device-side assertions)
         with torch.inference_mode(False):
-            return build_batch(groups, bsz, seq, attention_mask, locations, decode, device)
+            return build_batch(groups, bsz, seq, attention_mask, locations, decode, device, prompt_lengths)
     if attention_mask is None or attention_mask.dim() != 2 or tuple(attention_mask.shape) != (bsz, seq):
         attention_mask = torch.ones(bsz, seq, dtype=torch.long, device=device)
     made = {}
@@ -117,6 +118,7 @@ def build_batch(groups, bsz: int, seq: int, attention_mask: Optional[torch.Tenso
                     loc = loc.reshape(bsz, -1)
             else:
                 loc = intervention_locations(attention_mask.to(device), cfg.positions,
+                                             None if prompt_lengths is None else prompt_lengths.to(device),
                                              share_weights=cfg.share_weights)
             rows = locations_to_rows(loc, seq)
             sides = (rows,) if rows.dim() == 1 else tuple(r.contiguous() for r in rows.unbind(0))

@@ -17,9 +17,9 @@ class SaveInterventionsCallback(TrainerCallback):
     ``<output_dir>/interventions/``. Load one with
     ``load_interventions(model, that_folder)``.
 
-    The Trainer's own checkpoint holds the interventions too (they are submodules of the model),
-    but inside the full model's weights; this folder holds them alone, in the form
-    ``load_interventions`` reads.
+    The Trainer's own checkpoint folders hold the same files already (the patched
+    ``model.save_pretrained`` writes the adapter there, see ``checkpoint.py``), beside the
+    Trainer's optimizer and state files; this callback keeps a folder with the adapter alone.
     """
 
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -1,6 +1,7 @@
-"""Save and load the attached interventions: ``interventions.safetensors`` (the parameters) and
-``reft_config.json`` (the configs, the model type, hidden size and layer count, the library
-version, and the weights file's SHA-256).
+"""Save and load the attached interventions: ``interventions.safetensors`` (the parameters, and
+the state of the ``modules_to_save`` under ``modules_to_save.<module>.<tensor>``) and
+``reft_config.json`` (the configs, ``modules_to_save``, the model type, hidden size and layer
+count, the library version, and the weights file's SHA-256).
 
 A save replaces the pair as one: the config is the commit point. The new weights go first to
 ``interventions.safetensors.pending``, then the new config replaces the old one, then the pending
@@ -28,6 +29,8 @@ import torch
 
 from .attach import get_handle, get_reft_model
 from .config import config_from_dict
+from .extras import PREFIX as EXTRAS_PREFIX
+from .extras import check_modules_to_save, extras_state
 
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -142,12 +145,18 @@ def sharded(model) -> bool:
     return any(_is_sharded(p) for p in get_handle(model).interventions.parameters())
 
 
+def _adapter_state(handle) -> dict:
+    """The tensors a save holds: the interventions' state dict and that of the ``modules_to_save``."""
+    return {**handle.interventions.state_dict(), **extras_state(handle.extra_modules)}
+
+
 def save_interventions(model, directory) -> None:
     """Write the interventions of ``model`` (see ``get_reft_model``) to ``directory`` (created if
-    needed): the parameters as safetensors (on the CPU, each in its own dtype) and the JSON
-    config. Over an earlier save the pair is replaced as one (see the module docstring): an
-    interruption at any point leaves the earlier save or the new one readable, never a mix, and
-    the next save removes what an interrupted one left.
+    needed): the parameters as safetensors (on the CPU, each in its own dtype; the
+    ``modules_to_save`` beside them) and the JSON config. Over an earlier save the pair is
+    replaced as one (see the module docstring): an interruption at any point leaves the earlier
+    save or the new one readable, never a mix, and the next save removes what an interrupted one
+    left.
 
     Under FSDP2 (``fully_shard``: the parameters are DTensors sharded over the ranks) every rank
     must call it: the shards are gathered (a collective) and rank 0 alone writes. Under DDP the
@@ -158,19 +167,21 @@ def save_interventions(model, directory) -> None:
     from .. import __version__
 
     handle = get_handle(model)
-    state = handle.interventions.state_dict()
+    state = _adapter_state(handle)
     gathered = any(_is_sharded(v) for v in state.values())
     state = {k: v.full_tensor() if _is_sharded(v) else v for k, v in state.items()}  # collective
     if gathered and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # cloned: tied weights among the modules_to_save would otherwise share storage (safetensors refuses)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     blob = st_save(tensors, metadata={"format": "pt"})
     meta = {
         "format_version": FORMAT_VERSION,
         "library": "reft_kernels",
         "library_version": __version__,
         "configs": [c.to_dict() for c in handle.configs],
+        "modules_to_save": list(handle.modules_to_save),
         **_describe_model(handle),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
@@ -204,6 +215,7 @@ def read_interventions(directory):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {meta.get('format_version')!r}, this library reads {FORMAT_VERSION}")
         configs = tuple(config_from_dict(c) for c in meta["configs"])
+        check_modules_to_save(meta.get("modules_to_save") or None)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cpath} is not a valid intervention config: {exc}") from None
     blob = None
@@ -225,19 +237,21 @@ def read_interventions(directory):
 def load_interventions(model, directory, *, allow_nonfinite: bool = False):
     """Load interventions saved by ``save_interventions`` into ``model`` and return it.
 
-    If ``model`` has no interventions yet, they are attached first from the saved configs (as
-    ``get_reft_model`` does, quietly). If it has, its configs must equal the saved ones. The saved
-    model type, hidden size and layer count must match the model. Every check runs before any
-    parameter is written; on error the model is left exactly as it was (an attach made here is
-    undone). A saved tensor holding NaN or Inf raises ValueError naming it, unless
-    ``allow_nonfinite=True``.
+    If ``model`` has no interventions yet, they are attached first from the saved configs and
+    ``modules_to_save`` (as ``get_reft_model`` does, quietly). If it has, its configs and
+    ``modules_to_save`` must equal the saved ones. The saved state of the ``modules_to_save`` is
+    written into those modules. The saved model type, hidden size and layer count must match the
+    model. Every check runs before any parameter is written; on error the model is left exactly
+    as it was (an attach made here is undone). A saved tensor holding NaN or Inf raises
+    ValueError naming it, unless ``allow_nonfinite=True``.
     """
     if not isinstance(allow_nonfinite, bool):
         raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
     meta, configs, tensors = read_interventions(directory)
+    saved_extras = tuple(meta.get("modules_to_save") or ())
     attached_here = getattr(model, "reft", None) is None
     if attached_here:
-        get_reft_model(model, list(configs), verbose=False)
+        get_reft_model(model, list(configs), verbose=False, modules_to_save=list(saved_extras) or None)
     try:
         handle = get_handle(model)
         if handle._red_merged is not None:
@@ -246,6 +260,9 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False):
         if tuple(c.to_dict() for c in handle.configs) != tuple(c.to_dict() for c in configs):
             raise ValueError(f"the interventions saved in {directory!r} have other configs than the model's: "
                              f"saved {[c.to_dict() for c in configs]}, attached {[c.to_dict() for c in handle.configs]}")
+        if tuple(handle.modules_to_save) != saved_extras:
+            raise ValueError(f"the interventions saved in {directory!r} have modules_to_save={list(saved_extras)}, "
+                             f"the model's are {list(handle.modules_to_save)}")
         mine = _describe_model(handle)
         for key, value in mine.items():
             saved = meta.get(key)
@@ -254,7 +271,7 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False):
             if saved != value:
                 raise ValueError(f"the interventions in {directory!r} were saved for {key} = {saved!r}; "
                                  f"this model has {value!r}")
-        state = handle.interventions.state_dict()
+        state = _adapter_state(handle)
         if set(state) != set(tensors):
             missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
             raise ValueError(f"{WEIGHTS_NAME} in {directory!r} does not hold this model's interventions: "
@@ -263,7 +280,11 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False):
             src = tensors[name]
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{name}: saved shape {tuple(src.shape)}, the model's is {tuple(dst.shape)}")
+            if src.is_floating_point() != dst.is_floating_point():
+                raise ValueError(f"{name}: saved dtype {src.dtype}, the model's is {dst.dtype}")
             if not src.is_floating_point():
+                if name.startswith(EXTRAS_PREFIX):
+                    continue  # an integer buffer of a module to save
                 raise ValueError(f"{name}: saved dtype {src.dtype} is not floating point")
             if not allow_nonfinite:
                 bad = int((~torch.isfinite(src)).sum())

@@ -8,6 +8,9 @@ Conventions (the ReFT paper's, which pyreft's paper scripts follow):
 - The prompt of example ``b`` is its first ``prompt_lengths[b]`` real tokens (``attention_mask``
   is 1), or all of its real tokens when ``prompt_lengths`` is None; real tokens may be left- or
   right-padded. Positions are indices into the padded sequence.
+- Training batches without locations: ``prompt_lengths_from_labels`` takes the prompt of each
+  example as its real tokens before the first one whose label is not ``-100`` (the collator's
+  labels mask the prompt and the padding).
 - pyreft's bundled datasets pass ``prompt_len - 1`` as the last position, so their ``l{k}`` leaves
   out the final prompt token; pass ``prompt_lengths - 1`` to reproduce them. Its paper scripts
   instead prepend one pad "sink" token, which moves every position by one.
@@ -150,3 +153,30 @@ def locations_to_rows(locations, seq_len: int):
     if locations.dim() == 3:
         return rows.transpose(0, 1).reshape(2, -1)
     return rows.reshape(-1)
+
+
+def prompt_lengths_from_labels(attention_mask, labels, ignore_index: int = -100):
+    """(prompt_lengths, unknown): the prompt of each example of a training batch, told from its
+    labels as ``ReftDataCollator`` writes them (``ignore_index`` on the prompt and the padding).
+
+    The prompt of example b is its real tokens (``attention_mask`` 1) before the first real
+    token whose label is not ``ignore_index``; a row whose labels are all ``ignore_index`` is all
+    prompt. Where the first real token already has a label (labels that mask no prompt, e.g.
+    ``labels = input_ids``), the prompt cannot be told: that row takes all of its real tokens and
+    is flagged in ``unknown``. Both are (B,) tensors on the mask's device (int64 and bool), made
+    with no host synchronisation.
+    """
+    _check_mask(attention_mask, None)
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(attention_mask.shape):
+        raise ValueError(f"labels must be a tensor of the attention mask's shape {tuple(attention_mask.shape)}, "
+                         f"got {_describe(labels)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    real = attention_mask.bool()
+    labels = labels.to(real.device)
+    n_real = real.sum(1)
+    rank = real.long().cumsum(1) - 1  # rank of each real token among its row's real tokens
+    supervised = real & (labels != ignore_index)
+    first = torch.where(supervised, rank, n_real[:, None]).amin(1) if real.shape[1] else n_real
+    unknown = (first == 0) & (n_real > 0)
+    return torch.where(unknown, n_real, first), unknown

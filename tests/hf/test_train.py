@@ -179,20 +179,24 @@ def test_trainer_default_args_with_dicts_of_text_explains_the_fix(tmp_path):
 def test_trainer_keeps_intervention_locations_column(tmp_path):
     """Already-collated examples with an ``intervention_locations`` column, default arguments and
     the default collator: the Trainer keeps the column (forward names it) and the forward uses it.
-    The locations are the prompt's (the collator's), which differ from what the attention mask alone
-    gives (every real token counted as the prompt), so the loss tells which ones the forward got."""
+    The evaluation column holds the positions of the whole sequence (every real token counted as
+    the prompt), which differ from the prompt's that the forward takes from the labels without a
+    column, so the loss tells which ones the forward got. Training takes the collator's column."""
     model = tiny_model("llama")
     get_reft_model(model, ReftConfig(layers="all", rank=4, positions="f1+l1"), verbose=False)
     batch = ReftDataCollator(tiny_tokenizer(), "f1+l1")(EXAMPLES)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(len(EXAMPLES))]
+    whole = intervention_locations(batch["attention_mask"], "f1+l1")
+    assert not torch.equal(batch["intervention_locations"], whole)
+    batch["intervention_locations"] = whole
+    eval_rows = [{k: v[i] for k, v in batch.items()} for i in range(len(EXAMPLES))]
     without = {k: v for k, v in batch.items() if k != "intervention_locations"}
-    assert not torch.equal(batch["intervention_locations"], intervention_locations(batch["attention_mask"], "f1+l1"))
     with_loc, without_loc = eval_loss(model, batch), eval_loss(model, without)
     assert abs(with_loc - without_loc) > 1e-4
 
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=2, save_strategy="no",
                                                                    per_device_eval_batch_size=len(rows)),
-                                   train_dataset=rows, eval_dataset=rows)
+                                   train_dataset=rows, eval_dataset=eval_rows)
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(with_loc, rel=1e-6, abs=1e-7)
     iv0 = intervention_params(model)
