@@ -43,10 +43,13 @@ from .._validate import remember_index_checked
 from ..modules import RED
 from . import extras
 from .batch import KWARG, build_batch, cache_length
+from .component_hooks import ReftInputHook, RowsRelay
 from .config import REDConfig, ReftConfig
 from .flag_watch import FlagWatch
 from .positions import prompt_lengths_from_labels
-from .sites import RED_SITES, REFT_SITES, find_sites, hidden_size, model_type, output_width, param_dtype_device
+from .seq2seq import EncoderPreHook, decoder_prompt_width, seq2seq_batch, stack_of
+from .sites import (RED_SITES, REFT_COMPONENT_SITES, SUBLAYER_COMPONENTS, find_sites, hidden_size, model_type,
+                    param_dtype_device, red_width)
 
 HANDLE_ATTR = "reft"
 MODULE_ATTR = "reft_interventions"
@@ -67,12 +70,13 @@ def _split_output(output):
     raise TypeError(f"an edited module must return a tensor or a tuple starting with one, got {type(output).__name__}")
 
 
-def _edit_rows(iv, h, index, dropout: float, training: bool):
+def _edit_rows(iv, h, index, dropout: float, training: bool, copy: bool = False):
     """Apply intervention ``iv`` to the rows ``index`` of ``h`` (B, S, d); returns the result.
 
     Without dropout it edits ``h`` in place (the layer output is a fresh tensor that nothing else
     holds yet), which saves a (B, S, d) copy per layer; when autograd forbids that (``h`` a leaf
-    that requires grad, or a view) it edits a copy. With dropout in training, pyreft's
+    that requires grad, or a view, or ``copy``: a layer's input, which others may hold) it edits
+    a copy. With dropout in training, pyreft's
     ``dropout(h + edit)`` on the edited rows: gather, edit, dropout, ``put_rows`` into a copy.
     """
     if dropout > 0.0 and training:
@@ -83,7 +87,7 @@ def _edit_rows(iv, h, index, dropout: float, training: bool):
         return put_rows(h, index, edited)  # exact gradients with padding entries (not put_rows_)
     # ``h._base is not None`` rather than ``h._is_view()``: the same test, and torch.compile traces
     # it (``_is_view()`` is a graph break)
-    if (h.requires_grad and h.is_leaf) or h._base is not None:
+    if copy or (h.requires_grad and h.is_leaf) or h._base is not None:
         return iv(h, index)
     return iv(h, index, inplace=True)
 
@@ -107,11 +111,23 @@ class _ReftHook:
     """Forward hook (with kwargs) of a ReFT site: edits the rows that the layer call's
     ``reft_batch`` keyword lists for this config, one intervention per side."""
 
-    def __init__(self, handle, group: int, ivs, cfg):
+    def __init__(self, handle, group: int, ivs, cfg, stack=None, relay=None):
         self.handle, self.group, self.ivs, self.cfg = handle, group, list(ivs), cfg
+        self.stack = stack  # "encoder"/"decoder" in an encoder-decoder model (see seq2seq.py)
+        self.relay = relay  # a sub-layer site's RowsRelay (its module is called without the rows)
 
     def __call__(self, module, args, kwargs, output):
         batch = kwargs.get(KWARG)
+        if batch is None and self.relay is not None:
+            if not self.handle._enabled:
+                return None
+            batch = self.relay.rows(module)
+            if batch is None:
+                return None  # the layer was called on its own
+        if isinstance(batch, dict):  # an encoder-decoder model's rows, one entry per stack
+            batch = batch.get(self.stack)
+            if batch is None:
+                return None
         if batch is None:
             if self.handle._enabled and self.handle._in_forward:
                 raise RuntimeError(
@@ -162,9 +178,12 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
     given.update(kwargs)
     ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
     ref = ids if ids is not None else embeds
-    if ref is None or ref.dim() < 2:
+    if not handle._seq2seq and (ref is None or ref.dim() < 2):
         raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place its "
                          "interventions")
+    if handle._seq2seq:
+        kwargs[KWARG] = seq2seq_batch(handle, given, intervention_locations)
+        return _call_with_rows(handle, args, kwargs)
     bsz, seq = ref.shape[:2]
     decode = cache_length(given.values()) > 0
     mask = given.get("attention_mask")
@@ -185,6 +204,12 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
         handle._label_watch.watch(unknown)
     kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
                                 intervention_locations, decode, ref.device, prompt_lengths)
+    return _call_with_rows(handle, args, kwargs)
+
+
+def _call_with_rows(handle, args, kwargs):
+    """The model's own forward, its keywords carrying the rows (a layer without rows is then an
+    error)."""
     before = handle._in_forward
     handle._in_forward = True
     try:
@@ -203,6 +228,8 @@ def _patched_generate(model, *args, **kwargs):
         prompt = kwargs.get("inputs_embeds")
     before = handle._prompt_width
     handle._prompt_width = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+    if handle._seq2seq:  # the decoder's prompt (the encoder's input is encoded whole)
+        handle._prompt_width = decoder_prompt_width(kwargs)
     try:
         return handle._inner("generate")(*args, **kwargs)
     finally:
@@ -234,6 +261,8 @@ class ReftHandle:
         self._patches = []  # [(object, attribute, its previous instance value or None)]
         self._reft_groups = [i for i, c in enumerate(configs) if isinstance(c, ReftConfig)]
         self._prompt_from_labels = _is_causal_lm(model)
+        self._seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+                             and self._reft_groups)
         self._label_watch = FlagWatch(UNKNOWN_PROMPT)
 
     # ------------------------------------------------------------------ public
@@ -395,7 +424,14 @@ class ReftHandle:
         groups = nn.ModuleList()
         plans = []
         for gi, cfg in enumerate(self.configs):
-            table, what = (RED_SITES, "REDConfig") if isinstance(cfg, REDConfig) else (REFT_SITES, "ReftConfig")
+            if isinstance(cfg, REDConfig):
+                table, what = RED_SITES, "REDConfig"
+            else:
+                table = REFT_COMPONENT_SITES[cfg.component]
+                what = "ReftConfig" if cfg.component == "block_output" else f"ReftConfig(component={cfg.component!r})"
+                if self._seq2seq and cfg.component != "block_output":
+                    raise ValueError(f"{what}: an encoder-decoder model takes ReFT on its blocks' outputs only "
+                                     "(component='block_output')")
             found, n_layers = find_sites(model, cfg, table, what)
             self.num_layers.append(n_layers)
             self.sites.append([(key, layer, name) for key, layer, name, _ in found])
@@ -404,7 +440,7 @@ class ReftHandle:
                 dtype, device = param_dtype_device(module)
                 dtype = cfg.torch_dtype or dtype
                 if isinstance(cfg, REDConfig):
-                    d = output_width(module)
+                    d = red_width(model, cfg, module)
                     ivs[key] = RED(d, dtype=dtype, device=device, backend=cfg.backend)
                     plans.append((module, "red", ivs[key]))
                 else:
@@ -417,7 +453,13 @@ class ReftHandle:
                         name_ = f"{key}_{side}" if side else key
                         ivs[name_] = cfg.build(d, dtype=dtype, device=device)
                         sides.append(ivs[name_])
-                    plans.append((module, gi, sides))
+                    parent = None
+                    if cfg.component in SUBLAYER_COMPONENTS:
+                        parent_name = name.rpartition(".")[0]
+                        parent = model.get_submodule(parent_name) if parent_name else None
+                        if parent is None:
+                            raise ValueError(f"{what}: the site {name!r} has no parent layer to take the rows from")
+                    plans.append((module, gi, (sides, stack_of(key) if self._seq2seq else None, parent)))
             groups.append(ivs)
         self.extra_modules = extras.resolve_modules_to_save(model, self.modules_to_save, MODULE_ATTR)
         # everything that can fail has been checked: change the model
@@ -441,8 +483,21 @@ class ReftHandle:
                     self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
                 else:
                     # the batch's rows are listed per ReFT config, in the order of _reft_groups
-                    hook = _ReftHook(self, self._reft_groups.index(kind), what, self.configs[kind])
+                    sides, stack, parent = what
+                    cfg, group = self.configs[kind], self._reft_groups.index(kind)
+                    if cfg.component == "block_input":
+                        hook = ReftInputHook(self, group, sides, cfg, _edit_rows)
+                        self._hooks.append(module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True))
+                        continue
+                    relay = None
+                    if parent is not None:
+                        relay = RowsRelay(self, parent)
+                        self._hooks.append(parent.register_forward_pre_hook(relay, with_kwargs=True))
+                    hook = _ReftHook(self, group, sides, cfg, stack, relay)
                     self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
+            if self._seq2seq and callable(getattr(model, "get_encoder", None)):
+                self._hooks.append(model.get_encoder().register_forward_pre_hook(
+                    EncoderPreHook(self), with_kwargs=True))
             object.__setattr__(model, HANDLE_ATTR, self)
         except BaseException:
             for h in self._hooks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .chat import is_messages, render_chat
 from .positions import intervention_locations, parse_positions
 
 
@@ -26,10 +27,18 @@ class ReftDataCollator:
     prompt length is the prompt's token count, so ``l{k}`` ends at the final prompt token (the
     ReFT paper's convention; pyreft's bundled datasets stop one token earlier).
 
+    An example may also be a chat: a dict ``{"messages": [{"role": "user", "content": ...}, ...,
+    {"role": "assistant", "content": ...}]}`` or the list of messages itself. The tokenizer's chat
+    template renders it (``reft_kernels.hf.chat``): the prompt is every message before the last,
+    which must be the assistant's, rendered with ``add_generation_prompt=True``; the response is
+    the assistant's turn as the template writes it (its end-of-turn text included). Both are
+    tokenized without added special tokens (the template writes its own); ``add_eos`` appends
+    EOS only where the response does not already end with it.
+
     With ``transformers.Trainer``, examples as ``(prompt, response)`` tuples work with default
     arguments; dict examples need ``TrainingArguments(remove_unused_columns=False)``, whatever the
     dataset type: by default the Trainer drops the keys that the model's forward does not name
-    (``prompt``, ``response``) before the collator sees them.
+    (``prompt``, ``response``, ``messages``) before the collator sees them.
     """
 
     def __init__(self, tokenizer, positions: str = "f7+l7", *, share_weights: bool = True, max_length=None,
@@ -48,23 +57,32 @@ class ReftDataCollator:
         self.pad_id, self.label_pad_id = pad, label_pad_id
 
     def _pair(self, ex):
+        """(prompt, response, whether the prompt gets the tokenizer's special tokens)."""
+        if isinstance(ex, dict) and "messages" in ex:
+            return (*render_chat(self.tokenizer, ex["messages"]), False)
+        if is_messages(ex):
+            return (*render_chat(self.tokenizer, ex), False)
         if isinstance(ex, dict):
             if "prompt" not in ex or "response" not in ex:
                 hint = ("; with transformers.Trainer, pass TrainingArguments(remove_unused_columns=False) "
                         "(by default it drops the keys the model's forward does not name) or give "
                         "(prompt, response) tuples") if not ex else ""
-                raise ValueError(f"an example dict needs 'prompt' and 'response' keys, got {sorted(ex)}{hint}")
-            return ex["prompt"], ex["response"]
+                raise ValueError(f"an example dict needs 'prompt' and 'response' keys (or 'messages'), got "
+                                 f"{sorted(ex)}{hint}")
+            return ex["prompt"], ex["response"], True
         if isinstance(ex, (tuple, list)) and len(ex) == 2:
-            return ex[0], ex[1]
-        raise TypeError(f"an example must be a (prompt, response) pair or a dict, got {type(ex).__name__}")
+            return ex[0], ex[1], True
+        raise TypeError(f"an example must be a (prompt, response) pair or a dict, or a list of chat messages, "
+                        f"got {type(ex).__name__}")
 
-    def encode(self, prompt: str, response: str):
-        """(token ids, prompt length) of one example, truncated to ``max_length``."""
-        p = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    def encode(self, prompt: str, response: str, add_special_tokens: bool = True):
+        """(token ids, prompt length) of one example, truncated to ``max_length``; the prompt gets
+        the tokenizer's special tokens (BOS) when ``add_special_tokens``."""
+        p = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         r = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
-        if self.add_eos and self.tokenizer.eos_token_id is not None:
-            r.append(self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id
+        if self.add_eos and eos is not None and (add_special_tokens or not r or r[-1] != eos):
+            r.append(eos)
         if self.max_length is not None:
             p = p[: self.max_length]
             r = r[: self.max_length - len(p)]

@@ -29,6 +29,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 Layers = Union[str, Sequence[int]]
 
+# where in each layer a ReFT intervention edits the residual stream (pyvene's component names)
+COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
+
 
 def _check_layers(layers) -> Union[str, tuple]:
     if isinstance(layers, str):
@@ -136,8 +139,9 @@ class REDConfig(_Config):
 
 @dataclass(frozen=True)
 class ReftConfig(_Config):
-    """A ReFT intervention on the residual stream after each chosen decoder layer (pyvene's
-    ``block_output``), at the token positions ``positions`` of each prompt.
+    """A ReFT intervention on each chosen layer's hidden states at ``component`` (by default
+    the residual stream after the layer, pyvene's ``block_output``), at the token positions
+    ``positions`` of each prompt.
 
     Args:
         method: "loreft", "noreft", "direft", "nodireft", "consreft" or "lobireft".
@@ -150,9 +154,17 @@ class ReftConfig(_Config):
         dropout: applied as pyreft does, to the whole edited row ``h + edit`` in training.
         add_bias: NoReFT's projection bias (pyreft's ``add_bias``); only NoReFT has it.
         dtype: the parameters' dtype (None: the model's). R stays fp32 whatever the dtype.
-        pattern: a regular expression over module names selecting the layers to edit, its last
-            group the layer number (overrides the built-in site table).
+        pattern: a regular expression over module names selecting the modules to edit, its last
+            group the layer number (overrides the built-in site table); ``component`` then says
+            whether their input ("block_input") or their output (the others) is edited.
         backend: passed to the ops (None: the default dispatch).
+        component: pyvene's name of the edited hidden states: "block_output" (the layer's output,
+            the default), "block_input" (the layer's input), "mlp_output" (the MLP's output
+            before the residual add) or "attention_output" (the self-attention's output, after
+            its output projection, before the residual add). Beyond "block_output" and
+            "block_input", the built-in sites cover the LLaMA family, GPT-2 and the other
+            decoder-only model types of ``sites.REFT_COMPONENT_SITES``; folders saved before this field
+            existed load as "block_output".
     """
 
     method: str = "loreft"
@@ -166,6 +178,7 @@ class ReftConfig(_Config):
     dtype: Optional[str] = None
     pattern: Optional[str] = None
     backend: Optional[str] = None
+    component: str = "block_output"
     kind = "reft"
 
     def __post_init__(self):
@@ -198,6 +211,10 @@ class ReftConfig(_Config):
                              f"method {self.method!r} has no optional bias")
         object.__setattr__(self, "dtype", _check_dtype(self.dtype))
         object.__setattr__(self, "pattern", _check_pattern(self.pattern))
+        if not isinstance(self.component, str):
+            raise TypeError(f"component must be a string, one of {COMPONENTS}, got {type(self.component).__name__}")
+        if self.component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {self.component!r}")
 
     @property
     def sides(self) -> tuple:

@@ -11,8 +11,9 @@ reader takes the weights file whose checksum the config names (the real one, els
 one), so the folder holds one complete save at every instant: the previous one until the new
 config is in place, the new one from then on. A save killed part-way leaves temporaries and
 perhaps a pending file; the next save first finishes (pending weights the config names) or
-removes (any other pending file, every ``.reft-tmp-*``) what it left. Other files in the folder
-are never touched. One writer per folder at a time.
+removes (any other pending file, every ``.reft-tmp-*``) what it left. After the pair, the model
+card's section of ``README.md`` is written (``model_card.py``; loading never reads it); other
+files in the folder are never touched. One writer per folder at a time.
 
 ``load_interventions`` reads and checks everything (JSON, checksum, tensor names, shapes, finite
 values) before it changes anything: a corrupted, truncated or mismatched file raises ValueError
@@ -31,6 +32,8 @@ from .attach import get_handle, get_reft_model
 from .config import config_from_dict
 from .extras import PREFIX as EXTRAS_PREFIX
 from .extras import check_modules_to_save, extras_state
+from .hub import resolve_folder
+from .model_card import write_card
 
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -191,6 +194,7 @@ def save_interventions(model, directory) -> None:
     _atomic_write(pending, blob)
     _atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())  # the commit
     os.replace(pending, os.path.join(directory, WEIGHTS_NAME))
+    write_card(model, handle, directory, __version__, _atomic_write)  # for people and the Hub; never read back
     _fsync_dir(directory)
 
 
@@ -234,8 +238,12 @@ def read_interventions(directory):
     return meta, configs, tensors
 
 
-def load_interventions(model, directory, *, allow_nonfinite: bool = False):
+def load_interventions(model, directory, *, allow_nonfinite: bool = False, revision=None):
     """Load interventions saved by ``save_interventions`` into ``model`` and return it.
+
+    ``directory``: the saved folder, or a Hugging Face Hub repository id (``"owner/name"``, when
+    no such local folder exists) resolved through ``huggingface_hub`` at ``revision`` (a branch,
+    tag or commit; None for the default branch), its cache and offline mode included.
 
     If ``model`` has no interventions yet, they are attached first from the saved configs and
     ``modules_to_save`` (as ``get_reft_model`` does, quietly). If it has, its configs and
@@ -247,6 +255,7 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False):
     """
     if not isinstance(allow_nonfinite, bool):
         raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
+    directory = resolve_folder(directory, (CONFIG_NAME, WEIGHTS_NAME), revision)
     meta, configs, tensors = read_interventions(directory)
     saved_extras = tuple(meta.get("modules_to_save") or ())
     attached_here = getattr(model, "reft", None) is None

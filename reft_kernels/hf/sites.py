@@ -15,11 +15,21 @@ import torch
 _LLAMA_RED = r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$"
 _LLAMA_REFT = r"(?:^|\.)layers\.(\d+)$"
 
+# a mixture-of-experts layer's FFN: the sparse MoE block, whose output is the routed experts'
+# weighted sum (transformers 5 fuses the experts' weights into 3-D tensors, so no per-expert
+# projection exists to edit)
+_MOE_RED = r"(?:^|\.)layers\.(\d+)\.mlp$"
+
 # RED's sites, as its paper's code edits them: the FFN output projection, before the residual add
 RED_SITES = {
     "llama": _LLAMA_RED,
     "mistral": _LLAMA_RED,
     "qwen2": _LLAMA_RED,
+    "qwen3": _LLAMA_RED,
+    "gemma2": _LLAMA_RED,  # before the post-feedforward norm, like every down_proj
+    "gemma3_text": _LLAMA_RED,
+    "phi3": _LLAMA_RED,  # its gate and up projections are one module (gate_up_proj); down_proj as LLaMA's
+    "mixtral": _MOE_RED,
     "gpt2": r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$",  # a Conv1D, weight stored (in, out)
     "bert": r"(?:^|\.)encoder\.layer\.(\d+)\.output\.dense$",
     "roberta": r"(?:^|\.)encoder\.layer\.(\d+)\.output\.dense$",
@@ -31,11 +41,35 @@ REFT_SITES = {
     "llama": _LLAMA_REFT,
     "mistral": _LLAMA_REFT,
     "qwen2": _LLAMA_REFT,
+    "qwen3": _LLAMA_REFT,
+    "gemma2": _LLAMA_REFT,
+    "gemma3_text": _LLAMA_REFT,
+    "phi3": _LLAMA_REFT,
+    "mixtral": _LLAMA_REFT,
     "gpt2": r"(?:^|\.)h\.(\d+)$",
     "bert": r"(?:^|\.)encoder\.layer\.(\d+)$",
     "roberta": r"(?:^|\.)encoder\.layer\.(\d+)$",
+    "t5": r"(?:^|\.)(encoder|decoder)\.block\.(\d+)$",  # rows per stack: see seq2seq.py
 }
-REFT_DEFERRED = {"t5": "ReFT on T5 (encoder-decoder positions) is not supported yet; RED on T5 is"}
+_DECODER_ONLY = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
+
+# ReFT's sites by component (pyvene's names): "block_output" edits the layer's output and
+# "block_input" its input (a pre-hook on the same module); "mlp_output" and "attention_output"
+# edit the output of the layer's MLP (a MoE block's for Mixtral) and self-attention, before the
+# residual add
+REFT_COMPONENT_SITES = {
+    "block_output": REFT_SITES,
+    "block_input": REFT_SITES,
+    "mlp_output": {**{t: r"(?:^|\.)layers\.(\d+)\.mlp$" for t in _DECODER_ONLY},
+                   "gpt2": r"(?:^|\.)h\.(\d+)\.mlp$"},
+    "attention_output": {**{t: r"(?:^|\.)layers\.(\d+)\.self_attn$" for t in _DECODER_ONLY},
+                         "gpt2": r"(?:^|\.)h\.(\d+)\.attn$"},
+}
+# components edited inside a layer: their module gets the rows from its parent layer's call
+SUBLAYER_COMPONENTS = ("mlp_output", "attention_output")
+
+# RED sites that are not a projection (no out_features or weight): their output has the hidden size
+RED_WIDTH_IS_HIDDEN = {"mixtral"}
 
 
 def model_type(model) -> str | None:
@@ -50,8 +84,6 @@ def find_sites(model, config, table: dict, what: str):
     mtype = model_type(model)
     pattern = config.pattern
     if pattern is None:
-        if mtype in REFT_DEFERRED and table is REFT_SITES:
-            raise ValueError(f"{REFT_DEFERRED[mtype]} (pass pattern=... to choose modules yourself)")
         if mtype not in table:
             raise ValueError(
                 f"{what} has no built-in sites for model type {mtype!r}; supported: {sorted(table)}. "
@@ -112,6 +144,14 @@ def output_width(module) -> int:
         return w.shape[0]
     raise ValueError(f"cannot tell the output width of {type(module).__name__}: it has no out_features, "
                      "nf or 2-D weight")
+
+
+def red_width(model, config, module) -> int:
+    """Width of a RED site's output: the hidden size for the table's sites that are whole blocks
+    (``RED_WIDTH_IS_HIDDEN``), else ``output_width(module)``."""
+    if config.pattern is None and model_type(model) in RED_WIDTH_IS_HIDDEN:
+        return hidden_size(model)
+    return output_width(module)
 
 
 def param_dtype_device(module):

@@ -25,7 +25,7 @@ needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is 
 CONFIGS = [ReftConfig(layers="all", rank=4, positions="f1+l1"), REDConfig(layers=[1])]
 EXAMPLES = [("the cat sees a dog", "the dog runs"), ("what is red", "the sun is red"),
             ("who eats fish", "the cat eats fish"), ("how big is the moon", "small")] * 2
-ADAPTER_FILES = {"interventions.safetensors", "reft_config.json", "model.safetensors"}
+ADAPTER_FILES = {"interventions.safetensors", "reft_config.json", "model.safetensors", "README.md"}
 PREFIX = "reft_interventions."
 
 

@@ -10,6 +10,7 @@ import torch
 
 from reft_kernels.hf import REDConfig, ReftConfig, get_reft_model, load_interventions, save_interventions
 from reft_kernels.hf.io import CONFIG_NAME, WEIGHTS_NAME
+from reft_kernels.hf.model_card import NAME as CARD_NAME
 
 from ._attach_common import assert_same_state, state_snapshot
 from ._models import padded_batch, tiny_model
@@ -42,7 +43,7 @@ def test_round_trip_into_a_fresh_model_is_exact(tmp_path, arch):
     configs = CONFIGS if arch != "bert" else [ReftConfig(rank=2, positions="f1"), REDConfig()]
     trained = _trained(arch, configs)
     save_interventions(trained, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])  # no temporary files left
     fresh = tiny_model(arch)  # same base weights (same seed), no interventions yet
     load_interventions(fresh, tmp_path)
     assert [c.to_dict() for c in fresh.reft.configs] == [c.to_dict() for c in configs]
@@ -161,7 +162,7 @@ def test_saving_over_an_old_save_replaces_it(tmp_path):
     fresh = tiny_model("llama")
     load_interventions(fresh, tmp_path)
     assert torch.equal(_logits(fresh), _logits(second))
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
 
 
 @pytest.mark.parametrize("attached", [False, True], ids=["fresh", "attached"])

@@ -17,6 +17,7 @@ import torch
 
 from reft_kernels.hf import ReftConfig, REDConfig, get_reft_model, save_interventions
 from reft_kernels.hf.io import CONFIG_NAME, WEIGHTS_NAME, read_interventions
+from reft_kernels.hf.model_card import NAME as CARD_NAME
 
 from ._models import tiny_model
 
@@ -97,7 +98,7 @@ def test_interrupted_save_leaves_old_or_new_save(tmp_path, killed):
         seen.append(_which(folder, old, new))
         # the next save finishes or removes what the interrupted one left
         save_interventions(new_model, folder)
-        assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, *OTHER_FILES]), k
+        assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, *OTHER_FILES]), k
         assert _which(folder, old, new) == "new"
         for name, data in OTHER_FILES.items():
             assert (folder / name).read_bytes() == data
@@ -121,7 +122,7 @@ def test_interrupted_first_save_leaves_nothing_or_the_new_save(tmp_path, killed)
         except ValueError as exc:  # no complete save yet: said so, as for an empty folder
             assert "no saved interventions" in str(exc), exc
         save_interventions(model, folder)
-        assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME]), k
+        assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]), k
 
 
 def test_saved_files_get_the_mode_of_an_ordinary_file(tmp_path):

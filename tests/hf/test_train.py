@@ -100,7 +100,8 @@ def training_args(tmp_path, **kw):
 
 def read_folder(folder):
     from safetensors.torch import load_file
-    assert sorted(os.listdir(folder)) == ["interventions.safetensors", "reft_config.json"], os.listdir(folder)
+    assert sorted(os.listdir(folder)) == ["README.md", "interventions.safetensors", "reft_config.json"], \
+        os.listdir(folder)
     with open(os.path.join(folder, "reft_config.json")) as f:
         meta = json.load(f)
     return meta, load_file(os.path.join(folder, "interventions.safetensors"))
