@@ -64,12 +64,17 @@ def put_rows_(dst: torch.Tensor, sel, index: torch.Tensor, rows: torch.Tensor) -
         )
     if index.numel() == 0 or dst.numel() == 0:
         return dst
+    return dst.index_put_(sel, _agreeing_rows(dst, index, rows))
+
+
+def _agreeing_rows(dst, index, rows):
+    """``rows`` with each padding entry replaced by row 0's final value (its new value when row 0
+    is listed, its current value otherwise), so that every write reaching row 0 agrees."""
     row0 = dst[(0,) * (dst.dim() - 1)]
     hit0 = index == 0
     new0 = rows.index_select(0, hit0.to(torch.uint8).argmax().reshape(1))[0]  # no .item(): sync-free
     row0 = torch.where(hit0.any(), new0, row0)
-    rows = torch.where((index >= 0)[:, None], rows, row0)
-    return dst.index_put_(sel, rows)
+    return torch.where((index >= 0)[:, None], rows, row0)
 
 
 class PutRowsFunction(torch.autograd.Function):
@@ -87,11 +92,13 @@ class PutRowsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(dst, index, rows):
-        out = dst.clone()
-        if index.numel() and out.numel():
-            sel, _ = row_selector(out, index)
-            put_rows_(as_2d_plus(out), sel, index, rows.to(out.dtype))
-        return out
+        # Out of place (index_put, not a clone written by index_put_): under torch.compile on
+        # torch 2.11 the in-place write into the clone gave zero gradients through this Function.
+        if index.numel() == 0 or dst.numel() == 0:
+            return dst.clone()
+        sel, _ = row_selector(dst, index)
+        d2 = as_2d_plus(dst)
+        return d2.index_put(sel, _agreeing_rows(d2, index, rows.to(dst.dtype))).view(dst.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
