@@ -16,11 +16,12 @@ the PyTorch path for everything else.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from . import _cuda, _triton
+from . import _cuda, _triton, _versions
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "REFT_KERNELS_BACKEND"
@@ -38,6 +39,18 @@ def triton_usable_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return not _triton.INTERPRET
     return _triton.INTERPRET and device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_conflict() -> str | None:
+    """Why Triton's CPU interpreter cannot run with the installed numpy (a sentence naming both
+    versions), or None: Triton 3.6's interpreter fails on numpy 2.4 and newer
+    (``reft_kernels._versions.INTERPRETER_NUMPY``)."""
+    if not _triton.HAS_TRITON:
+        return None
+    import numpy
+
+    return _versions.interpreter_conflict(_triton.TRITON_VERSION, numpy.__version__)
 
 
 def resolve_backend(backend: str | None, device: torch.device, *, triton_unsupported: str | None = None,
@@ -89,6 +102,9 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
                 f"backend='triton' cannot run on {device.type} tensors: the Triton kernels take CUDA "
                 "tensors (or cpu tensors through Triton's interpreter); use backend='torch'"
             )
+        if device.type == "cpu" and interpreter_conflict() is not None:
+            raise RuntimeError(f"backend='triton' on cpu tensors runs Triton's interpreter, but "
+                               f"{interpreter_conflict()}")
     elif backend == "cuda":
         if device.type != "cuda" and not (device.type == "cpu" and _cuda.host_mode()):
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device.type}")

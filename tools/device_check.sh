@@ -2,6 +2,8 @@
 # One prepared run for a GPU machine (H100/H200 with a CUDA build of torch, Triton, nvcc and
 # ninja; no network). Writes logs plus a short summary under $OUT (default
 # bench/results/device-run):
+#   versions   torch, Triton, transformers, numpy against the tested range (reft_kernels/_versions.py,
+#              the range CI tests); outside it the run goes on and the summary says which is where
 #   build      the CUDA extension reft_kernels._C in place, for this GPU's architecture only
 #   install    the package in place (pip --no-build-isolation --no-deps; nothing downloaded)
 #   info       versions, device, backends
@@ -29,6 +31,7 @@
 #     OUT=/some/dir bash tools/device_check.sh bench      # the sweep only (a rerun after a fix;
 #                                                         # builds nothing: the Triton path and eager)
 #     OUT=/some/dir bash tools/device_check.sh e2e        # the end-to-end training steps only
+#     OUT=/some/dir bash tools/device_check.sh versions   # the version stage only (a rehearsal)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device-run}"
@@ -70,6 +73,16 @@ e2e() {  # whole training steps; a timeout keeps the shapes already measured
     step e2e "${E2E_TIMEOUT:-360}" reft-kernels bench --e2e ${E2E_ARGS:---e2e-sweep gpu --device cuda} --out "$OUT/bench"
     cat "$OUT"/bench/*/e2e.md >> "$summary" 2>/dev/null || true
 }
+versions() {  # plain metadata reads: nothing is imported, so this runs before the build
+    if step versions 60 python reft_kernels/_versions.py; then
+        echo "versions: inside the tested range" >> "$summary"
+    else
+        echo "versions: OUTSIDE the tested range (CI tests only inside it):" >> "$summary"
+    fi
+    sed 's/^/  /' "$OUT/versions.log" >> "$summary"
+}
+versions
+if [ "${1:-all}" = "versions" ]; then cat "$summary"; exit 0; fi
 if [ "${1:-all}" = "bench" ] || [ "${1:-all}" = "e2e" ]; then
     step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
     "$1"
