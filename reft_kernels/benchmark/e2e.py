@@ -191,22 +191,22 @@ def _median(xs):
     return _quantiles_or_same(xs)[0]
 
 
-def run_e2e(plan_, providers, cases, device, out_dir, *, log=print, threads=None):
-    """Run the plan (see ``plan``); append rows to ``out_dir/<device>/e2e.csv``, write ``e2e.md``,
-    print the table. Returns (rows, csv path)."""
+def run_e2e(plan_, providers, cases, device, out_dir, *, run_name=None, log=print, threads=None):
+    """Run the plan (see ``plan``); append rows to ``out_dir/<device>[/<run_name>]/e2e.csv``, write
+    ``e2e.md``, print the table. Returns (rows, csv path)."""
     device = torch.device(device)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(plan_, providers, cases, device, out_dir, log)
+        return _run(plan_, providers, cases, device, out_dir, run_name, log)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(plan_, providers, cases, device, out_dir, log):
+def _run(plan_, providers, cases, device, out_dir, run_name, log):
     meta = run_meta(device)
-    folder = Path(out_dir) / meta["device"]
+    folder = Path(out_dir) / meta["device"] / (run_name or "")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "e2e.csv"
     case_objs = [M.CASES[c] for c in cases]
@@ -284,5 +284,5 @@ def main_cli(args) -> int:
     if args.steps:
         plan_ = [(spec, shapes, (sched[0], args.steps, 1)) for spec, shapes, sched in plan_]
     threads = args.threads or (None if device.type == "cuda" else torch.get_num_threads())
-    run_e2e(plan_, providers, cases, device, args.out, threads=threads)
+    run_e2e(plan_, providers, cases, device, args.out, run_name=getattr(args, "run_name", None), threads=threads)
     return 0

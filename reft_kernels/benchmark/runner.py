@@ -43,18 +43,34 @@ def _method_cases(dtype, sizes, ranks):
     return out
 
 
+def _f7_l7(method, dtype, batch, d=256, rank=8, seq_len=128):
+    """The indexed op at pyreft's f7+l7: 14 edited rows of each of ``batch`` sequences."""
+    return C.Case("lowrank_edit_index", method, dtype, batch * seq_len, d, rank, index_rows=batch * 14,
+                  seq_len=seq_len)
+
+
+def _quick_cases() -> list:
+    """The quick sweep, fp32. First the README's headline cases (RED and LoReFT at N = 4096,
+    d = 256; f7+l7 with and without R at 8 sequences of 128; ``orthonormal_rows`` at d = 4096,
+    r = 8), then a line for each plot: RED and LoReFT at d = 256 over N from 1k rows (their
+    traffic fits in a 32 MiB L3) to 32k rows (32 MiB per tensor: DRAM-bound), the other methods
+    at one size, f7+l7 over the batch, ``orthonormal_rows`` over d."""
+    dt, d = "fp32", 256
+    cases = [C.Case("red", "red", dt, 4096, d), C.Case("lowrank_edit", "loreft", dt, 4096, d, 8),
+             _f7_l7("f7+l7", dt, 8), _f7_l7("f7+l7+R", dt, 8), C.Case("orthonormal_rows", "", dt, 0, 4096, 8)]
+    for n in (1024, 4096, 16384, 32768):
+        cases += [C.Case("red", "red", dt, n, d), C.Case("lowrank_edit", "loreft", dt, n, d, 8)]
+    cases += [C.Case("lowrank_edit", m, dt, 2048, d, 8) for m in C.METHODS if m != "loreft"]
+    cases += [_f7_l7(m, dt, b) for m in ("f7+l7", "f7+l7+R") for b in (2, 8, 32)]
+    cases += [C.Case("orthonormal_rows", "", dt, 0, dd, 8) for dd in (512, 1024, 2048, 4096)]
+    return list(dict.fromkeys(cases))  # the headline cases are not repeated
+
+
 def sweep(name: str, device: torch.device) -> list:
     """The cases of a named sweep: ``quick`` (a 2-core CPU in under 2 minutes), ``gpu`` (the
     default GPU sweep, sized for one short device call), ``full`` (the whole grid)."""
     if name == "quick":
-        sizes, dt = [(1024, 256), (4096, 256)], "fp32"
-        cases = [C.Case("red", "red", dt, n, d) for n, d in sizes]
-        cases += [C.Case("lowrank_edit", "loreft", dt, n, d, 8) for n, d in sizes]
-        cases += [C.Case("lowrank_edit", m, dt, 2048, 256, 8) for m in C.METHODS if m != "loreft"]
-        cases += [C.Case("lowrank_edit_index", m, dt, 8 * 128, 256, 8, index_rows=8 * 14, seq_len=128)
-                  for m in ("f7+l7", "f7+l7+R")]
-        cases += [C.Case("orthonormal_rows", "", dt, 0, 4096, 8)]  # the README's pyreft comparison
-        return cases
+        return _quick_cases()
     if name == "gpu":
         # The headline cases first (N * d >= 32M elements, the sparse regime, R), then the grid:
         # a run cut short by its time limit keeps the most telling rows.
@@ -308,17 +324,53 @@ def default_providers(device: torch.device) -> list:
     return ["eager", "compile"] + ours + variants
 
 
-def run(cases, providers, device, out_dir, *, min_run_time=0.2, progress=True, log=print):
-    """Run ``cases`` x ``providers``; append to ``out_dir/<device>/results.csv``, write the run's
-    ``results.md`` beside it, print the table. Returns (rows, csv path)."""
+# The copy bandwidth is measured this many times at the start of a run; a spread (max - min over
+# the median) above NOISE_SPREAD says the machine is too busy for its timings to be trusted.
+COPY_REPEATS = 3
+NOISE_SPREAD = 0.2
+
+
+def noise_warning(samples, load=None, cores=None) -> str | None:
+    """A warning when the machine is too busy for its timings to be trusted, else None: repeated
+    copy-bandwidth measurements ``samples`` (GB/s) spread by more than ``NOISE_SPREAD`` of their
+    median, or (a machine busy the whole time passes that test) a 1-minute ``load`` average above
+    half the ``cores`` before the run starts."""
+    med = sorted(samples)[len(samples) // 2]
+    spread = (max(samples) - min(samples)) / med if med > 0 else 0.0
+    why = []
+    if spread > NOISE_SPREAD:
+        why.append(f"the copy bandwidth varied by {spread:.0%} over {len(samples)} measurements "
+                   f"({', '.join(f'{x:.1f}' for x in samples)} GB/s)")
+    if load is not None and cores and load > cores / 2:
+        why.append(f"the load average is {load:.1f} on {cores} cores")
+    if not why:
+        return None
+    return f"warning: {' and '.join(why)}: this machine is too busy for its timings to be trusted; rerun on a quiet one"
+
+
+def _load_and_cores():
+    """(1-minute load average, CPU count), or (None, None) where the system does not tell."""
+    try:
+        return os.getloadavg()[0], os.cpu_count()
+    except (AttributeError, OSError):
+        return None, None
+
+
+def run(cases, providers, device, out_dir, *, run_name=None, min_run_time=0.2, progress=True, log=print):
+    """Run ``cases`` x ``providers``; append to ``out_dir/<device>[/<run_name>]/results.csv``, write
+    the run's ``results.md`` beside it, print the table. Returns (rows, csv path)."""
     device = torch.device(device)
     meta = run_meta(device)
-    folder = Path(out_dir) / meta["device"]
+    folder = Path(out_dir) / meta["device"] / (run_name or "")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "results.csv"
-    bw = copy_gbps(device)
+    samples = [copy_gbps(device) for _ in range(COPY_REPEATS)]
+    bw = sorted(samples)[len(samples) // 2]
     log(f"reft-kernels bench on {meta['device']}: {len(cases)} cases x providers {', '.join(providers)}; "
         f"copy bandwidth {bw:.1f} GB/s")
+    noisy = noise_warning(samples, *(_load_and_cores() if device.type == "cpu" else (None, None)))
+    if noisy:
+        log(noisy)
     compiled_cache, rows = {}, []
     new_file = not path.exists()
     with open(path, "a", newline="") as f:

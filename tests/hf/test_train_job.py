@@ -53,3 +53,37 @@ def test_train_returns_a_summary(tiny_folder, tmp_path):
 def test_train_rejects_bad_numbers(capsys):
     assert cli.main(["train", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+class _Terminal:
+    """A stream that says it is a terminal and records what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_draws_in_place_on_a_terminal(capsys):
+    term = _Terminal()
+    bar = train_job._Progress(3, term)
+    for step in (1, 2, 3):
+        bar.update(step, "loss 1.0")
+    assert term.text.count("\r") == 3 and term.text.endswith("step 3/3 loss 1.0\n")
+    assert term.text.count("\n") == 1  # one line, redrawn
+    train_job._Progress(3).update(1, "x")  # pytest's captured stdout is no terminal: a plain line
+    assert capsys.readouterr().out.endswith("step 1/3 x\n")
+
+
+def test_train_prints_the_before_answers_before_training(tiny_folder, tmp_path, capsys):
+    train_job.run(model_name=tiny_folder, steps=2, layers=[1], positions="l2", rank=2, out=str(tmp_path / "o"),
+                  device="cpu", max_new_tokens=2)
+    text = capsys.readouterr().out
+    assert text.index("before training") < text.index("step 1/2") < text.index("load_interventions(model, ")
