@@ -1,5 +1,6 @@
-"""The README's usage examples and error table run as written, and its two set-up commands match
-.ci/run."""
+"""The python examples of the README and of every page in docs/ run as written, the error table
+(docs/numerics.md) raises what it says, every link between the pages resolves, and the README's
+two set-up commands match .ci/run."""
 import builtins
 import pathlib
 import re
@@ -8,18 +9,34 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+BLOCKS = [(f"{p.relative_to(ROOT)} block {i}", block) for p in PAGES
+          for i, block in enumerate(re.findall(r"```python\n(.*?)```", p.read_text(), flags=re.S))]
+NUMERICS = (ROOT / "docs" / "numerics.md").read_text()
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 4
+    assert sum(name.startswith("README.md") for name, _ in BLOCKS) >= 2
+    assert len(BLOCKS) >= 6
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_example_runs(i, capsys):
-    exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), {})
+@pytest.mark.parametrize("name,block", BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_readme_example_runs(name, block, capsys):
+    exec(compile(block, name, "exec"), {})
     out = capsys.readouterr().out
     assert "False" not in out
+
+
+def test_readme_fits_a_few_screens():
+    assert len(README.splitlines()) <= 250
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_links_between_pages_resolve(page):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        if "://" in target:
+            continue
+        assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
 
 
 def test_setup_commands():
@@ -34,7 +51,7 @@ def test_setup_commands():
 
 
 def _error_rows():
-    section = README.split("### Errors", 1)[1].split("\n## ", 1)[0]
+    section = NUMERICS.split("\n## Errors", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (.+?) \| `(.+?)` \| `(\w+): (.+?)` \|$", section, flags=re.M)
     return rows
 
