@@ -215,6 +215,79 @@ def dot_precision(h_dtype: torch.dtype) -> str:
       fp32 accuracy (~1e-6 relative against float64). Exact "ieee" products would run on the FMA
       units and keep the dot operands in registers: compiled for sm_80/sm_90 with this project's
       tiles they used all 255 registers and spilled (tools/triton_compile_check.py).
-    The CPU interpreter ignores the setting and multiplies in fp32.
+    The CPU interpreter ignores the setting and multiplies in fp32; the kernels call ``gpu_dot``,
+    which makes the interpreter's products the GPU's.
     """
     return "tf32x3" if h_dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------- dot operands
+#
+# What the compiled tl.dot does with fp32 operands on NVIDIA tensor cores (sm_80 mma.sync and
+# sm_90a wgmma, read from the PTX and TTGIR that Triton 3.6 and 3.9 emit):
+# - input_precision="tf32": no conversion instruction; the fp32 bits go to the tensor core as
+#   they are and it reads only the top 19 (sign, exponent, 10 mantissa bits): the operand is
+#   truncated toward zero ("tf32_rz" below). (Triton's own frontend later added an opt-in
+#   rounding of fp32 to tf32 for this reason; it does not apply to tl.dot as used here.)
+# - input_precision="tf32x3": Triton's F32DotTC pass splits each operand into big =
+#   cvt.rna.tf32.f32(x) (round to nearest, ties away from zero: add 0x1000 to the bits, clear
+#   the low 13) and small = x - big (exact in fp32, then truncated by the tensor core), and sums
+#   small_a big_b + big_a small_b (NaN replaced by 0), then big_a big_b on top, then adds the
+#   accumulator in a separate fp32 add.
+# - input_precision="ieee": exact fp32 products (FMA units).
+# The CPU interpreter multiplies every dot in full fp32, so under it ``gpu_dot`` first rounds the
+# operands as above. bf16/fp16 operands (and fp32 values that came from them: 7 or 10 mantissa
+# bits) pass through unchanged. What cannot be reproduced: the order in which the tensor core
+# adds the products within a dot (the interpreter's BLAS sums in its own order).
+_EMULATE_TC = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def tf32_rz(x):
+    """fp32 ``x`` with its 13 low mantissa bits cleared: what a TF32 tensor core reads of an fp32
+    operand (round toward zero; NaN payloads held only in those bits become infinities)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_rna(x):
+    """``cvt.rna.tf32.f32``: fp32 ``x`` rounded to TF32's 10 mantissa bits, to nearest with ties
+    away from zero (adding half a TF32 ulp to the magnitude bits carries into the exponent where
+    it must; finite values beyond TF32's largest round to infinity), as an fp32 value."""
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
+def _interpreted_dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """``gpu_dot`` under the interpreter: the operands rounded as the tensor cores take them."""
+    if DOT_PREC == "ieee":
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif a.dtype != tl.float32:  # bf16/fp16 operands: exact in TF32
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT_PREC == "tf32x3":
+        a_big = tf32_rna(a)
+        b_big = tf32_rna(b)
+        small = tl.dot(tf32_rz(a - a_big), b_big, input_precision="ieee")
+        small = tl.dot(a_big, tf32_rz(b - b_big), small, input_precision="ieee")
+        small = tl.where(small != small, 0.0, small)
+        out = tl.dot(a_big, b_big, small, input_precision="ieee")
+        if acc is not None:
+            out = out + acc
+    else:
+        out = tl.dot(tf32_rz(a), tf32_rz(b), acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def gpu_dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """``tl.dot(a, b, acc, input_precision=DOT_PREC)`` (``acc`` may be None), whose products
+    under the CPU interpreter are those of the compiled kernel on an NVIDIA GPU (see above);
+    compiled, exactly ``tl.dot``. Every dot of the package's kernels goes through here."""
+    if _EMULATE_TC:
+        out = _interpreted_dot(a, b, acc, DOT_PREC)
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return out

@@ -3,7 +3,13 @@ activation element (against the minimum), its launches, and what the compiled co
 H100: registers and shared memory per block (compiled ahead of time for sm_90a, no GPU needed),
 the resident blocks per SM that follow, and the waves of its grid.
 
-    python tools/design_table.py            # prints the markdown table of the README
+    python tools/design_table.py            # prints docs/design.md's table for the installed Triton
+
+Register allocation, and so the occupancy and the grids sized from it, changes between Triton
+releases (3.6 against 3.9: 3-35 registers per kernel), so docs/design.md keeps one table per
+supported Triton, each under the line this script prints first ("Compiled with Triton X for
+sm_90a:"), and tests/ops/test_design_table.py compares the installed Triton's output with its
+own table.
 
 Reference shapes: bf16 activations, N = 16384 rows, d = 4096, LoReFT at r = 8 (R_PAD 16), RED
 with scale and bias, and the f7+l7 regime (448 indexed rows of a 16384-row batch). Bytes per
@@ -136,7 +142,14 @@ def rows():
     return out
 
 
+def heading() -> str:
+    """The line above each table in docs/design.md, naming the Triton that compiled it."""
+    return f"Compiled with Triton {tcc.triton.__version__} for sm_90a:"
+
+
 def main() -> int:
+    print(heading())
+    print()
     print("| kernel (bf16, d = 4096) | rows | bytes/element expected (min) | launches | registers | "
           "shared KiB | warps | blocks/SM | grid | waves |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -7,12 +7,15 @@ dtype, rank, optional term, index and activation flag that changes the code), Tr
 ``cuobjdump --dump-resource-usage`` then reports registers, stack and local memory. The check
 fails on a compile error (e.g. a ``tl.dot`` dimension below 16), on any stack frame or local
 memory beyond ``SPILL_BYTES_ALLOWED`` (register spills), or when the shared memory Triton asks
-for exceeds the SM's limit.
+for exceeds the SM's limit. Each configuration is also compiled with every integer argument at 1
+and at a multiple of 16, the values Triton's launcher specialises on, and traced with each one
+alone at 1 (see "the integer sweep" below).
 
-    python tools/triton_compile_check.py [--quick] [--arch 80 90]
+    python tools/triton_compile_check.py [--quick] [--arch 80 90] [--no-sweep]
 
-Run without ``TRITON_INTERPRET`` (kernels must be real ``@triton.jit`` functions). Triton here
-may be newer than on the GPU machine, so this is strong evidence, not proof; the device run
+Run without ``TRITON_INTERPRET`` (kernels must be real ``@triton.jit`` functions), once with each
+supported Triton (the GPU machine's 3.6 and the latest): their register allocation differs, and a
+tile that fits one may spill on the other. This is strong evidence, not proof; the device run
 remains the final word.
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton._C.libtriton import ir  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
@@ -58,6 +63,11 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # R_PAD = 64/128 with 8 warps): its own occupancy choice, not a
 # shortage of registers. Anything larger is a real spill and fails the check.
 SPILL_BYTES_ALLOWED = 16
+# Ranks compiled: each padded rank (R_PAD = 16, 32, 64, 128) at a rank that is not a multiple of 16
+# (no divisibility hint), plus r = 1; the sweep below adds multiples of 16 and 1. --quick: per
+# dtype a small padded rank and the largest the dtype takes (fp32: 16 and 64, else 32 and 128).
+RANKS = [1, 8, 24, 33, 100]
+RANKS_QUICK = {"fp32": [8, 33], "bf16": [24, 100], "fp16": [24, 100]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -112,11 +122,10 @@ METHODS = [
 
 
 def lowrank_configs(quick, d=4096):
-    ranks = [8, 64, 128] if quick else [1, 8, 33, 64, 128]
     dtypes = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
     for dt, r, (name, has_A, has_a, has_C, tied, has_c), index, act in itertools.product(
-            dtypes, ranks, METHODS, [False, True], [_activations.IDENTITY, _activations.GELU]):
-        if (quick and index and act) or r > triton_max_rank(DTYPES[dt]):
+            dtypes, RANKS, METHODS, [False, True], [_activations.IDENTITY, _activations.GELU]):
+        if (quick and (index and act or r not in RANKS_QUICK[dt])) or r > triton_max_rank(DTYPES[dt]):
             continue
         r_pad = max(16, next_pow2(r))
         prec = dot_precision(DTYPES[dt])
@@ -190,11 +199,10 @@ def finish_configs(quick):
 
 def small_n_configs(quick, d=4096, n=448):
     """The split-d forward for few rows (ops/lowrank_edit/triton_small_n.py) at the f7+l7 size."""
-    ranks = [8, 64, 128] if quick else [1, 8, 33, 64, 128]
     dtypes = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
     for dt, r, (name, has_A, has_a, has_C, tied, has_c), act in itertools.product(
-            dtypes, ranks, METHODS, [_activations.IDENTITY, _activations.GELU]):
-        if r > triton_max_rank(DTYPES[dt]):
+            dtypes, RANKS, METHODS, [_activations.IDENTITY, _activations.GELU]):
+        if (quick and r not in RANKS_QUICK[dt]) or r > triton_max_rank(DTYPES[dt]):
             continue
         r_pad, prec, f32 = max(16, next_pow2(r)), dot_precision(DTYPES[dt]), _t("fp32")
         block_m, block_d, warps = small_n_tiles(n, d, r_pad, DTYPES[dt], on_gpu=True)
@@ -234,50 +242,206 @@ KERNELS = {k.fn.__name__: k for k in (_red_fwd_kernel, _red_bwd_kernel, _lowrank
                                        _lowrank_latent_part_kernel, _lowrank_apply_kernel)}
 
 
+def _error_line(exc: Exception) -> str:
+    """One line for a compile error: Triton's ``at line:col:`` and the error itself (the last line;
+    the lines between repeat the kernel's source)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    return text[:300]
+
+
 def _compile_one(job):
     """Compile one configuration; return (registers, shared bytes, spill bytes) or an error line."""
-    name, values, consts, warps, _dt, arch = job
+    name, values, consts, warps, _dt, arch = job[:6]
     try:
         k = triton.compile(_source(KERNELS[name], values, consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps})
         use = resource_usage(k.asm["cubin"])
     except Exception as exc:  # a compile error is a finding, reported per configuration
-        return str(exc).splitlines()[0][:200]
+        return _error_line(exc)
     return use.get("REG", -1), k.metadata.shared, use.get("STACK", 0) + use.get("LOCAL", 0)
+
+
+def _trace_one(job):
+    """Trace one configuration to Triton IR (the frontend only, ~30 ms against ~1 s for a whole
+    compile): where a specialised integer argument breaks the kernel's code (``n_rows.to(...)``
+    on a constant, a loop-carried value changing type), it breaks here. Returns None or an error
+    line."""
+    name, values, consts, warps, _dt, arch = job[:6]
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        backend = make_backend(target)
+        options = backend.parse_options({"num_warps": warps})
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        codegen_fns, module_map = backend.get_codegen_implementation(options), backend.get_module_map()
+    except Exception:  # noqa: BLE001 - a Triton whose internals differ: compile the whole way instead
+        res = _compile_one(job)
+        return res if isinstance(res, str) else None
+    try:
+        _source(KERNELS[name], values, consts).make_ir(target, options, codegen_fns, module_map, context)
+    except Exception as exc:  # noqa: BLE001 - a finding
+        return _error_line(exc)
+    return None
+
+
+def _run(job):
+    return _trace_one(job) if job[6] == "trace" else _compile_one(job)
+
+
+# ----------------------------------------------------------------------------- the integer sweep
+#
+# Triton's launcher specialises every integer argument on its value: 1 becomes a compile-time
+# constant (a Python int inside the kernel: ``n_rows.to(tl.int64)`` fails to compile, a one-row
+# launch of the split-d forward did on a GPU) and a multiple of 16 gets a divisibility hint (wider
+# vector loads, other register use). The launch values of the configurations above are the
+# typical ones; the sweep adds, per configuration:
+# - "ints=1": every integer argument at 1 (all constants at once; those in NEVER_ONE keep their
+#   launch value), compiled: errors and spills;
+# - "ints%16": every integer argument rounded up to a multiple of 16 (column strides included,
+#   as for a transposed h), compiled: errors and spills;
+# - "<name>=1": each integer argument alone at 1 (NEVER_ONE excepted), the others as launched,
+#   traced to Triton IR only (cheap): what breaks when one argument is a constant and the next
+#   is not.
+# The compiled variants run for the widest tile (the most registers) of each kernel, term flags,
+# fp32 or 16-bit activations and padded rank (with --quick: of each kernel and term flags), the
+# traced ones for every configuration.
+
+TILE_KEYS = ("BLOCK_M", "BLOCK_D", "NUM_STAGES", "R_PAD", "BLOCK")
+
+# Integer arguments that no launcher ever passes as 1, and why: the sweep keeps their launch
+# value (at 1 they would compile code that never runs: e.g. rows_per_prog = 1, a row loop of one
+# iteration, compiled ``_lowrank_edit_bwd_kernel`` for fp32 R_PAD = 64 with a 400-byte stack).
+NEVER_ONE = {
+    "rows_per_prog": "a multiple of BLOCK_M (_triton.row_split)",
+    "cols_per_prog": "a multiple of BLOCK_D (triton_small_n._plan)",
+    "part_width": "the partial rows' stride, padded to a multiple of 16",
+    "stride": "the partial rows' stride, padded to a multiple of 16",
+    "n_parts": "at least 2 (one partial row is returned without the finish kernel)",
+}
+
+
+def _int_args(values: dict) -> list:
+    return [k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _can_be_one(values: dict) -> list:
+    return [k for k in _int_args(values) if k not in NEVER_ONE]
+
+
+def spec_class(v: int) -> str:
+    """How Triton's launcher specialises the integer ``v``."""
+    if v == 1:
+        return "1"
+    if not -2 ** 31 <= v < 2 ** 31:
+        return "i64"
+    return "16" if v % 16 == 0 else "-"
+
+
+def all_ones(values: dict) -> dict:
+    return {**values, **{k: 1 for k in _can_be_one(values)}}
+
+
+def all_sixteens(values: dict) -> dict:
+    return {**values, **{k: max(16, -(-values[k] // 16) * 16) for k in _int_args(values)}}
+
+
+def _spec_key(name, values, consts, warps, dt, tiles=True):
+    kept = consts.items() if tiles else ((k, v) for k, v in consts.items() if k not in TILE_KEYS)
+    return (name, tuple(sorted(kept)), dt, warps if tiles else None,
+            tuple(sorted((k, spec_class(values[k])) for k in _int_args(values))))
+
+
+def _weight(consts) -> int:
+    return consts.get("R_PAD", 0) * consts.get("BLOCK_M", 1) * consts.get("BLOCK_D", 1)
+
+
+def jobs_for(configs, archs, quick: bool, sweep: bool = True):
+    """(kernel name, values, constexprs, warps, dtype, arch, "compile" | "trace", variant) for
+    every configuration and sweep variant, each specialisation once."""
+    configs = list(configs)
+    plain = []  # (kernel name, values, constexprs, warps, dtype, variant, stage)
+    for kernel, values, consts, warps, dt in configs:
+        plain.append((kernel.fn.__name__, values, consts, warps, dt, "as launched", "compile"))
+    if sweep:
+        # the compiled variants: one configuration per kernel and term flags (with --quick), or per
+        # kernel, term flags, fp32 or not and padded rank (without; bf16 and fp16 share their tiles
+        # and compile alike): the widest tile (the most registers)
+        best = {}
+        for cfg in configs:
+            kernel, values, consts, warps, dt = cfg
+            flags = tuple(sorted((k, v) for k, v in consts.items() if k not in TILE_KEYS + ("DOT_PREC",)))
+            key = ((kernel.fn.__name__, flags) if quick else
+                   (kernel.fn.__name__, flags, dt == "fp32", consts.get("R_PAD")))  # bf16 stands for fp16
+            if key not in best or _weight(consts) > _weight(best[key][2]):
+                best[key] = cfg
+        compiled = list(best.values())
+        for kernel, values, consts, warps, dt in compiled:
+            plain.append((kernel.fn.__name__, all_ones(values), consts, warps, dt, "ints=1", "compile"))
+            plain.append((kernel.fn.__name__, all_sixteens(values), consts, warps, dt, "ints%16", "compile"))
+        for kernel, values, consts, warps, dt in configs:
+            for k in _can_be_one(values):
+                plain.append((kernel.fn.__name__, {**values, k: 1}, consts, warps, dt, f"{k}=1", "trace"))
+    seen, jobs = set(), []
+    for name, values, consts, warps, dt, variant, stage in plain:
+        # a traced variant's errors do not depend on the tile sizes: trace each once
+        key = (stage, _spec_key(name, values, consts, warps, dt, tiles=stage == "compile"))
+        if key in seen or (stage == "trace" and ("compile", _spec_key(name, values, consts, warps, dt)) in seen):
+            continue
+        seen.add(key)
+        jobs += [(name, values, consts, warps, dt, arch, stage, variant) for arch in archs]
+    return jobs
+
+
+def all_configs(quick: bool):
+    return (list(red_configs(quick)) + list(lowrank_configs(quick)) + list(finish_configs(quick))
+            + list(small_n_configs(quick)))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller spread of configurations")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="only the launch values, not the sweep of integer arguments at 1 and at multiples of 16")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compile processes")
-    ap.add_argument("--verbose", action="store_true", help="print every configuration, not only failures")
+    ap.add_argument("--verbose", action="store_true", help="print every compiled configuration, not only failures")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="list what would be compiled or traced (kernel, arch, stage, variant, dtype, integer "
+                         "arguments; tab-separated)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    seen, jobs = set(), []
-    for kernel, values, consts, warps, dt in (list(red_configs(args.quick)) + list(lowrank_configs(args.quick))
-                                          + list(finish_configs(args.quick)) + list(small_n_configs(args.quick))):
-        key = (kernel.fn.__name__, tuple(sorted(consts.items())), dt, warps,
-               tuple(sorted((k, v) for k, v in values.items() if isinstance(v, int))))
-        if key not in seen:
-            seen.add(key)
-            jobs += [(kernel.fn.__name__, values, consts, warps, dt, arch) for arch in args.arch]
-    print(f"{'kernel':34s} {'arch':>4s} {'regs':>4s} {'smem':>6s} {'spill':>5s}  constexprs "
+    jobs = jobs_for(all_configs(args.quick), args.arch, args.quick, sweep=not args.no_sweep)
+    if args.dry_run:
+        for name, values, _consts, _warps, dt, arch, stage, variant in jobs:
+            print("\t".join([name, str(arch), stage, variant, dt, *(f"{k}={values[k]}" for k in _int_args(values))]))
+        return 0
+    print(f"Triton {triton.__version__}")
+    print(f"{'kernel':34s} {'arch':>4s} {'regs':>4s} {'smem':>6s} {'spill':>5s}  variant: constexprs "
           "(failures only unless --verbose)")
     failures = 0
+    counts = {"compile": 0, "trace": 0}
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        for (name, values, consts, warps, dt, arch), res in zip(jobs, pool.map(_compile_one, jobs)):
-            desc = " ".join(f"{k}={v}" for k, v in consts.items()) + f" warps={warps} {dt} d={values.get('d', '-')}"
+        for job, res in zip(jobs, pool.map(_run, jobs, chunksize=4)):
+            name, values, consts, warps, dt, arch, stage, variant = job
+            counts[stage] += 1
+            ints = " ".join(f"{k}={values[k]}" for k in _int_args(values))
+            desc = (f"{variant}: " + " ".join(f"{k}={v}" for k, v in consts.items())
+                    + f" warps={warps} {dt} [{ints}]")
             if isinstance(res, str):
                 failures += 1
-                print(f"{name:34s} {arch:4d} FAILED to compile: {res}  {desc}")
+                print(f"{name:34s} {arch:4d} FAILED to {stage}: {res}  {desc}")
+                continue
+            if res is None:  # traced without error
                 continue
             regs, smem, spill = res
             bad = spill > SPILL_BYTES_ALLOWED or smem > SHARED_LIMIT[arch]
             failures += bad
             if bad or args.verbose:
                 print(f"{name:34s} {arch:4d} {regs:4d} {smem:6d} {spill:5d}  {desc}{'  <-- FAIL' if bad else ''}")
-    print(f"{len(seen)} configurations x {len(args.arch)} archs in {time.time() - t0:.0f} s: "
+    print(f"Triton {triton.__version__}: {counts['compile']} compiled and {counts['trace']} traced "
+          f"(configurations x archs {args.arch}) in {time.time() - t0:.0f} s: "
           f"{'all compiled within limits' if not failures else f'{failures} failed'}")
     return 1 if failures else 0
 

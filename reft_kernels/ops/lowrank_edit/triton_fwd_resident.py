@@ -146,21 +146,28 @@ def plan(n: int, d: int, elem_bytes: int, limits: SmLimits,
     return block_m, max(1, min(cdiv(n, block_m), per_sm * limits.sms))
 
 
-# GPU tiles (BLOCK_D, warps, NUM_STAGES) by (fp32 activations?, R_PAD) and BLOCK_M. Compiled ahead of
-# time for sm_80 and sm_90a with Triton 3.9 at d = 4096 with the heaviest flags (NoReFT's terms,
-# gelu, an index): for each row block the widest column block with no spill on either (registers
-# sm_80/sm_90 in the comments; tools/triton_compile_check.py re-checks every method). With 16 or 32
-# rows the latent dots are narrower than the warps' MMA tiles, so every warp holds whole operand
-# tiles and registers grow with BLOCK_D x R_PAD: e.g. bf16 R_PAD = 32 with (16, 128) took 255/248
-# registers, (16, 256) spilled 216 bytes. A missing row block spilled at every width tried (bf16
-# R_PAD = 128 with 64 rows: 32 bytes at (64, 16), 2 stages); fp32 R_PAD = 16 with (64, 32) spilled
-# 24 bytes on sm_80 for DiReFT's terms, bf16 R_PAD = 16 with (16, 256) and 3 stages 24 bytes on sm_90
-# with an index (2 stages: 194/154, 40 KiB). Not tuned on a GPU.
+# GPU tiles (BLOCK_D, warps, NUM_STAGES) by (fp32 activations?, R_PAD) and BLOCK_M, one table for
+# both supported Tritons. Compiled ahead of time for sm_80 and sm_90a with Triton 3.9 at d = 4096
+# with the heaviest flags (NoReFT's terms, gelu, an index): for each row block the widest column
+# block with no spill on either (registers sm_80/sm_90 in the comments; tools/triton_compile_check.py
+# re-checks every method, under 3.6 and the latest). With 16 or 32 rows the latent dots are
+# narrower than the warps' MMA tiles, so every warp holds whole operand tiles and registers grow
+# with BLOCK_D x R_PAD: e.g. bf16 R_PAD = 32 with (16, 128) took 255/248 registers, (16, 256)
+# spilled 216 bytes. A missing row block spilled at every width tried (bf16 R_PAD = 128 with 64
+# rows: 32 bytes at (64, 16), 2 stages); fp32 R_PAD = 16 with (64, 32) spilled 24 bytes on sm_80
+# for DiReFT's terms, bf16 R_PAD = 16 with (16, 256) and 3 stages 24 bytes on sm_90 with an index.
+# Triton 3.6 (the GPU machine's) allocates differently; two tiles that fit 3.9 spilled there and
+# were narrowed to fit both (registers over every method, index and activation, 3.9 / 3.6):
+# - bf16 R_PAD = 16, 16 rows: (256, 8, 2) compiled to 128 registers and a 24-byte stack on sm_90
+#   under 3.6 (DiReFT + index; 16 bytes for LoReFT); (128, 8, 2): 128/148 and 128/128, no stack.
+# - 16-bit R_PAD = 128, 32 rows: (32, 8, 3) spilled 40 bytes under 3.6 (LoBiReFT, sm_90) and 24
+#   under 3.9 at a rank that is not a multiple of 16 (sm_80); (16, 8, 3): 210/206 and 212/212.
+# Not tuned on a GPU.
 _GPU_TILES = {
-    (False, 16): {64: (64, 8, 3), 32: (128, 8, 3), 16: (256, 8, 2)},    # 186/174, 186/154, 194/154
+    (False, 16): {64: (64, 8, 3), 32: (128, 8, 3), 16: (128, 8, 2)},    # 186/174, 186/154, 128/148
     (False, 32): {64: (32, 8, 3), 32: (64, 8, 3), 16: (64, 8, 3)},      # 190/172, 186/194, 128/144
     (False, 64): {64: (16, 8, 3), 32: (32, 8, 3), 16: (64, 8, 3)},      # 255/193, 164/162, 186/180
-    (False, 128): {32: (32, 8, 3), 16: (32, 8, 3)},                     # 250/234, 188/178
+    (False, 128): {32: (16, 8, 3), 16: (32, 8, 3)},                     # 210/206, 188/178
     (True, 16): {64: (16, 8, 3), 32: (32, 8, 3), 16: (32, 8, 3)},       # 128/120, 185/187, 183/185
     (True, 32): {64: (16, 8, 3), 32: (16, 8, 3), 16: (64, 8, 3)},       # 223/168, 202/199, 243/239
     (True, 64): {64: (16, 8, 2), 32: (16, 8, 3), 16: (32, 8, 3)},       # 255/231, 170/172, 172/182

@@ -25,7 +25,7 @@ import torch
 from ... import _triton
 from ..._activations import IDENTITY, act_fwd_tl, act_grad_tl
 from ..._rows import as_rows, rows_addressing
-from ..._triton import cdiv, next_pow2, tl, triton
+from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
 
 # ----------------------------------------------------------------------------- Triton kernels
 
@@ -62,13 +62,13 @@ def _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_
     wmask = col_ok[:, None] & k_ok[None, :]
     if HAS_A:
         at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        u = tl.dot(x, at, u, input_precision=DOT_PREC)
+        u = gpu_dot(x, at, u, DOT_PREC)
     if HAS_C:
         ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+        p = gpu_dot(x, ct, p, DOT_PREC)
     elif TIED:
         ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        p = tl.dot(x, ct, p, input_precision=DOT_PREC)
+        p = gpu_dot(x, ct, p, DOT_PREC)
     return u, p
 
 
@@ -86,7 +86,7 @@ def _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h
         tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
     b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0).to(tl.float32)
-    y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
+    y = x.to(tl.float32) + gpu_dot(z, b, None, DOT_PREC)
     tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -167,7 +167,7 @@ def _lowrank_edit_bwd_latent_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         bt = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=col_ok[:, None] & k_ok[None, :],
                      other=0.0).to(tl.float32)
-        gz = tl.dot(g, bt, gz, input_precision=DOT_PREC)
+        gz = gpu_dot(g, bt, gz, DOT_PREC)
     lat_off = m[:, None] * r + k[None, :]
     lat_mask = m_ok[:, None] & k_ok[None, :]
     tl.store(gz_ptr + lat_off, gz, mask=lat_mask)
@@ -280,20 +280,20 @@ def _lowrank_edit_bwd_kernel(
         if NEED_DH:
             dh = g
             if HAS_A:
-                dh += tl.dot(ga, a_w, input_precision=DOT_PREC)
+                dh += gpu_dot(ga, a_w, None, DOT_PREC)
             if HAS_C or TIED:
-                dh -= tl.dot(gz, c_w, input_precision=DOT_PREC)
+                dh -= gpu_dot(gz, c_w, None, DOT_PREC)
             tl.store(dh_ptr + src[:, None] * stride_dh_row + cols[None, :] * stride_dh_col,
                      dh.to(dh_ptr.dtype.element_ty), mask=tile_ok)
         if NEED_DA:
-            acc_a = tl.dot(tl.trans(ga), x, acc_a, input_precision=DOT_PREC)
+            acc_a = gpu_dot(tl.trans(ga), x, acc_a, DOT_PREC)
         if NEED_DC:
-            acc_c = tl.dot(tl.trans(gz), x, acc_c, input_precision=DOT_PREC)
+            acc_c = gpu_dot(tl.trans(gz), x, acc_c, DOT_PREC)
         if NEED_DB:
             z = tl.load(z_ptr + lat_off, mask=lat_mask, other=0.0)
-            acc_b = tl.dot(tl.trans(z), g, acc_b, input_precision=DOT_PREC)
+            acc_b = gpu_dot(tl.trans(z), g, acc_b, DOT_PREC)
             if TIED:
-                acc_b -= tl.dot(tl.trans(gz), x, input_precision=DOT_PREC)
+                acc_b -= gpu_dot(tl.trans(gz), x, None, DOT_PREC)
     part_off = pid_p.to(tl.int64) * part_width + w_off
     if NEED_DA:
         tl.store(dA_part_ptr + part_off, acc_a, mask=wmask)

@@ -34,7 +34,7 @@ import torch
 
 from ... import _triton
 from ..._activations import IDENTITY, act_fwd_tl, act_grad_torch
-from ..._triton import cdiv, next_pow2, tl, triton
+from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
 from .triton_impl import _latent_step, _row_source
 
 ENV_VAR = "REFT_KERNELS_SMALL_N"
@@ -95,7 +95,11 @@ def _lowrank_apply_kernel(
     lat_mask = m_ok[:, None] & k_ok[None, :]
     u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     p = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    plane = n_rows.to(tl.int64) * r
+    # tl.cast, not n_rows.to(): Triton's launcher turns an integer argument equal to 1 into a
+    # compile-time constant (a Python int, which has no .to), so a one-row launch failed to
+    # compile on a GPU; tl.cast takes a tensor or a constant (tools/triton_compile_check.py
+    # compiles every kernel with each integer argument at 1)
+    plane = tl.cast(n_rows, tl.int64) * r
     for s in range(0, n_splits):  # fixed order: bitwise reproducible
         off = s * plane + lat
         if HAS_A:
@@ -120,7 +124,7 @@ def _lowrank_apply_kernel(
         tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
     b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0).to(tl.float32)
-    y = x.to(tl.float32) + tl.dot(z, b, input_precision=DOT_PREC)
+    y = x.to(tl.float32) + gpu_dot(z, b, None, DOT_PREC)
     tl.store(y_ptr + (src * stride_y_row)[:, None] + cols[None, :] * stride_y_col,
              y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 

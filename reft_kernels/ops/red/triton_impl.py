@@ -119,14 +119,15 @@ def _red_tiles(d: int, on_gpu: bool):
 
 # The backward's accumulation (REFT_KERNELS_RED_BWD): "rowsum" (the default) sums each (BLOCK_M,
 # BLOCK_D) tile over its rows every step; "tile2d" keeps 2-D fp32 accumulators and reduces once.
-# Compiled for sm_80 / sm_90a with Triton 3.9 at d = 4096, HAS_SCALE and every gradient, 4 warps
-# (registers, then resident blocks per SM by registers; no spills, 1-2 KiB shared memory):
-#   rowsum (16, 256):  bf16 117/118 -> 4/4, fp32 124/119 -> 4/4
-#   tile2d (16, 256):  bf16 128/139 -> 4/3, fp32 168/166 -> 3/3   (the occupancy loss seen before)
-#   tile2d (8, 256):   bf16  80/84  -> 6/5, fp32  96/96  -> 5/5
-#   tile2d (16, 128):  bf16  80/80  -> 6/6, fp32  96/96  -> 5/5   <- chosen
-# tile2d stays opt-in until a GPU has measured both (fewer bytes per step in flight per block,
-# more blocks; no per-step barrier).
+# Compiled for sm_80 / sm_90a at d = 4096, HAS_SCALE and every gradient, 4 warps (registers, then
+# resident blocks per SM by registers; no spills, 1-4 KiB shared memory), Triton 3.9 | 3.6:
+#   rowsum (16, 256):  bf16 117/118 -> 4/4, fp32 124/119 -> 4/4 | bf16  96/111 -> 5/4, fp32  96/96 -> 5/5
+#   tile2d (16, 256):  bf16 128/139 -> 4/3, fp32 168/166 -> 3/3 | bf16 136/128 -> 3/4, fp32 168/168 -> 3/3
+#   tile2d (8, 256):   bf16  80/84  -> 6/5, fp32  96/96  -> 5/5 | bf16  80/80  -> 6/6, fp32  96/96 -> 5/5
+#   tile2d (16, 128):  bf16  80/80  -> 6/6, fp32  96/96  -> 5/5 | bf16  80/84  -> 6/5, fp32  96/98 -> 5/4
+# (16, 128) is chosen for both Tritons (the best on 3.9; on 3.6 (8, 256) keeps one block more per
+# SM on sm_90, which only a GPU run could show to matter). tile2d stays opt-in until a GPU has
+# measured both (fewer bytes per step in flight per block, more blocks; no per-step barrier).
 RED_BWD_ENV_VAR = "REFT_KERNELS_RED_BWD"
 RED_BWD_MODES = ("rowsum", "tile2d")
 
