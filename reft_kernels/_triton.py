@@ -227,8 +227,8 @@ def dot_precision(h_dtype: torch.dtype) -> str:
 # sm_90a wgmma, read from the PTX and TTGIR that Triton 3.6 and 3.9 emit):
 # - input_precision="tf32": no conversion instruction; the fp32 bits go to the tensor core as
 #   they are and it reads only the top 19 (sign, exponent, 10 mantissa bits): the operand is
-#   truncated toward zero ("tf32_rz" below). (Triton's own frontend later added an opt-in
-#   rounding of fp32 to tf32 for this reason; it does not apply to tl.dot as used here.)
+#   truncated toward zero ("tf32_rz" below), not rounded to nearest as cuBLAS's conversion does.
+#   tests/ops/test_gpu_dot.py checks this against the GPU's products when it runs on one.
 # - input_precision="tf32x3": Triton's F32DotTC pass splits each operand into big =
 #   cvt.rna.tf32.f32(x) (round to nearest, ties away from zero: add 0x1000 to the bits, clear
 #   the low 13) and small = x - big (exact in fp32, then truncated by the tensor core), and sums

@@ -44,7 +44,7 @@ from triton._C.libtriton import ir  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
-    _FINISH_BLOCK, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
+    _FINISH_BLOCK, STRIDED_TILE, strided, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
     _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _lowrank_param_finish_kernel, _tiles,
     triton_max_rank,
 )
@@ -64,10 +64,11 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # shortage of registers. Anything larger is a real spill and fails the check.
 SPILL_BYTES_ALLOWED = 16
 # Ranks compiled: each padded rank (R_PAD = 16, 32, 64, 128) at a rank that is not a multiple of 16
-# (no divisibility hint), plus r = 1; the sweep below adds multiples of 16 and 1. --quick: per
-# dtype a small padded rank and the largest the dtype takes (fp32: 16 and 64, else 32 and 128).
-RANKS = [1, 8, 24, 33, 100]
-RANKS_QUICK = {"fp32": [8, 33], "bf16": [24, 100], "fp16": [24, 100]}
+# (no divisibility hint), 64 and 128 (with one), and r = 1; the sweep below adds multiples of 16
+# and 1 for every configuration. --quick: per dtype a small padded rank and the largest the dtype
+# takes (fp32: 16 and 64, else 32 and 128).
+RANKS = [1, 8, 24, 33, 64, 100, 128]
+RANKS_QUICK = {"fp32": [8, 64], "bf16": [24, 100], "fp16": [24, 100]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -298,9 +299,12 @@ def _run(job):
 # vector loads, other register use). The launch values of the configurations above are the
 # typical ones; the sweep adds, per configuration:
 # - "ints=1": every integer argument at 1 (all constants at once; those in NEVER_ONE keep their
-#   launch value), compiled: errors and spills;
+#   launch value, and so does r where R_PAD > 16: r = 1 pads to 16), compiled: errors and spills;
 # - "ints%16": every integer argument rounded up to a multiple of 16 (column strides included,
-#   as for a transposed h), compiled: errors and spills;
+#   as for a transposed h: the low-rank launchers then take STRIDED_TILE), compiled: errors and
+#   spills;
+# each compiled with the tile the launchers pick for those values (``launch_tile``: d = 1 shrinks
+# BLOCK_D to 16, one row BLOCK_M to 16, RED's tiles follow d);
 # - "<name>=1": each integer argument alone at 1 (NEVER_ONE excepted), the others as launched,
 #   traced to Triton IR only (cheap): what breaks when one argument is a constant and the next
 #   is not.
@@ -326,8 +330,9 @@ def _int_args(values: dict) -> list:
     return [k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)]
 
 
-def _can_be_one(values: dict) -> list:
-    return [k for k in _int_args(values) if k not in NEVER_ONE]
+def _can_be_one(values: dict, consts: dict) -> list:
+    """The integer arguments a launch can pass as 1 (r only where it pads to R_PAD = 16)."""
+    return [k for k in _int_args(values) if k not in NEVER_ONE and (k != "r" or consts.get("R_PAD", 16) == 16)]
 
 
 def spec_class(v: int) -> str:
@@ -339,8 +344,8 @@ def spec_class(v: int) -> str:
     return "16" if v % 16 == 0 else "-"
 
 
-def all_ones(values: dict) -> dict:
-    return {**values, **{k: 1 for k in _can_be_one(values)}}
+def all_ones(values: dict, consts: dict) -> dict:
+    return {**values, **{k: 1 for k in _can_be_one(values, consts)}}
 
 
 def all_sixteens(values: dict) -> dict:
@@ -355,6 +360,35 @@ def _spec_key(name, values, consts, warps, dt, tiles=True):
 
 def _weight(consts) -> int:
     return consts.get("R_PAD", 0) * consts.get("BLOCK_M", 1) * consts.get("BLOCK_D", 1)
+
+
+def launch_tile(name: str, values: dict, consts: dict, warps: int, dt: str):
+    """(constexprs, warps) with the tile the launchers pick on a GPU for these integer arguments
+    (the package's own tile functions: BLOCK_M shrunk to the rows, BLOCK_D to d, RED's tiles from
+    d, ``STRIDED_TILE`` with a column stride other than 1), so that a swept value compiles the
+    kernel a launch with it would run."""
+    cols = [v for k, v in values.items() if k.startswith("stride_") and k.endswith("_col")]
+    dtype, n, d = DTYPES[dt], values.get("n_rows"), values.get("d")
+    consts = dict(consts)
+    if name == "_red_fwd_kernel":
+        block_m, block_d, warps = _red_tiles(d, on_gpu=True)
+    elif name == "_red_bwd_kernel":
+        block_m, block_d, warps = _red_bwd_tiles(d, on_gpu=True, tile2d=consts["ACC_2D"], strided_cols=strided(*cols))
+    elif name in _KINDS:
+        block_m, block_d, warps = _tiles(_KINDS[name], n, d, consts["R_PAD"], dtype, True, strided(*cols))
+    elif name in ("_lowrank_latent_part_kernel", "_lowrank_apply_kernel"):
+        block_m, block_d, warps = small_n_tiles(n, d, consts["R_PAD"], dtype, True, strided(*cols))
+    elif name == "_lowrank_edit_fwd_resident_kernel":
+        block_m = STRIDED_TILE[0] if strided(*cols) else consts["BLOCK_M"]
+        block_d, warps, consts["NUM_STAGES"] = triton_fwd_resident.gpu_tile(block_m, d, consts["R_PAD"], dtype,
+                                                                           strided(*cols))
+    else:  # the bias partials and the finish: tiles that do not depend on the integer arguments
+        return consts, warps
+    consts.update(BLOCK_M=block_m, BLOCK_D=block_d)
+    return consts, warps
+
+
+_KINDS = {"_lowrank_edit_fwd_kernel": "fwd", "_lowrank_edit_bwd_latent_kernel": "lat", "_lowrank_edit_bwd_kernel": "bwd"}
 
 
 def jobs_for(configs, archs, quick: bool, sweep: bool = True):
@@ -378,13 +412,14 @@ def jobs_for(configs, archs, quick: bool, sweep: bool = True):
                 best[key] = cfg
         compiled = list(best.values())
         for kernel, values, consts, warps, dt in compiled:
-            plain.append((kernel.fn.__name__, all_ones(values), consts, warps, dt, "ints=1", "compile"))
+            plain.append((kernel.fn.__name__, all_ones(values, consts), consts, warps, dt, "ints=1", "compile"))
             plain.append((kernel.fn.__name__, all_sixteens(values), consts, warps, dt, "ints%16", "compile"))
         for kernel, values, consts, warps, dt in configs:
-            for k in _can_be_one(values):
+            for k in _can_be_one(values, consts):
                 plain.append((kernel.fn.__name__, {**values, k: 1}, consts, warps, dt, f"{k}=1", "trace"))
     seen, jobs = set(), []
     for name, values, consts, warps, dt, variant, stage in plain:
+        consts, warps = launch_tile(name, values, consts, warps, dt)
         # a traced variant's errors do not depend on the tile sizes: trace each once
         key = (stage, _spec_key(name, values, consts, warps, dt, tiles=stage == "compile"))
         if key in seen or (stage == "trace" and ("compile", _spec_key(name, values, consts, warps, dt)) in seen):

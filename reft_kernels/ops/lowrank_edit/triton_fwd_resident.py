@@ -45,7 +45,7 @@ import torch
 from ... import _triton
 from ..._activations import act_fwd_tl
 from ..._triton import SmLimits, cdiv, next_pow2, tl, triton
-from .triton_impl import _apply_step, _latent_step, _row_source
+from .triton_impl import STRIDED_TILE, _apply_step, _latent_step, _row_source, strided
 
 ENV_VAR = "REFT_KERNELS_LOWRANK_FWD"
 MODES = ("auto", "rowblock", "resident")
@@ -179,9 +179,17 @@ def row_blocks(r_pad: int, h_dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(sorted(_GPU_TILES[(h_dtype == torch.float32, r_pad)], reverse=True))
 
 
-def gpu_tile(block_m: int, d: int, r_pad: int, h_dtype: torch.dtype) -> tuple[int, int, int]:
+# With a column stride that is not 1: triton_impl.STRIDED_TILE's 16 x 16 tile (8 warps), 2 stages.
+STRIDED_ROW_BLOCKS = (16,)
+
+
+def gpu_tile(block_m: int, d: int, r_pad: int, h_dtype: torch.dtype,
+             strided_cols: bool = False) -> tuple[int, int, int]:
     """(BLOCK_D, warps, NUM_STAGES) for a GPU, BLOCK_D shrunk to d (never below 16)."""
-    block_d, warps, stages = _GPU_TILES[(h_dtype == torch.float32, r_pad)][block_m]
+    if strided_cols:
+        block_d, warps, stages = STRIDED_TILE[1], STRIDED_TILE[2], 2
+    else:
+        block_d, warps, stages = _GPU_TILES[(h_dtype == torch.float32, r_pad)][block_m]
     return min(block_d, max(16, next_pow2(d))), warps, stages
 
 
@@ -201,8 +209,10 @@ def launch(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, 
                 n, d, r, progs, s_h, s_hc, s_y, s_yc)
 
     if dev.type == "cuda":
+        cols_strided = strided(s_hc, s_yc)
+
         def tile_consts(bm):
-            block_d, warps, stages = gpu_tile(bm, d, r_pad, src.dtype)
+            block_d, warps, stages = gpu_tile(bm, d, r_pad, src.dtype, cols_strided)
             return dict(consts, BLOCK_M=bm, BLOCK_D=block_d, NUM_STAGES=stages), warps
 
         def resident(bm):
@@ -211,7 +221,7 @@ def launch(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, 
             return _triton.resident_blocks(_lowrank_edit_fwd_resident_kernel, args(sms), tc, warps, dev)
 
         block_m, progs = plan(n, d, src.element_size(), _triton.device_limits(dev), resident,
-                              row_blocks(r_pad, src.dtype))
+                              STRIDED_ROW_BLOCKS if cols_strided else row_blocks(r_pad, src.dtype))
         tc, warps = tile_consts(block_m)
     else:
         # the interpreter runs programs one by one: big tiles, two programs (each then loops

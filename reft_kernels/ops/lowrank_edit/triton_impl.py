@@ -325,7 +325,9 @@ def _lowrank_param_finish_kernel(part_ptr, out_ptr, n_parts, width, stride, BLOC
 # (NoReFT's terms, gelu, an index): among the tiles that used no local memory (no register
 # spills) on both, the largest with some register headroom, BLOCK_M preferred (each program
 # reads the whole weight matrices, so taller tiles amortise them). Larger tiles spilled, e.g. a
-# (32, 128) fp32 forward tile at 255 registers. tools/triton_compile_check.py re-checks them all.
+# (32, 128) fp32 forward tile at 255 registers. tools/triton_compile_check.py re-checks them all,
+# under Triton 3.6 (the GPU machine's) as well: none spills there either (at most the 8-16 byte
+# stack frames it allows, e.g. 128 registers + 8 bytes for the bf16 R_PAD = 16 backward on sm_90).
 # Speed on a GPU is not yet measured.
 _GPU_TILES = {
     # kernel, fp32?: {r_pad: (BLOCK_M, BLOCK_D, warps)}
@@ -345,17 +347,33 @@ def triton_max_rank(h_dtype: torch.dtype) -> int:
     return 64 if h_dtype == torch.float32 else 128
 
 
-def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool):
+# The GPU tile of every low-rank kernel (BLOCK_M, BLOCK_D, warps) when a column stride of the
+# activations it reads or writes is not 1 (h.mT, h[..., ::2]): each element then needs its own
+# 64-bit address, and the tiles above spilled (tools/triton_compile_check.py's sweep at column
+# stride 16, sm_80 / sm_90a: the fp32 R_PAD = 64 backward at (16, 32) 112-184 bytes with Triton
+# 3.6 and 40-72 with 3.9, the fp32 R_PAD = 32 split-d latent at (32, 64) 200-224 bytes with 3.9,
+# the bf16 R_PAD = 16 backward at (32, 128) 24-56 bytes on sm_90 with 3.6). (16, 16) with 8 warps
+# fits every kernel on both Tritons (its worst case, that backward, 250-254 registers, no stack);
+# such loads are uncoalesced anyway, so a narrow tile costs little beside them.
+STRIDED_TILE = (16, 16, 8)
+
+
+def strided(*col_strides: int) -> bool:
+    """Whether the launch takes ``STRIDED_TILE``: some column stride is not 1."""
+    return any(s != 1 for s in col_strides)
+
+
+def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
     """(BLOCK_M, BLOCK_D, num_warps) for kernel ``kind`` ("fwd", "lat" or "bwd").
 
-    GPU: from ``_GPU_TILES``, shrunk to the problem (BLOCK_M to the rows, BLOCK_D to d, never
-    below 16, which ``tl.dot`` needs). Interpreter: big tiles, since every program costs a fixed
-    Python overhead there.
+    GPU: from ``_GPU_TILES`` (``STRIDED_TILE`` with ``strided_cols``), shrunk to the problem
+    (BLOCK_M to the rows, BLOCK_D to d, never below 16, which ``tl.dot`` needs). Interpreter: big
+    tiles, since every program costs a fixed Python overhead there.
     """
     d_pow, n_pow = max(16, next_pow2(d)), max(16, next_pow2(n))
     if not on_gpu:
         return min(64, n_pow), min(d_pow, 128), 4
-    block_m, block_d, warps = _GPU_TILES[(kind, h_dtype == torch.float32)][r_pad]
+    block_m, block_d, warps = STRIDED_TILE if strided_cols else _GPU_TILES[(kind, h_dtype == torch.float32)][r_pad]
     return min(block_m, n_pow), min(block_d, d_pow), warps
 
 
@@ -384,7 +402,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         src = dst = h
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
-    block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda)
+    block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda, strided(s_hc, s_yc))
     from . import triton_fwd_resident, triton_small_n  # both import this module's _row_source
     if n > 0 and triton_small_n.use_split(n, block_m, dev):
         triton_small_n.fwd_split(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
@@ -431,7 +449,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     gz = torch.empty((n, r), **f32)
     ga = torch.empty((n, r), **f32) if has_act else None
     idx = index if index is not None else gz
-    block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda)
+    block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda, strided(g2.stride(1)))
     from . import triton_small_n  # imports this module's _row_source
     if triton_small_n.use_split(n, block_m, dev):
         # few rows: gz = g B^T with d split across programs, as the small-n forward does
@@ -444,7 +462,8 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
             R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
         )
     need_dc = need_dc_w and C is not None
-    block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda)
+    block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda,
+                                     strided(g2.stride(1), x.stride(1), dh.stride(1) if dh is not None else 1))
     n_dblocks = cdiv(d, block_d)
     # every needed parameter gradient side by side in one fp32 row per program: dA, dB, dC as
     # (r, d) blocks, then da, dc (r values each)

@@ -35,7 +35,7 @@ import torch
 from ... import _triton
 from ..._activations import IDENTITY, act_fwd_tl, act_grad_torch
 from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
-from .triton_impl import _latent_step, _row_source
+from .triton_impl import STRIDED_TILE, _latent_step, _row_source, strided
 
 ENV_VAR = "REFT_KERNELS_SMALL_N"
 MODES = ("auto", "one-pass", "split")
@@ -148,22 +148,29 @@ def use_split(n: int, one_pass_block_m: int, device: torch.device) -> bool:
 
 # GPU tiles (BLOCK_M, BLOCK_D, warps) by (fp32 activations?, padded rank), shared by both kernels:
 # compiled ahead of time for sm_80 and sm_90a at d = 4096 with the heaviest flags, the largest row
-# block without register spills (tools/triton_compile_check.py; e.g. (64, 64) with 4 warps spilled
-# at R_PAD = 64 and above, and for fp32 activations already at R_PAD = 16).
+# block without register spills (tools/triton_compile_check.py, Triton 3.6 and 3.9; e.g. (64, 64)
+# with 4 warps spilled at R_PAD = 64 and above, and for fp32 activations already at R_PAD = 16).
+# fp32 R_PAD = 32 (first compiled when the check took a rank of 17-32): (32, 64) spilled 32 bytes
+# in the latent kernel on sm_90 with Triton 3.9 (40 with 3.6 at integer arguments 1); (32, 32):
+# latent 172/190 registers (sm_80/sm_90) with 3.9, 248/174 with 3.6, apply 119, no stack.
 _GPU_TILES = {
-    True: {16: (64, 64, 8), 32: (32, 64, 8), 64: (16, 64, 8)},
+    True: {16: (64, 64, 8), 32: (32, 32, 8), 64: (16, 64, 8)},
     False: {16: (64, 64, 4), 32: (64, 64, 8), 64: (32, 64, 8), 128: (16, 64, 8)},
 }
 
 
-def tiles(n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool):
-    """(BLOCK_M, BLOCK_D, warps) of both kernels: ``_GPU_TILES`` shrunk to the rows on a GPU,
-    wide tiles through the interpreter (each program costs a fixed Python overhead there)."""
+def tiles(n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
+    """(BLOCK_M, BLOCK_D, warps) of both kernels: ``_GPU_TILES`` (``triton_impl.STRIDED_TILE`` when
+    a column stride is not 1) shrunk to the rows and to d on a GPU, wide tiles through the
+    interpreter (each program costs a fixed Python overhead there)."""
     n_pow = max(16, next_pow2(n))
     if not on_gpu:
         return min(64, n_pow), min(128, max(16, next_pow2(d))), 4
-    block_m, block_d, warps = _GPU_TILES[h_dtype == torch.float32][r_pad]
-    return min(block_m, n_pow), block_d, warps
+    block_m, block_d, warps = STRIDED_TILE if strided_cols else _GPU_TILES[h_dtype == torch.float32][r_pad]
+    # BLOCK_D shrunk to d as the other launchers do (d = 1 with the bf16 R_PAD = 128 tile of 64
+    # columns compiled the latent kernel to 255 registers and a 16-24 byte stack on sm_90 with
+    # Triton 3.9; at 16 columns it fits)
+    return min(block_m, n_pow), min(block_d, max(16, next_pow2(d))), warps
 
 
 def splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
@@ -172,10 +179,10 @@ def splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
     return max(1, min(n_col_blocks, cdiv(target, n_row_blocks)))
 
 
-def _plan(n, d, r_pad, h_dtype, device):
+def _plan(n, d, r_pad, h_dtype, device, strided_cols=False):
     """(BLOCK_M, BLOCK_D, warps, row blocks, column blocks, S, columns per range) of one launch
     pair: S column ranges, each a whole number of column blocks."""
-    block_m, block_d, warps = tiles(n, d, r_pad, h_dtype, device.type == "cuda")
+    block_m, block_d, warps = tiles(n, d, r_pad, h_dtype, device.type == "cuda", strided_cols)
     n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
     cols_per_prog = cdiv(n_cb, splits(n_rb, n_cb, device)) * block_d
     return block_m, block_d, warps, n_rb, n_cb, cdiv(d, cols_per_prog), cols_per_prog
@@ -185,7 +192,8 @@ def fwd_split(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, 
     """Launch both kernels; arguments as prepared by ``triton_impl.fwd``."""
     dev = z.device
     r_pad = max(16, next_pow2(r))
-    block_m, block_d, warps, n_rb, n_cb, s_count, cols_per_prog = _plan(n, d, r_pad, src.dtype, dev)
+    block_m, block_d, warps, n_rb, n_cb, s_count, cols_per_prog = _plan(n, d, r_pad, src.dtype, dev,
+                                                                        strided(s_hc, s_yc))
     has_cp = C is not None or spec.tied
     f32 = dict(dtype=torch.float32, device=dev)
     up = torch.empty((s_count, n, r), **f32) if A is not None else None
@@ -216,7 +224,8 @@ def bwd_latent_split(g2, idx, index_given, B, u, spec, n, d, r):
     (zero on padding rows, whose ``u`` is unspecified). Returns fp32 (gz, ga or None), (n, r)."""
     dev = g2.device
     r_pad = max(16, next_pow2(r))
-    block_m, block_d, warps, n_rb, _, s_count, cols_per_prog = _plan(n, d, r_pad, g2.dtype, dev)
+    block_m, block_d, warps, n_rb, _, s_count, cols_per_prog = _plan(n, d, r_pad, g2.dtype, dev,
+                                                                     strided(g2.stride(1)))
     pp = torch.empty((s_count, n, r), dtype=torch.float32, device=dev)
     _lowrank_latent_part_kernel[(n_rb, s_count)](
         g2, idx, B, B, pp, pp, n, d, r, cols_per_prog, g2.stride(0), g2.stride(1),

@@ -139,12 +139,21 @@ def red_bwd_mode() -> str:
     return value
 
 
-def _red_bwd_tiles(d: int, on_gpu: bool, tile2d: bool = False):
+# With a column stride other than 1 (a transposed or sliced h or g): every element then needs its
+# own 64-bit address, and Triton 3.6 compiled the fp32 rowsum backward at (16, 256) with a 344-byte
+# (sm_80) / 760-byte (sm_90) stack (tools/triton_compile_check.py, column strides at 16). At most
+# 128 columns it fits both Tritons without a stack; such loads are uncoalesced anyway, so the
+# narrower tile costs little beside them.
+RED_STRIDED_BLOCK_D = 128
+
+
+def _red_bwd_tiles(d: int, on_gpu: bool, tile2d: bool = False, strided_cols: bool = False):
     """(BLOCK_M, BLOCK_D, num_warps) of the backward: each program loops over its rows in
     BLOCK_M-row steps, keeping two fp32 column accumulators of BLOCK_D (``tile2d``: two (BLOCK_M,
-    BLOCK_D) accumulators). Not yet tuned on a GPU."""
+    BLOCK_D) accumulators); ``strided_cols``: some column stride is not 1. Not yet tuned on a GPU."""
     if on_gpu:
-        return (16, min(next_pow2(d), 128), 4) if tile2d else (16, min(next_pow2(d), 256), 4)
+        widest = 128 if tile2d or strided_cols else 256
+        return 16, min(next_pow2(d), widest), 4
     return 64, min(next_pow2(d), 128), 4
 
 
@@ -174,9 +183,9 @@ def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
         zeros = torch.zeros(d, dtype=torch.float32, device=dev)
         return dh, (zeros if need_ds else None), (zeros.clone() if need_dt else None)
     tile2d = red_bwd_mode() == "tile2d"
-    block_m, block_d, warps = _red_bwd_tiles(d, g2.is_cuda, tile2d)
-    n_dblocks = cdiv(d, block_d)
     h2 = h2 if h2 is not None else g2  # only read when need_ds
+    block_m, block_d, warps = _red_bwd_tiles(d, g2.is_cuda, tile2d, g2.stride(1) != 1 or h2.stride(1) != 1)
+    n_dblocks = cdiv(d, block_d)
     consts = dict(HAS_SCALE=scale is not None, NEED_DH=need_dh, NEED_DS=need_ds, NEED_DT=need_dt,
                   BLOCK_M=block_m, BLOCK_D=block_d, ACC_2D=tile2d)
 
