@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                           "'triton' or 'all' on CPU runs Triton through its interpreter; "
                           "'all' on CUDA includes the CUDA C++ extension, which must be built)")
     bench = sub.add_parser("bench", help="every op against eager PyTorch and torch.compile: speed, memory, bandwidth")
-    bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (about 1.5 minutes on a quiet 2-core CPU)")
+    bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (under a minute on a quiet 2-core CPU: 36 s, 56 s with cold compile caches)")
     bench.add_argument("--sweep", choices=["quick", "gpu", "full"],
                        help="default: gpu on a GPU, quick otherwise; full is the whole grid (long)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")

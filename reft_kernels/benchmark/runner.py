@@ -67,7 +67,7 @@ def _quick_cases() -> list:
 
 
 def sweep(name: str, device: torch.device) -> list:
-    """The cases of a named sweep: ``quick`` (a 2-core CPU in under 2 minutes), ``gpu`` (the
+    """The cases of a named sweep: ``quick`` (a quiet 2-core CPU in under a minute), ``gpu`` (the
     default GPU sweep, sized for one short device call), ``full`` (the whole grid)."""
     if name == "quick":
         return _quick_cases()

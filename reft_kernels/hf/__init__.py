@@ -2,13 +2,15 @@
 
 - ``get_reft_model(model, REDConfig(...) | ReftConfig(...) | [..], modules_to_save=[..])``: in
   place; ``model.reft`` is the handle (``disabled()``, ``remove()``, ``merge_and_unload()``,
-  ``print_trainable_parameters()``); ``model.save_pretrained`` then writes the adapter only
+  ``print_trainable_parameters()``, named adapters: ``add_adapter`` / ``set_adapter`` /
+  ``delete_adapter``); ``model.save_pretrained`` then writes the adapter only
   (so do the Trainer's checkpoints), and a ``peft.PeftModel``'s ``disable_adapter()`` /
   ``merge_and_unload()`` cover the interventions too.
 - ``intervention_locations`` / ``locations_to_rows``: positions for a padded batch, on the device.
 - ``ReftDataCollator``: (prompt, response) pairs -> input_ids, attention_mask, labels (prompt
   masked) and intervention_locations.
-- ``save_interventions`` / ``load_interventions``: safetensors + JSON, atomic, checked.
+- ``save_interventions`` / ``load_interventions``: safetensors + JSON, atomic, checked; any named
+  adapter by ``adapter_name``.
 - ``load_pyreft``: import interventions that pyreft 0.1.0 saved (all six methods, both pyvene
   key styles).
 - ``merge_red`` / ``unmerge_red``: fold RED into the edited layers' weights for inference, and

@@ -15,8 +15,8 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   ``intervention_locations`` added to its signature (the Trainer keeps a dataset column of that
   name, and ``generate`` passes it to every step, expanded for beam search). It builds the
   batch's rows once and passes them down as ``reft_batch``;
-- with ReFT, the instance attribute ``model.generate``: notes the prompt's width for the call, so
-  that a generation without a KV cache edits the same prompt rows as one with it;
+- the instance attribute ``model.generate`` (where the model has one): notes the prompt's width
+  for the call, so that a generation without a KV cache edits the same prompt rows as one with it;
 - the instance attribute ``model.save_pretrained`` (where the model has one): writes the adapter
   (interventions, ``modules_to_save``, configs), not the base weights; see ``checkpoint.py``;
 - ``modules_to_save``: the named base modules train (``requires_grad``) and a CPU copy of their
@@ -25,7 +25,9 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   ``merge_and_unload()`` / ``unload()`` carry them to the model they return; see ``peft_interplay.py``;
 - the attribute ``model.reft``, a ``ReftHandle``: ``disabled()``, ``remove()``,
   ``merge_and_unload()``, ``print_trainable_parameters()``, ``configs``, ``interventions``,
-  ``modules_to_save``.
+  ``modules_to_save``, and named adapters (``add_adapter``, ``set_adapter``, ``delete_adapter``,
+  ``active_adapter``, ``adapter_names``; the inactive ones' modules in ``model.reft_adapters``):
+  see ``adapters.py``. ``configs``, ``sites`` and ``interventions`` are the active adapter's.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from .._rows import as_2d_plus, put_rows, row_selector
 from .._validate import remember_index_checked
 from ..modules import RED
 from . import extras
+from .adapters import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterMethods, check_adapter_name
 from .batch import KWARG, build_batch, cache_length
 from .component_hooks import ReftInputHook, RowsRelay
 from .config import REDConfig, ReftConfig
@@ -236,8 +239,9 @@ def _patched_generate(model, *args, **kwargs):
         handle._prompt_width = before
 
 
-class ReftHandle:
-    """The interventions attached to one model, and how to undo them; ``model.reft``."""
+class ReftHandle(AdapterMethods):
+    """The interventions attached to one model, and how to undo them; ``model.reft``. Named
+    adapters (``add_adapter``, ``set_adapter``, ``delete_adapter``): see ``adapters.py``."""
 
     def __init__(self, model: nn.Module, configs: tuple, disable_model_grads: bool = True,
                  modules_to_save: tuple = ()):
@@ -259,11 +263,14 @@ class ReftHandle:
         self._requires_grad = {}
         self._had_forward = self._had_generate = None
         self._patches = []  # [(object, attribute, its previous instance value or None)]
-        self._reft_groups = [i for i, c in enumerate(configs) if isinstance(c, ReftConfig)]
+        self._reft_groups = []  # indices of the active adapter's ReFT configs
+        self._seq2seq = False  # an encoder-decoder model whose active adapter has ReFT
+        self._forward_takes_kwargs = True
         self._prompt_from_labels = _is_causal_lm(model)
-        self._seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-                             and self._reft_groups)
         self._label_watch = FlagWatch(UNKNOWN_PROMPT)
+        self.active_adapter = None  # the active adapter's name (see adapters.py)
+        self._active = None  # its _Adapter
+        self._inactive = {}  # {name: _Adapter} of the others, their modules in model.reft_adapters
 
     # ------------------------------------------------------------------ public
     @property
@@ -275,11 +282,19 @@ class ReftHandle:
         return self._enabled
 
     @contextlib.contextmanager
-    def disabled(self):
+    def disabled(self, adapter_name: str | None = None):
         """Forwards inside run the base model unedited (reference forwards, as DPO needs). Use it
         for forwards whose backward runs inside the context too (or under no_grad): RED's hooks
         read the flag when gradient checkpointing recomputes them. The ``modules_to_save`` keep
-        their trained values inside (they are the model's own modules; ``remove()`` restores them)."""
+        their trained values inside (they are the model's own modules; ``remove()`` restores them).
+
+        ``adapter_name``: disable that adapter only. Only the active adapter edits a forward, so
+        for an inactive one nothing changes inside (its name must exist: ValueError otherwise)."""
+        if adapter_name is not None:
+            self._known(adapter_name, "disabled()")
+            if adapter_name != self.active_adapter:
+                yield self.model
+                return
         if self._red_merged is not None:
             raise RuntimeError("RED is merged into the model's weights, so disabled() cannot give the base "
                                "model: call unmerge_red(model) first")
@@ -343,6 +358,9 @@ class ReftHandle:
             _set_or_delete(obj, attr, previous)
         self._patches.clear()
         delattr(model, MODULE_ATTR)
+        if hasattr(model, ADAPTERS_ATTR):
+            delattr(model, ADAPTERS_ATTR)
+        self._inactive.clear()
         if restore_extras:
             extras.restore(self.extra_modules, self._extra_originals)
         for name, p in model.named_parameters():
@@ -358,10 +376,6 @@ class ReftHandle:
         params = list(sig.parameters.values())
         if "intervention_locations" in sig.parameters:
             raise ValueError("the model's forward already has an 'intervention_locations' argument")
-        var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
-        if self._reft_groups and var_kw is None:
-            raise ValueError(f"{type(model).__name__}.forward takes no **kwargs, so the intervention rows "
-                             "cannot reach its layers; ReFT needs a transformers 5.x model")
         new = inspect.Parameter("intervention_locations", inspect.Parameter.KEYWORD_ONLY, default=None)
         at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
         self._positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
@@ -371,7 +385,7 @@ class ReftHandle:
     def _wrap_generate(self):
         model = self.model
         self._had_generate = model.__dict__.get("generate")
-        if self._reft_groups and callable(getattr(model, "generate", None)):
+        if callable(getattr(model, "generate", None)):
             model.generate = types.MethodType(_method(_patched_generate, type(model).generate), model)
 
     def _wrap_save_and_peft(self):
@@ -419,35 +433,42 @@ class ReftHandle:
                 setattr(model, attr, previous)
 
     # ------------------------------------------------------------------ attach
-    def _attach(self):
+    def _build(self, name: str, configs: tuple) -> _Adapter:
+        """The interventions of ``configs`` built for this model (on the sites' devices and dtypes)
+        and where each goes, as an inactive adapter: nothing on the model changes. Raises
+        ValueError for sites the model lacks and anything else a config cannot take."""
         model = self.model
-        groups = nn.ModuleList()
-        plans = []
-        for gi, cfg in enumerate(self.configs):
+        reft_groups = [i for i, c in enumerate(configs) if isinstance(c, ReftConfig)]
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False) and reft_groups)
+        if reft_groups and not self._forward_takes_kwargs:
+            raise ValueError(f"{type(model).__name__}.forward takes no **kwargs, so the intervention rows "
+                             "cannot reach its layers; ReFT needs a transformers 5.x model")
+        ad = _Adapter(name, configs, reft_groups, seq2seq)
+        for gi, cfg in enumerate(configs):
             if isinstance(cfg, REDConfig):
                 table, what = RED_SITES, "REDConfig"
             else:
                 table = REFT_COMPONENT_SITES[cfg.component]
                 what = "ReftConfig" if cfg.component == "block_output" else f"ReftConfig(component={cfg.component!r})"
-                if self._seq2seq and cfg.component != "block_output":
+                if seq2seq and cfg.component != "block_output":
                     raise ValueError(f"{what}: an encoder-decoder model takes ReFT on its blocks' outputs only "
                                      "(component='block_output')")
             found, n_layers = find_sites(model, cfg, table, what)
-            self.num_layers.append(n_layers)
-            self.sites.append([(key, layer, name) for key, layer, name, _ in found])
+            ad.num_layers.append(n_layers)
+            ad.sites.append([(key, layer, name_) for key, layer, name_, _ in found])
             ivs = nn.ModuleDict()
-            for key, _, name, module in found:
+            for key, _, site_name, module in found:
                 dtype, device = param_dtype_device(module)
                 dtype = cfg.torch_dtype or dtype
                 if isinstance(cfg, REDConfig):
                     d = red_width(model, cfg, module)
                     ivs[key] = RED(d, dtype=dtype, device=device, backend=cfg.backend)
-                    plans.append((module, "red", ivs[key]))
+                    ad.plans.append((module, "red", ivs[key]))
                 else:
                     d = hidden_size(model)
                     if cfg.rank > d:
                         raise ValueError(f"ReftConfig rank={cfg.rank} exceeds the hidden size {d}")
-                    self.hidden_size = d
+                    ad.hidden_size = d
                     sides = []
                     for side in cfg.sides:
                         name_ = f"{key}_{side}" if side else key
@@ -455,12 +476,64 @@ class ReftHandle:
                         sides.append(ivs[name_])
                     parent = None
                     if cfg.component in SUBLAYER_COMPONENTS:
-                        parent_name = name.rpartition(".")[0]
+                        parent_name = site_name.rpartition(".")[0]
                         parent = model.get_submodule(parent_name) if parent_name else None
                         if parent is None:
-                            raise ValueError(f"{what}: the site {name!r} has no parent layer to take the rows from")
-                    plans.append((module, gi, (sides, stack_of(key) if self._seq2seq else None, parent)))
-            groups.append(ivs)
+                            raise ValueError(f"{what}: the site {site_name!r} has no parent layer to take the rows from")
+                    ad.plans.append((module, gi, (sides, stack_of(key) if seq2seq else None, parent)))
+            ad.groups.append(ivs)
+        ad.groups.train(model.training)  # new modules start in training mode; follow the model's
+        return ad
+
+    def _activate(self, ad: _Adapter) -> None:
+        """Make ``ad`` the active adapter: its interventions become ``model.reft_interventions``
+        and its hooks are registered (``ad`` must not be in ``reft_adapters``)."""
+        model = self.model
+        self._active = ad
+        self.active_adapter = ad.name
+        self.configs, self.sites, self.num_layers, self.hidden_size = ad.configs, ad.sites, ad.num_layers, ad.hidden_size
+        self._reft_groups, self._seq2seq = ad.reft_groups, ad.seq2seq
+        model.add_module(MODULE_ATTR, ad.groups)
+        try:
+            # prepend=True puts each hook before those already there: registering in reverse keeps
+            # the configs' order among ours (two configs on one layer apply in the order listed)
+            # while all of ours run before any other hook
+            for module, kind, what in reversed(ad.plans):
+                if kind == "red":
+                    self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
+                    continue
+                # the batch's rows are listed per ReFT config, in the order of _reft_groups
+                sides, stack, parent = what
+                cfg, group = ad.configs[kind], ad.reft_groups.index(kind)
+                if cfg.component == "block_input":
+                    hook = ReftInputHook(self, group, sides, cfg, _edit_rows)
+                    self._hooks.append(module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True))
+                    continue
+                relay = None
+                if parent is not None:
+                    relay = RowsRelay(self, parent)
+                    self._hooks.append(parent.register_forward_pre_hook(relay, with_kwargs=True))
+                hook = _ReftHook(self, group, sides, cfg, stack, relay)
+                self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
+            if ad.seq2seq and callable(getattr(model, "get_encoder", None)):
+                self._hooks.append(model.get_encoder().register_forward_pre_hook(
+                    EncoderPreHook(self), with_kwargs=True))
+        except BaseException:
+            self._deactivate()
+            raise
+
+    def _deactivate(self) -> None:
+        """Remove the active adapter's hooks and ``model.reft_interventions`` (the modules stay in
+        ``self._active.groups``)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.model.__dict__["_modules"].pop(MODULE_ATTR, None)
+
+    def _attach(self, adapter_name: str):
+        model = self.model
+        self._forward_takes_kwargs = _takes_var_kwargs(model.forward)
+        ad = self._build(adapter_name, self.configs)
         self.extra_modules = extras.resolve_modules_to_save(model, self.modules_to_save, MODULE_ATTR)
         # everything that can fail has been checked: change the model
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -469,48 +542,40 @@ class ReftHandle:
             for p in model.parameters():
                 p.requires_grad_(False)
         extras.unfreeze(self.extra_modules)
-        groups.train(model.training)  # new modules start in training mode; follow the model's
-        model.add_module(MODULE_ATTR, groups)
         try:
             self._wrap_forward()
             self._wrap_generate()
             self._wrap_save_and_peft()
-            # prepend=True puts each hook before those already there: registering in reverse keeps
-            # the configs' order among ours (two configs on one layer apply in the order listed)
-            # while all of ours run before any other hook
-            for module, kind, what in reversed(plans):
-                if kind == "red":
-                    self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
-                else:
-                    # the batch's rows are listed per ReFT config, in the order of _reft_groups
-                    sides, stack, parent = what
-                    cfg, group = self.configs[kind], self._reft_groups.index(kind)
-                    if cfg.component == "block_input":
-                        hook = ReftInputHook(self, group, sides, cfg, _edit_rows)
-                        self._hooks.append(module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True))
-                        continue
-                    relay = None
-                    if parent is not None:
-                        relay = RowsRelay(self, parent)
-                        self._hooks.append(parent.register_forward_pre_hook(relay, with_kwargs=True))
-                    hook = _ReftHook(self, group, sides, cfg, stack, relay)
-                    self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
-            if self._seq2seq and callable(getattr(model, "get_encoder", None)):
-                self._hooks.append(model.get_encoder().register_forward_pre_hook(
-                    EncoderPreHook(self), with_kwargs=True))
+            self._activate(ad)
             object.__setattr__(model, HANDLE_ATTR, self)
         except BaseException:
-            for h in self._hooks:
-                h.remove()
+            self._deactivate()
             self._restore("forward", self._had_forward)
             self._restore("generate", self._had_generate)
             for obj, attr, previous in reversed(self._patches):
                 _set_or_delete(obj, attr, previous)
             self._patches.clear()
-            delattr(model, MODULE_ATTR)
             for name, p in model.named_parameters():
                 p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
             raise
+
+
+class _Adapter:
+    """One named set of interventions: its configs, their modules (``groups``: one ModuleDict per
+    config, keyed by site), where each hook goes (``plans``), the sites found and the model facts
+    a save records; ``grad``: each parameter's ``requires_grad`` while the adapter is inactive
+    (its parameters are then frozen), restored when it is activated again."""
+
+    def __init__(self, name: str, configs: tuple, reft_groups: list, seq2seq: bool):
+        self.name, self.configs, self.reft_groups, self.seq2seq = name, configs, reft_groups, seq2seq
+        self.groups = nn.ModuleList()
+        self.plans, self.sites, self.num_layers = [], [], []
+        self.hidden_size = None
+        self.grad = None
+
+
+def _takes_var_kwargs(fn) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
 def _as_configs(config_or_configs) -> tuple:
@@ -527,7 +592,8 @@ def _as_configs(config_or_configs) -> tuple:
 
 
 def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
-                   disable_model_grads: bool = True, modules_to_save=None) -> nn.Module:
+                   disable_model_grads: bool = True, modules_to_save=None,
+                   adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Attach the interventions of ``config_or_configs`` (a ``REDConfig``, a ``ReftConfig`` or a
     list of them) to ``model`` in place, freeze its base parameters, and return it.
 
@@ -538,6 +604,10 @@ def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
     a keyword here rather than a config field because it belongs to the model, not to one
     intervention. ``remove()`` restores those modules' values and ``requires_grad``;
     ``disabled()`` leaves them as trained.
+
+    ``adapter_name`` names this set of interventions (``"default"``, as PEFT names its first
+    adapter); more can be added, switched and removed by name: ``model.reft.add_adapter(name,
+    config)``, ``set_adapter(name)``, ``delete_adapter(name)`` (see ``adapters.py``).
 
     ``disable_model_grads=False`` (pyreft's keyword) leaves every base parameter's
     ``requires_grad`` as it is: for a model that already carries trainable adapters, e.g. a
@@ -553,14 +623,16 @@ def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, HANDLE_ATTR, None) is not None or hasattr(model, MODULE_ATTR):
-        raise ValueError("this model already has interventions: call model.reft.remove() first")
+        raise ValueError("this model already has interventions: add another set with "
+                         "model.reft.add_adapter(name, config), or call model.reft.remove() first")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError("attach the interventions before wrapping the model in DistributedDataParallel")
     if not isinstance(disable_model_grads, bool):
         raise TypeError(f"disable_model_grads must be a bool, got {type(disable_model_grads).__name__}")
     names = extras.check_modules_to_save(modules_to_save)
+    check_adapter_name(adapter_name)
     handle = ReftHandle(model, _as_configs(config_or_configs), disable_model_grads, names)
-    handle._attach()
+    handle._attach(adapter_name)
     if verbose:
         handle.print_trainable_parameters()
     return model

@@ -28,6 +28,7 @@ import tempfile
 
 import torch
 
+from .adapters import DEFAULT_ADAPTER, check_adapter_name
 from .attach import get_handle, get_reft_model
 from .config import config_from_dict
 from .extras import PREFIX as EXTRAS_PREFIX
@@ -127,10 +128,11 @@ def _settle(directory: str) -> None:
                 pass
 
 
-def _describe_model(handle) -> dict:
-    return {"model_type": handle.model_type, "hidden_size": handle.hidden_size,
-            "num_layers": handle.num_layers,
-            "sites": [[key for key, _, _ in sites] for sites in handle.sites]}
+def _describe_model(handle, ad) -> dict:
+    """What a save records of the model for adapter ``ad`` (an ``attach._Adapter``)."""
+    return {"model_type": handle.model_type, "hidden_size": ad.hidden_size,
+            "num_layers": ad.num_layers,
+            "sites": [[key for key, _, _ in sites] for sites in ad.sites]}
 
 
 def _is_sharded(t) -> bool:
@@ -148,15 +150,17 @@ def sharded(model) -> bool:
     return any(_is_sharded(p) for p in get_handle(model).interventions.parameters())
 
 
-def _adapter_state(handle) -> dict:
-    """The tensors a save holds: the interventions' state dict and that of the ``modules_to_save``."""
-    return {**handle.interventions.state_dict(), **extras_state(handle.extra_modules)}
+def _adapter_state(handle, ad) -> dict:
+    """The tensors a save of adapter ``ad`` holds: its interventions' state dict and that of the
+    ``modules_to_save``."""
+    return {**ad.groups.state_dict(), **extras_state(handle.extra_modules)}
 
 
-def save_interventions(model, directory) -> None:
+def save_interventions(model, directory, *, adapter_name=None) -> None:
     """Write the interventions of ``model`` (see ``get_reft_model``) to ``directory`` (created if
     needed): the parameters as safetensors (on the CPU, each in its own dtype; the
-    ``modules_to_save`` beside them) and the JSON config. Over an earlier save the pair is
+    ``modules_to_save`` beside them) and the JSON config. ``adapter_name``: which named adapter
+    (None: the active one; see ``adapters.py``). Over an earlier save the pair is
     replaced as one (see the module docstring): an interruption at any point leaves the earlier
     save or the new one readable, never a mix, and the next save removes what an interrupted one
     left.
@@ -170,7 +174,8 @@ def save_interventions(model, directory) -> None:
     from .. import __version__
 
     handle = get_handle(model)
-    state = _adapter_state(handle)
+    ad = handle._adapter(adapter_name)
+    state = _adapter_state(handle, ad)
     gathered = any(_is_sharded(v) for v in state.values())
     state = {k: v.full_tensor() if _is_sharded(v) else v for k, v in state.items()}  # collective
     if gathered and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -183,9 +188,9 @@ def save_interventions(model, directory) -> None:
         "format_version": FORMAT_VERSION,
         "library": "reft_kernels",
         "library_version": __version__,
-        "configs": [c.to_dict() for c in handle.configs],
+        "configs": [c.to_dict() for c in ad.configs],
         "modules_to_save": list(handle.modules_to_save),
-        **_describe_model(handle),
+        **_describe_model(handle, ad),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     directory = os.fspath(directory)
@@ -194,8 +199,16 @@ def save_interventions(model, directory) -> None:
     _atomic_write(pending, blob)
     _atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())  # the commit
     os.replace(pending, os.path.join(directory, WEIGHTS_NAME))
-    write_card(model, handle, directory, __version__, _atomic_write)  # for people and the Hub; never read back
+    write_card(model, _CardView(handle, ad), directory, __version__, _atomic_write)  # for people and the Hub; never read back
     _fsync_dir(directory)
+
+
+class _CardView:
+    """What the model card reads of a handle, for one adapter."""
+
+    def __init__(self, handle, ad):
+        self.model_type, self.modules_to_save = handle.model_type, handle.modules_to_save
+        self.configs, self.sites, self.hidden_size = ad.configs, ad.sites, ad.hidden_size
 
 
 def read_interventions(directory):
@@ -238,8 +251,13 @@ def read_interventions(directory):
     return meta, configs, tensors
 
 
-def load_interventions(model, directory, *, allow_nonfinite: bool = False, revision=None):
+def load_interventions(model, directory, *, allow_nonfinite: bool = False, revision=None, adapter_name=None):
     """Load interventions saved by ``save_interventions`` into ``model`` and return it.
+
+    ``adapter_name`` (see ``adapters.py``): None loads into the active adapter (or attaches
+    ``"default"``); an existing name loads into that adapter; a new name on a model that has
+    interventions adds the saved configs as that adapter, inactive (PEFT's ``load_adapter``:
+    ``model.reft.set_adapter(name)`` activates it), and deletes it again on any error.
 
     ``directory``: the saved folder, or a Hugging Face Hub repository id (``"owner/name"``, when
     no such local folder exists) resolved through ``huggingface_hub`` at ``revision`` (a branch,
@@ -258,21 +276,30 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False, revis
     directory = resolve_folder(directory, (CONFIG_NAME, WEIGHTS_NAME), revision)
     meta, configs, tensors = read_interventions(directory)
     saved_extras = tuple(meta.get("modules_to_save") or ())
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     attached_here = getattr(model, "reft", None) is None
+    added_here = None
     if attached_here:
-        get_reft_model(model, list(configs), verbose=False, modules_to_save=list(saved_extras) or None)
+        get_reft_model(model, list(configs), verbose=False, modules_to_save=list(saved_extras) or None,
+                       adapter_name=adapter_name or DEFAULT_ADAPTER)
+    elif adapter_name is not None and adapter_name not in get_handle(model).adapter_names:
+        get_handle(model).add_adapter(adapter_name, list(configs))
+        added_here = adapter_name
     try:
         handle = get_handle(model)
         if handle._red_merged is not None:
             raise ValueError("RED is merged into this model's weights: call unmerge_red(model) before "
                              "load_interventions")
-        if tuple(c.to_dict() for c in handle.configs) != tuple(c.to_dict() for c in configs):
-            raise ValueError(f"the interventions saved in {directory!r} have other configs than the model's: "
-                             f"saved {[c.to_dict() for c in configs]}, attached {[c.to_dict() for c in handle.configs]}")
+        ad = handle._adapter(adapter_name)
+        if tuple(c.to_dict() for c in ad.configs) != tuple(c.to_dict() for c in configs):
+            raise ValueError(f"the interventions saved in {directory!r} have other configs than the model's "
+                             f"adapter {ad.name!r}: saved {[c.to_dict() for c in configs]}, attached "
+                             f"{[c.to_dict() for c in ad.configs]}")
         if tuple(handle.modules_to_save) != saved_extras:
             raise ValueError(f"the interventions saved in {directory!r} have modules_to_save={list(saved_extras)}, "
                              f"the model's are {list(handle.modules_to_save)}")
-        mine = _describe_model(handle)
+        mine = _describe_model(handle, ad)
         for key, value in mine.items():
             saved = meta.get(key)
             if isinstance(value, tuple):
@@ -280,7 +307,7 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False, revis
             if saved != value:
                 raise ValueError(f"the interventions in {directory!r} were saved for {key} = {saved!r}; "
                                  f"this model has {value!r}")
-        state = _adapter_state(handle)
+        state = _adapter_state(handle, ad)
         if set(state) != set(tensors):
             missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
             raise ValueError(f"{WEIGHTS_NAME} in {directory!r} does not hold this model's interventions: "
@@ -303,6 +330,8 @@ def load_interventions(model, directory, *, allow_nonfinite: bool = False, revis
     except BaseException:
         if attached_here:
             get_handle(model).remove()
+        elif added_here is not None:
+            get_handle(model).delete_adapter(added_here)
         raise
     with torch.no_grad():
         for name, dst in state.items():
