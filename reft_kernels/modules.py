@@ -13,6 +13,7 @@ as ``nn.Linear``'s default, ConsReFT/LoBiReFT's ``b`` uniform in [0, 1).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -95,6 +96,12 @@ class _LowRankEdit(nn.Module):
         return f"d={self.d}, rank={self.rank}{act}"
 
 
+# share_R's state, by module: {module: (R, rotation version, usable)} and {module: whether the
+# last forward took the shared R}; weak, so a dropped module drops its entry
+_SHARED_R = weakref.WeakKeyDictionary()
+_R_WAS_SHARED = weakref.WeakKeyDictionary()
+
+
 class _Orthonormal(_LowRankEdit):
     """Holds ``rotation`` (r, d) and exposes ``R``, its orthonormal-row form: float64 in a float64
     module, float32 otherwise (pyreft keeps R in fp32 beside bf16 weights; QR has no half-precision
@@ -123,8 +130,34 @@ class _Orthonormal(_LowRankEdit):
 
     @property
     def R(self) -> torch.Tensor:
-        """(rank, d) with orthonormal rows, recomputed (one QR) on every access."""
+        """(rank, d) with orthonormal rows: one QR on every access, unless a model-level owner
+        has shared this step's R (``share_R``)."""
+        shared = None if torch.compiler.is_compiling() else _SHARED_R.get(self)
+        if shared is not None:
+            R, version, usable = shared
+            if version == self.rotation._version:  # no in-place update (optimizer step) since
+                if torch._C._current_graph_task_id() != -1:
+                    # inside a backward: an activation checkpoint recomputing this layer takes the
+                    # R its forward took, so that the recomputed ops are the forward's
+                    use = _R_WAS_SHARED.get(self, False)
+                else:
+                    use = usable()
+                    _R_WAS_SHARED[self] = use
+                if use:
+                    return R
         return orthonormal_rows(self.rotation)
+
+    def share_R(self, R: torch.Tensor | None, usable=None) -> None:
+        """Use ``R`` (rank, d), computed by the caller from ``self.rotation`` (e.g. one row of a
+        batched ``orthonormal_rows`` over every layer's rotation), as ``self.R`` while
+        ``usable()`` is true and ``rotation`` is not written in place; None stops it. Held
+        outside the module (a weak dictionary), so ``copy.deepcopy`` and ``state_dict`` never
+        see it."""
+        if R is None:
+            _SHARED_R.pop(self, None)
+            _R_WAS_SHARED.pop(self, None)
+        else:
+            _SHARED_R[self] = (R, self.rotation._version, usable)
 
     @torch.no_grad()
     def load_R_(self, R: torch.Tensor):

@@ -20,14 +20,16 @@ import torch
 
 
 def orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
-    """(r, d) -> (r, d) with ``R @ R.T == I_r``; see the module docstring."""
-    if X.dim() != 2 or X.shape[0] > X.shape[1]:
-        raise ValueError(f"orthonormal_rows needs an (r, d) matrix with r <= d, got {tuple(X.shape)}")
+    """(..., r, d) -> (..., r, d) with ``R @ R.mT == I_r`` for each matrix; see the module
+    docstring. A batch of L matrices is one batched QR (and one batched backward): what a model
+    with LoReFT on L layers runs once per step instead of L times."""
+    if X.dim() < 2 or X.shape[-2] > X.shape[-1]:
+        raise ValueError(f"orthonormal_rows needs (r, d) matrices with r <= d, got {tuple(X.shape)}")
     work = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    q, tri = torch.linalg.qr(work.t(), mode="reduced")
-    sign = torch.sign(torch.diagonal(tri))
+    q, tri = torch.linalg.qr(work.mT, mode="reduced")
+    sign = torch.sign(torch.diagonal(tri, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (q * sign).t()
+    return (q * sign.unsqueeze(-2)).mT
 
 
 def random_orthonormal_rows(r: int, d: int, *, dtype=None, device=None, generator=None) -> torch.Tensor:

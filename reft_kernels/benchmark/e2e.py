@@ -19,6 +19,10 @@ What is measured, per (model, sequence length, batch, case, provider), in one ru
   ``median over rounds of (t_provider / t_frozen - 1) * 100`` with the rounds paired (p20/p80 of
   the per-round values beside it); ``speedup_vs_eager``: the naive step over this one (same case);
   ``loss``: the loss of the memory-measured step (a sanity value, not a quality measure).
+- ``launches``: the kernel-launching calls of one whole step (ATen calls that reach a kernel and
+  Triton kernel calls, counted exactly by ``launches.counting``; the optimizer included), and
+  ``launches_per_layer``: that count over the frozen step's, per layer. On a GPU each is a launch
+  of a few microseconds whatever the rows edited: the fixed cost a CPU run can already show.
 
 Rows go to ``<out>/<device>/e2e.csv`` (appended; ``E2E_COLUMNS``: the microbenchmarks' ``COLUMNS``
 first, with ``op = "e2e_train_step"``, ``mode = "train_step"``, ``n_rows`` the tokens per step and
@@ -38,11 +42,13 @@ from pathlib import Path
 import torch
 
 from . import e2e_models as M
+from .launches import counting
 from .measure import _quantiles, peak_mem_mb
 from .runner import COLUMNS, _fmt, run_meta
 
 EXTRA = ("model", "layers", "seq_len", "batch", "case", "tokens_per_s", "trainable_params", "resident_mb",
-         "overhead_pct", "overhead_p20_pct", "overhead_p80_pct", "loss", "threads", "timed_steps")
+         "overhead_pct", "overhead_p20_pct", "overhead_p80_pct", "loss", "threads", "timed_steps",
+         "launches", "launches_per_layer")
 E2E_COLUMNS = COLUMNS + EXTRA
 
 SPECS = {
@@ -132,6 +138,9 @@ def measure_shape(spec, base, seq, bsz, cases, providers, device, schedule, log=
             for _ in range(max(warmup - 1, 0)):
                 s.step()
             stats[key] = {"peak": peak_mem_mb(s.step, device), "loss": s.last_loss.item(), "rounds": []}
+            with counting() as launches:
+                s.step()
+            stats[key]["launches"] = launches.total
         except Exception as exc:  # noqa: BLE001
             failed = _error(exc)
         if failed:
@@ -163,7 +172,7 @@ def _row(spec, seq, bsz, provider, case, s, stats, device):
     med, p20, p80 = _quantiles_or_same(times)
     row.update(status="ok", time_ms=med, time_p20_ms=p20, time_p80_ms=p80, tokens_per_s=bsz * seq / (med * 1e-3),
                peak_mem_mb=st["peak"], resident_mb=s.resident_bytes() / 2**20, trainable_params=s.trainable_params(),
-               loss=st["loss"], timed_steps=len(times))
+               loss=st["loss"], timed_steps=len(times), launches=st["launches"])
     return row
 
 
@@ -180,6 +189,8 @@ def _relative(rows, stats):
             r["overhead_pct"], r["overhead_p20_pct"], r["overhead_p80_pct"] = _quantiles_or_same(per_round)
         if r["provider"] in ("naive", "ours") and r["case"] in naive:
             r["speedup_vs_eager"] = naive[r["case"]] / r["time_ms"]
+        if frozen and "launches" in frozen:
+            r["launches_per_layer"] = (r["launches"] - frozen["launches"]) / r["layers"]
 
 
 def _quantiles_or_same(xs):
@@ -204,6 +215,27 @@ def run_e2e(plan_, providers, cases, device, out_dir, *, run_name=None, log=prin
         torch.set_num_threads(before)
 
 
+def _upgrade_header(path: Path) -> None:
+    """Rewrite an ``e2e.csv`` written with fewer columns (an older version) under
+    ``E2E_COLUMNS``, its rows kept and the new columns empty, so that appended rows line up."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) == E2E_COLUMNS:
+            return
+        old = list(reader)
+    unknown = set(reader.fieldnames or ()) - set(E2E_COLUMNS)
+    if unknown:
+        raise ValueError(f"{path} has columns this version does not write: {sorted(unknown)}; use another --out")
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=E2E_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in E2E_COLUMNS} for r in old)
+    tmp.replace(path)
+
+
 def _run(plan_, providers, cases, device, out_dir, run_name, log):
     meta = run_meta(device)
     folder = Path(out_dir) / meta["device"] / (run_name or "")
@@ -213,6 +245,7 @@ def _run(plan_, providers, cases, device, out_dir, run_name, log):
     log(f"reft-kernels bench --e2e on {meta['device']}: providers {', '.join(providers)}; cases "
         f"{', '.join(cases)}; {torch.get_num_threads()} threads")
     rows = []
+    _upgrade_header(path)
     new_file = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=E2E_COLUMNS, lineterminator="\n")
@@ -252,7 +285,7 @@ def markdown_table(rows, meta) -> str:
             "what is resident (weights, optimizer state); overhead against the frozen step of this run "
             "(forward + backward down to layer 0's output, no optimizer).\n\n")
     cols = ["model", "seq x batch", "case", "provider", "step ms", "p20-p80", "tokens/s", "peak MiB",
-            "resident MiB", "trainable", "overhead %", "vs naive", "status"]
+            "resident MiB", "trainable", "overhead %", "vs naive", "launches/layer", "status"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         t = r.get("time_ms")
@@ -264,6 +297,7 @@ def markdown_table(rows, meta) -> str:
                 (f"{ov:+.1f} ({r['overhead_p20_pct']:+.1f}..{r['overhead_p80_pct']:+.1f})"
                  if ov is not None else ""),
                 f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "",
+                f"{r['launches_per_layer']:.1f}" if r.get("launches_per_layer") is not None else "",
                 r["status"] if r["status"] != "ok" else ""]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     return head + "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ class AdapterMethods:
         for p in ad.groups.parameters():
             p.requires_grad_(False)
         self._park(ad)
+        self._quiet_resume()
         return self.model
 
     def set_adapter(self, adapter_name: str):
@@ -91,6 +92,7 @@ class AdapterMethods:
             p.requires_grad_(g)
         new.grad = None
         self._activate(new)
+        self._quiet_resume()
         return self.model
 
     def delete_adapter(self, adapter_name: str):
@@ -104,6 +106,7 @@ class AdapterMethods:
                              "model.reft.remove() to detach every adapter")
         self._check_switch("delete_adapter()")
         self._unpark(adapter_name)
+        self._quiet_resume()
         return self.model
 
     # ------------------------------------------------------------------ helpers

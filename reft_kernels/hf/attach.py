@@ -50,6 +50,7 @@ from .component_hooks import ReftInputHook, RowsRelay
 from .config import REDConfig, ReftConfig
 from .flag_watch import FlagWatch
 from .positions import prompt_lengths_from_labels
+from .shared_rotation import share_rotations
 from .seq2seq import EncoderPreHook, decoder_prompt_width, seq2seq_batch, stack_of
 from .sites import (RED_SITES, REFT_COMPONENT_SITES, SUBLAYER_COMPONENTS, find_sites, hidden_size, model_type,
                     param_dtype_device, red_width)
@@ -216,6 +217,8 @@ def _call_with_rows(handle, args, kwargs):
     before = handle._in_forward
     handle._in_forward = True
     try:
+        if not getattr(kwargs.get(KWARG), "decode", False):  # a decode step edits nothing
+            share_rotations(handle)
         return handle._call_inner(args, kwargs)
     finally:
         handle._in_forward = before
@@ -394,6 +397,9 @@ class ReftHandle(AdapterMethods):
 
         if callable(getattr(type(self.model), "save_pretrained", None)):
             self._patch(self.model, "save_pretrained", save_adapter)
+            if hasattr(self.model, "_keys_to_ignore_on_save"):  # a transformers model: see quiet_resume
+                self._patches.append((self.model, "_keys_to_ignore_on_save",
+                                      self.model.__dict__.get("_keys_to_ignore_on_save")))
         if is_peft_model(self.model):
             wrap_peft(self)
         else:
@@ -522,6 +528,12 @@ class ReftHandle(AdapterMethods):
             self._deactivate()
             raise
 
+    def _quiet_resume(self) -> None:
+        if any(o is self.model and a == "_keys_to_ignore_on_save" for o, a, _ in self._patches):
+            from .checkpoint import quiet_resume
+
+            quiet_resume(self)
+
     def _deactivate(self) -> None:
         """Remove the active adapter's hooks and ``model.reft_interventions`` (the modules stay in
         ``self._active.groups``)."""
@@ -548,6 +560,7 @@ class ReftHandle(AdapterMethods):
             self._wrap_save_and_peft()
             self._activate(ad)
             object.__setattr__(model, HANDLE_ATTR, self)
+            self._quiet_resume()
         except BaseException:
             self._deactivate()
             self._restore("forward", self._had_forward)

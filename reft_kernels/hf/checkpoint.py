@@ -48,21 +48,37 @@ def _full(t):
     return t.full_tensor() if _is_sharded(t) else t
 
 
+def _resume_filter(handle):
+    """``keep(name)``: whether a state-dict entry is one that a resumed training needs."""
+    from .attach import MODULE_ATTR
+
+    wanted = tuple([MODULE_ATTR + "."] + [name + "." for name, _ in handle.extra_modules])
+    trainable = {n for n, p in handle.model.named_parameters() if p.requires_grad}
+    return lambda name: name in trainable or name.startswith(wanted)
+
+
 def resume_state(handle, state_dict=None) -> dict:
     """{model name: CPU tensor} of what a resumed training needs (see the module docstring):
     taken from ``state_dict`` when given (the Trainer passes a gathered one under FSDP and
     DeepSpeed), else from the model."""
-    from .attach import MODULE_ATTR
+    keep = _resume_filter(handle)
+    source = state_dict if state_dict is not None else handle.model.state_dict()
+    # clone: no storage shared between names
+    return {name: _full(value).detach().to("cpu").clone() for name, value in source.items() if keep(name)}
 
-    model = handle.model
-    wanted = [MODULE_ATTR + "."] + [name + "." for name, _ in handle.extra_modules]
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    source = state_dict if state_dict is not None else model.state_dict()
-    out = {}
-    for name, value in source.items():
-        if name in trainable or any(name.startswith(w) for w in wanted):
-            out[name] = _full(value).detach().to("cpu").clone()  # clone: no storage shared between names
-    return out
+
+def quiet_resume(handle) -> None:
+    """Set ``model._keys_to_ignore_on_save`` (an instance attribute; ``remove()`` restores the
+    class's) to the state-dict names that ``model.safetensors`` leaves out, the frozen base
+    weights: ``Trainer.train(resume_from_checkpoint=...)`` then loads the file without its
+    warning listing every base weight as missing (it stays quiet when the missing keys are exactly
+    those). Not for a PeftModel, whose resume PEFT handles. Called at attach, at each save and at
+    each adapter change (the names depend on what trains)."""
+    if is_peft_model(handle.model):
+        return
+    keep = _resume_filter(handle)
+    object.__setattr__(handle.model, "_keys_to_ignore_on_save",
+                       [name for name in handle.model.state_dict() if not keep(name)])
 
 
 def untracked_trainable(handle) -> list:
@@ -108,6 +124,7 @@ def save_adapter(model, save_directory, *args, state_dict=None, is_main_process:
         handle._inner("save_pretrained")(save_directory, *args, is_main_process=is_main_process,
                                          **({"state_dict": state_dict} if state_dict is not None else {}), **kwargs)
     save_interventions(model, save_directory)  # under FSDP2 every rank gathers, the first one writes
+    quiet_resume(handle)
     resume = resume_state(handle, state_dict)
     dist = torch.distributed
     if not is_main_process or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):

@@ -39,8 +39,16 @@ Mapping (pyreft's column formula, with R = U^T -> our module; ours compute the s
 - ConsReFT ``h + R^T (b - R h)``            -> ``ConsReFT``: bias=b, R
 - LoBiReFT ``h + R^T b``                    -> ``LoBiReFT``: bias=b, R
 
-(``act`` wraps the ``W h + b`` term where pyreft has ``act_fn``.) Only ``block_output`` components
-on ``pos`` units are supported: the residual stream after decoder layer ``l``. pyreft saves no
+(``act`` wraps the ``W h + b`` term where pyreft has ``act_fn``.)
+
+Components: pyvene's names that ``ReftConfig(component=...)`` has sites for
+(``config.COMPONENTS``) load as that component: ``block_output`` (the residual stream after layer
+``l``, (B, S, d)), ``block_input`` (the layer's input hidden states), ``mlp_output`` and
+``attention_output`` (the outputs of the layer's MLP and self-attention before the residual add,
+as pyvene maps them; the model types of ``sites.REFT_COMPONENT_SITES``). Other pyvene components (``mlp_input``,
+``attention_input``, ``mlp_activation``, the query/key/value and head components) and components
+given as a module path raise ValueError naming the key; so do folders mixing components (one
+``ReftConfig`` is attached per folder). Units must be ``pos`` with one unit. pyreft saves no
 positions, activation or dropout: the caller passes them (pyreft's ConsReFT has no dropout).
 
 Everything is read and checked before the model is touched; on any error the model is left
@@ -56,8 +64,8 @@ import torch
 from torch import nn
 
 from .attach import get_reft_model
-from .config import ReftConfig
-from .sites import REFT_SITES, find_sites, hidden_size
+from .config import COMPONENTS, ReftConfig
+from .sites import REFT_COMPONENT_SITES, find_sites, hidden_size, model_type
 
 CONFIG_NAME = "config.json"
 
@@ -139,23 +147,35 @@ def _read_config(directory):
     return path, keys, types, reps
 
 
+def _unsupported_component(path, key, comp):
+    """The ValueError for an intervention on a component that has no ``ReftConfig`` site."""
+    return ValueError(f"{path}: intervention {key!r} is on component {comp!r}; supported components: "
+                      f"{list(COMPONENTS)} (pyvene's names)")
+
+
 def _parse_key(key, rep, path):
-    """(layer, k) of a pyvene key; ValueError for anything but a block_output / pos site."""
+    """(layer, k, component) of a pyvene key; ValueError for a component without a ``ReftConfig``
+    site (``COMPONENTS``), a component given as a module path, or a unit other than one ``pos``."""
     m = _KEY.match(key)
     rep_comp = _rep_field(rep, 1, "component")
     if m is None:
         mc = _COMP_KEY.match(key)
         comp = rep_comp if rep_comp is not None else (mc.group("comp") if mc else None)
-        if comp is not None and comp != "block_output":
-            raise ValueError(f"{path}: intervention {key!r} is on component {comp!r}; only 'block_output' "
-                             "(the residual stream after a layer) is supported")
+        if comp is not None:
+            if comp in COMPONENTS:
+                raise ValueError(f"{path}: intervention {key!r} on component {comp!r} has no layer in its key "
+                                 "(layer_<l>_comp_<c>_unit_<u>_nunit_<n>#<k>)")
+            raise ValueError(f"{path}: intervention {key!r} is on component {comp!r}, a module path or an unknown "
+                             f"name; supported components: {list(COMPONENTS)} (pyvene's names)")
         raise ValueError(f"{path}: {key!r} is not a pyvene intervention key "
                          "(layer_<l>_comp_<c>_unit_<u>_nunit_<n>#<k> or layer.<l>.comp.<c>.unit.<u>.nunit.<n>#<k>)")
     comp = m.group("comp")
-    if comp != "block_output" or (rep_comp is not None and rep_comp != "block_output"):
-        raise ValueError(f"{path}: intervention {key!r} is on component "
-                         f"{comp if comp != 'block_output' else rep_comp!r}; only 'block_output' (the residual "
-                         "stream after a layer) is supported")
+    if comp not in COMPONENTS:
+        raise _unsupported_component(path, key, comp)
+    if rep_comp is not None and rep_comp != comp:
+        if rep_comp not in COMPONENTS:
+            raise _unsupported_component(path, key, rep_comp)
+        raise ValueError(f"{path}: key {key!r} names component {comp!r} but its representation says {rep_comp!r}")
     if m.group("unit") != "pos" or m.group("nunit") != "1":
         raise ValueError(f"{path}: intervention {key!r} has unit {m.group('unit')!r} x {m.group('nunit')}; only "
                          "unit 'pos' with one unit is supported")
@@ -163,7 +183,7 @@ def _parse_key(key, rep, path):
     rep_layer = _rep_field(rep, 0, "layer")
     if rep_layer is not None and rep_layer != layer:
         raise ValueError(f"{path}: key {key!r} names layer {layer} but its representation says layer {rep_layer!r}")
-    return layer, int(m.group("k"))
+    return layer, int(m.group("k")), comp
 
 
 def _load_state(path):
@@ -295,7 +315,8 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
                 backend=None, verbose=False, allow_nonfinite=False):
     """Attach the interventions that pyreft 0.1.0 saved in ``directory`` (``ReftModel.save``) to
     ``model`` with ``get_reft_model`` and load their weights, so that the patched model computes
-    what pyreft's ``ReftModel`` computes at the same positions. Returns ``model``.
+    what pyreft's ``ReftModel`` computes at the same positions and component (``block_output``,
+    ``block_input``, ``mlp_output`` or ``attention_output``, from the keys). Returns ``model``.
 
     The method comes from ``intervention_types``; layers, rank, hidden size and (NoReFT)
     ``add_bias`` from the files; ``share_weights`` from whether ``#1`` keys exist (None), or is
@@ -304,8 +325,9 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
     model's dtype (R stays fp32).
 
     Raises ValueError, naming the file or key, for a missing ``config.json`` or intervention file,
-    an unreadable file, an unknown or mixed intervention type, a component other than
-    ``block_output``, a hidden size or layer the model does not have, or a ``share_weights`` that
+    an unreadable file, an unknown or mixed intervention type, a component without a
+    ``ReftConfig`` site (or mixed components, or one this model type has no site for), a hidden
+    size or layer the model does not have, or a ``share_weights`` that
     contradicts the files, or a tensor holding NaN or Inf (unless ``allow_nonfinite=True``; a
     rotation with NaN or Inf still fails the orthonormality check); on any error the model is
     left exactly as it was.
@@ -318,7 +340,7 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
     cpath, keys, types, reps = _read_config(directory)
 
     # --- what the files hold (nothing depends on the model yet)
-    methods = {}
+    methods, components = {}, {}
     sites = {}  # (layer, k) -> key
     for key, type_str, rep in zip(keys, types, reps):
         name = _class_name(type_str)
@@ -326,14 +348,21 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
             raise ValueError(f"{cpath}: intervention {key!r} has type {type_str!r}; supported: "
                              f"{sorted('pyreft.interventions.' + n for n in PYREFT_TYPES)}")
         methods.setdefault(PYREFT_TYPES[name], []).append(key)
-        layer, k = _parse_key(key, rep, cpath)
-        if (layer, k) in sites:
-            raise ValueError(f"{cpath}: keys {sites[(layer, k)]!r} and {key!r} name the same site")
-        sites[(layer, k)] = key
+        layer, k, component = _parse_key(key, rep, cpath)
+        components.setdefault(component, []).append((layer, k, key))
     if len(methods) > 1:
         raise ValueError(f"{cpath}: the interventions mix types {sorted(methods)}; load_pyreft attaches one "
                          "method per directory")
     method = next(iter(methods))
+    if len(components) > 1:
+        examples = ", ".join(f"{c!r} ({ks[0][2]!r})" for c, ks in sorted(components.items()))
+        raise ValueError(f"{cpath}: the interventions mix components {examples}; load_pyreft attaches one "
+                         "component per directory")
+    component, parsed = next(iter(components.items()))
+    for layer, k, key in parsed:
+        if (layer, k) in sites:
+            raise ValueError(f"{cpath}: keys {sites[(layer, k)]!r} and {key!r} name the same site")
+        sites[(layer, k)] = key
     layers = sorted({layer for layer, _ in sites})
     for (layer, k), key in sorted(sites.items()):
         if k > 1:
@@ -375,7 +404,11 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
     if d != d_model:
         path = loaded[min(loaded)][2]
         raise ValueError(f"{path}: saved for hidden size {d}, but the model's hidden size is {d_model}")
-    found, n_layers = find_sites(model, ReftConfig(layers="all"), REFT_SITES, "load_pyreft")
+    table = REFT_COMPONENT_SITES[component]
+    if model_type(model) not in table:
+        raise ValueError(f"{cpath}: the interventions are on component {component!r}, which has no built-in sites "
+                         f"for model type {model_type(model)!r}; supported: {sorted(table)}")
+    found, n_layers = find_sites(model, ReftConfig(layers="all"), table, "load_pyreft")
     present = {layer for _, layer, _, _ in found}
     for (layer, k), (_, _, path) in sorted(loaded.items()):
         if layer not in present:
@@ -383,7 +416,7 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
                              f"{min(present)}..{max(present)}, {n_layers} in all)")
     config = ReftConfig(method=method, layers=layers, rank=rank, positions=positions,
                         share_weights=share_weights, act=act, dropout=dropout,
-                        add_bias=add_bias if method == "noreft" else True, backend=backend)
+                        add_bias=add_bias if method == "noreft" else True, backend=backend, component=component)
 
     # --- attach and load; undo the attach on any failure
     get_reft_model(model, config, verbose=verbose)
@@ -401,6 +434,6 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
         model.reft.remove()
         raise
     if verbose:
-        print(f"loaded {len(loaded)} pyreft {method} intervention(s) from {directory}: layers {layers}, "
-              f"rank {rank}, {'shared' if share_weights else 'separate first/last'} weights")
+        print(f"loaded {len(loaded)} pyreft {method} intervention(s) from {directory}: {component} of layers "
+              f"{layers}, rank {rank}, {'shared' if share_weights else 'separate first/last'} weights")
     return model

@@ -179,6 +179,12 @@ def test_rows_schema_and_files(tmp_path):
         assert r["overhead_pct"] != ""
     frozen = next(r for r in written if r["provider"] == "frozen")
     assert float(frozen["overhead_pct"]) == 0.0 and int(frozen["trainable_params"]) == 0
+    # launches: the frozen step has its own, an adapter adds some per layer
+    assert int(frozen["launches"]) > 0 and float(frozen["launches_per_layer"]) == 0.0
+    for r in written:
+        if r["provider"] != "frozen":
+            assert float(r["launches_per_layer"]) > 0, r
+            assert int(r["launches"]) == int(frozen["launches"]) + round(float(r["launches_per_layer"]) * SPEC.layers)
     assert float(next(r for r in written if r["provider"] == "naive")["speedup_vs_eager"]) == 1.0
     assert next(r for r in written if r["case"] == "loreft_f7l7")["index_rows"] == str(BSZ * 14)
     table = (path.parent / "e2e.md").read_text()
@@ -220,3 +226,24 @@ def test_plans():
     assert [spec.source for spec, _, _ in e2e.plan("smollm2")] == ["smollm2"]
     (gpu, shapes, _), = e2e.plan("gpu")
     assert (gpu.d, gpu.layers, gpu.dtype) == (2048, 16, "bf16") and shapes == [(512, 32), (2048, 8)]
+
+
+def test_an_older_csv_is_upgraded_before_appending(tmp_path):
+    """Rows of an e2e.csv written before a column was added keep their values under the new
+    header, and the new run's rows line up with them."""
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    path = folder / "e2e.csv"
+    old_cols = [c for c in e2e.E2E_COLUMNS if c not in ("launches", "launches_per_layer")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_cols, lineterminator="\n")
+        w.writeheader()
+        w.writerow({c: ("old-run" if c == "commit" else "") for c in old_cols})
+    e2e._upgrade_header(path)
+    header, written = _read(path)
+    assert tuple(header) == e2e.E2E_COLUMNS
+    assert [r["commit"] for r in written] == ["old-run"] and written[0]["launches"] == ""
+    bad = folder / "bad.csv"
+    bad.write_text("date,whatever\n1,2\n")
+    with pytest.raises(ValueError, match="whatever"):
+        e2e._upgrade_header(bad)

@@ -350,15 +350,16 @@ def test_layer_outside_the_model(tmp_path, model):
 
 
 def test_other_component_or_unit(tmp_path, model):
-    write_pyreft_dir(tmp_path, "loreft", component="mlp_output")
-    _fails(model, tmp_path, "component 'mlp_output'")
+    write_pyreft_dir(tmp_path, "loreft", component="mlp_input")  # pyvene has it; ReftConfig has no site
+    _fails(model, tmp_path, r"intervention 'layer_0_comp_mlp_input_unit_pos_nunit_1#0' is on component 'mlp_input'")
     write_pyreft_dir(tmp_path / "b", "loreft")
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     path_keys = [f"comp_model_layers[{x}]_output_unit_pos_nunit_1#0" for x in LAYERS]  # a module-path component
     cfg["sorted_keys"] = path_keys
     cfg["representations"][0][1] = "model.layers[0].output"
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
-    _fails(model, tmp_path / "b", r"component 'model.layers\[0\].output'")
+    _fails(model, tmp_path / "b", r"'comp_model_layers\[0\]_output_unit_pos_nunit_1#0' is on component "
+                                  r"'model.layers\[0\].output', a module path")
     cfg["sorted_keys"] = [k.replace("unit_pos", "unit_h_pos") for k in (pyvene_key(x, 0, "0.1.8") for x in LAYERS)]
     cfg["representations"][0][1] = "block_output"
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))

@@ -124,6 +124,25 @@ def test_orthonormal_rows_gradcheck():
     assert torch.autograd.gradcheck(rk.orthonormal_rows, (X,))
 
 
+def test_orthonormal_rows_batched_equals_each_matrix():
+    """A stack of L matrices: each result (and each gradient) is the matrix's own, in float64
+    where the batched and single QRs agree to rounding."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 4, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(3, 4, 10, dtype=torch.float64, generator=g)
+    batched = rk.orthonormal_rows(X)
+    (batched * W).sum().backward()
+    got_grad, X.grad = X.grad, None
+    for i in range(3):
+        single = rk.orthonormal_rows(X[i])
+        torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(batched[i] @ batched[i].T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-13)
+        (single * W[i]).sum().backward()
+    torch.testing.assert_close(got_grad, X.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="r <= d"):
+        rk.orthonormal_rows(torch.randn(2, 5, 4))
+
+
 def test_orthonormal_rows_low_precision_input():
     R = rk.orthonormal_rows(torch.randn(RANK, D, dtype=torch.bfloat16))
     assert R.dtype == torch.float32
