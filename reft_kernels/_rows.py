@@ -7,6 +7,8 @@ step depends on how many entries are real: no host synchronisation, no data-depe
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -30,17 +32,48 @@ def as_2d_plus(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 1 else t
 
 
+# What the row helpers derive from an index alone, kept per index tensor: a model hands one index
+# to every layer, forward and backward, so the derivation (about ten small device ops: the
+# selector, the validity mask, where row 0 is listed) runs once per index, not once per layer
+# and pass. Keyed by id, checked against a weak reference and the version counter (an in-place
+# write re-derives); not kept under torch.compile (it traces the ops), during CUDA-graph capture,
+# or for inference tensors (no version counter).
+_FACTS: dict = {}  # (id(index), lead shape) -> (weakref, version, facts)
+_FACTS_SIZE = 64
+
+
+def _index_facts(index: torch.Tensor, lead: tuple):
+    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed ())."""
+    cache = not (torch.compiler.is_compiling() or torch.is_inference(index)
+                 or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
+    key = (id(index), tuple(lead))
+    if cache:
+        hit = _FACTS.get(key)
+        if hit is not None and hit[0]() is index and hit[1] == index._version:
+            return hit[2]
+    valid = index >= 0
+    safe = index.clamp_min(0)
+    sel = (safe,) if len(lead) == 1 else torch.unravel_index(safe, lead)
+    hit0 = index == 0
+    # no .item(): sync-free (an empty index has no argmax: position 0, never used)
+    pos0 = hit0.to(torch.uint8).argmax().reshape(1) if index.numel() else index.new_zeros(1)
+    facts = (valid, sel, pos0, hit0.any())
+    if cache:
+        if len(_FACTS) >= _FACTS_SIZE:
+            _FACTS.clear()
+        _FACTS[key] = (weakref.ref(index), index._version, facts)
+    return facts
+
+
 def row_selector(t: torch.Tensor, index: torch.Tensor):
     """Advanced-indexing selector of the rows ``index`` of ``t.reshape(-1, d)``, usable on
     ``as_2d_plus(t)`` whatever ``t``'s strides, with -1 entries pointing at row 0.
 
     Returns (selector, valid): ``as_2d_plus(t)[selector]`` gathers one row per index entry
-    (n, d); ``valid`` (n,) bool marks the real entries.
+    (n, d); ``valid`` (n,) bool marks the real entries. Derived once per index tensor (see
+    ``_index_facts``).
     """
-    valid = index >= 0
-    safe = index.clamp_min(0)
-    lead = as_2d_plus(t).shape[:-1]
-    sel = (safe,) if len(lead) == 1 else torch.unravel_index(safe, lead)
+    valid, sel, _, _ = _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))
     return sel, valid
 
 
@@ -71,10 +104,10 @@ def _agreeing_rows(dst, index, rows):
     """``rows`` with each padding entry replaced by row 0's final value (its new value when row 0
     is listed, its current value otherwise), so that every write reaching row 0 agrees."""
     row0 = dst[(0,) * (dst.dim() - 1)]
-    hit0 = index == 0
-    new0 = rows.index_select(0, hit0.to(torch.uint8).argmax().reshape(1))[0]  # no .item(): sync-free
-    row0 = torch.where(hit0.any(), new0, row0)
-    return torch.where((index >= 0)[:, None], rows, row0)
+    valid, _, pos0, any0 = _index_facts(index, tuple(dst.shape[:-1]))
+    new0 = rows.index_select(0, pos0)[0]
+    row0 = torch.where(any0, new0, row0)
+    return torch.where(valid[:, None], rows, row0)
 
 
 class PutRowsFunction(torch.autograd.Function):

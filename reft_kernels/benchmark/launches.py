@@ -31,6 +31,9 @@ _NO_KERNEL = {
     "lift_fresh", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
     "_has_compatible_shallow_copy_type", "resize_", "set_", "_unsafe_view", "_reshape_alias",
     "record_stream",
+    # a Python number wrapped as a 0-dim tensor (``torch.where(c, x, 0)``): on a GPU a kernel
+    # argument, not a launch
+    "scalar_tensor",
 }
 _SYNC = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose"}
 
@@ -130,7 +133,8 @@ def tiny_llama(n_layers: int, d: int = 64, seed: int = 0):
 def _inputs(bsz: int, seq: int, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 128, (bsz, seq), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    labels = ids.masked_fill(torch.arange(seq) < seq // 2, -100)  # the first half is the prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def step_launches(model, inputs: dict) -> LaunchCounter:

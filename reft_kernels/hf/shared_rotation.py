@@ -53,8 +53,9 @@ def share_rotations(handle) -> list:
     for ivs in groups.values():
         if len(ivs) < 2:
             continue
-        R = orthonormal_rows(torch.stack([iv.rotation for iv in ivs]))
-        for i, iv in enumerate(ivs):
-            iv.share_R(R[i], usable)
+        # unbind, not R[i]: its backward stacks the layers' gradients once, where each R[i]'s
+        # would write a zero (L, r, d) tensor per layer
+        for iv, R in zip(ivs, orthonormal_rows(torch.stack([iv.rotation for iv in ivs])).unbind(0)):
+            iv.share_R(R, usable)
             shared.append(iv)
     return shared
