@@ -52,8 +52,11 @@ from pathlib import Path
 NEEDED = ("date", "commit", "device", "op", "method", "provider", "mode", "dtype", "n_rows", "d",
           "rank", "index_rows", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "copy_gbps",
           "frac_of_copy", "peak_mem_mb", "status")
-# Fixed provider order, so each provider keeps one colour in every figure.
-PROVIDERS = ("eager", "compile", "torch", "triton", "cuda", "pyvene", "pyreft_orthogonal", "ours")
+# Fixed provider order, so each provider keeps one colour in every figure: the providers the runner
+# writes (reft_kernels.benchmark.cases.ALL_PROVIDERS: the baselines, our backends and the opt-in
+# kernel variants), one tab10 colour each. A provider not listed gets a colour from its name.
+PROVIDERS = ("eager", "compile", "torch", "triton", "cuda",
+             "cuda-cluster", "cuda-vector", "triton-resident", "triton-tile2d")
 MODES = ("fwd", "bwd", "fwd_bwd")
 # Ops drawn in figures of their own rather than in time_<op>_*.png.
 OWN_FIGURE = ("lowrank_edit_index", "orthonormal_rows")

@@ -1,8 +1,10 @@
 // Python bindings of reft_kernels._C: input checks, dtype dispatch, output allocation.
 //
-// These are low-level entry points for reft_kernels/_cuda_ops.py, which registers the public
-// torch.library ops on top of them (with fake implementations for torch.compile). Shapes and
-// strides are checked here again so that a wrong call raises instead of touching bad memory.
+// These are low-level entry points for reft_kernels/ops/red/cuda_impl.py and
+// reft_kernels/ops/lowrank_edit/cuda_impl.py (which reach this module through
+// reft_kernels/_cuda.py), which register the torch.library ops on top of them (with fake
+// implementations for torch.compile). Shapes and strides are checked here again so that a wrong
+// call raises instead of touching bad memory.
 // Activations may be float32, float16 or bfloat16; parameters either the activations' dtype or
 // float32 (the Python side passes other parameter dtypes as fp32 copies).
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS and cuSPARSE

@@ -66,7 +66,7 @@ def red(h, scale=None, bias=None, *, backend=None):
     if be in ("triton", "cuda"):
         scale = scale.contiguous() if scale is not None else None
         bias = bias.contiguous() if bias is not None else None
-    return red_function.apply(h, scale, bias, be)
+    return red_function.run(h, scale, bias, be)
 
 
 def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
@@ -165,7 +165,7 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
         return lowrank_torch.fwd_differentiable(h, A, a, B, C, c, spec, index)
     if index is not None:
         h = h.clone(memory_format=torch.contiguous_format)
-    return lowrank_function.apply(h, A, a, B, C, c, spec, index)
+    return lowrank_function.run(h, A, a, B, C, c, spec, index)
 
 
 def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, backend=None):
@@ -185,4 +185,4 @@ def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None,
     spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True)
     if transformed:  # forward-mode AD: the edit of a copy, written back (tangent and graph follow)
         return h.copy_(lowrank_torch.fwd_differentiable(h.clone(), A, a, B, C, c, spec, index))
-    return lowrank_function.apply(h, A, a, B, C, c, spec, index)
+    return lowrank_function.run(h, A, a, B, C, c, spec, index)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from ._activations import act_code, act_torch
 
+# How far a kernel may be from the float64 reference in fp16 / bf16: at most this many times the
+# error of the same eager computation in that precision (these formulas on the low-precision
+# tensors). The tests (tests/_helpers.py) and the benchmark's check (benchmark/runner.py) use it.
+LOWP_FACTOR = 2.0
 
 def _cast(t, h):
     return None if t is None else t.to(h.dtype)
@@ -24,7 +28,9 @@ def red_reference(h, scale=None, bias=None):
     return y if y is not h else h.clone()
 
 
-def _edit_rows(x, B, A, a, C, c, code):
+def _lowrank_rows(x, B, A, a, C, c, code):
+    """``x + (act(x A^T + a) - x C^T - c) B`` on rows ``x`` (..., d), in ``x``'s dtype (the
+    parameters already cast to it); the optional terms are skipped when None."""
     u = x @ A.t() if A is not None else x.new_zeros(x.shape[:-1] + (B.shape[0],))
     if a is not None:
         u = u + a
@@ -42,11 +48,11 @@ def lowrank_edit_reference(h, B, A=None, a=None, C=None, c=None, *, act=None, in
     code = act_code(act)
     B, A, a, C, c = (_cast(t, h) for t in (B, A, a, C, c))
     if index is None:
-        return _edit_rows(h, B, A, a, C, c, code)
+        return _lowrank_rows(h, B, A, a, C, c, code)
     d = h.shape[-1]
     rows = index[index >= 0]
     flat = h.reshape(-1, d)
-    edited = _edit_rows(flat[rows], B, A, a, C, c, code)
+    edited = _lowrank_rows(flat[rows], B, A, a, C, c, code)
     return flat.index_put((rows,), edited).reshape(h.shape)
 
 

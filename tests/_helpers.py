@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from reft_kernels.reference import lowrank_edit_reference, red_reference
+from reft_kernels.reference import LOWP_FACTOR, lowrank_edit_reference, red_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 FP32_RTOL = 1e-5
 FP64_RTOL = 1e-12
 ABS_FLOOR = 1e-7
-LOWP_FACTOR = 2.0
 
 LOWRANK_PARAMS = ("B", "A", "a", "C", "c")
 RED_PARAMS = ("scale", "bias")

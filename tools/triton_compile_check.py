@@ -43,8 +43,9 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton._C.libtriton import ir  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
+from reft_kernels.ops.lowrank_edit.triton_common import STRIDED_TILE, padded_rank, strided  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
-    _FINISH_BLOCK, STRIDED_TILE, strided, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
+    _FINISH_BLOCK, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
     _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _lowrank_param_finish_kernel, _tiles,
     triton_max_rank,
 )
@@ -55,7 +56,7 @@ from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
 )
 from reft_kernels.ops.lowrank_edit.triton_small_n import tiles as small_n_tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_bwd_tiles, _red_fwd_kernel, _red_tiles  # noqa: E402
-from reft_kernels._triton import H100, dot_precision, next_pow2  # noqa: E402
+from reft_kernels._triton import H100, dot_precision  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -128,7 +129,7 @@ def lowrank_configs(quick, d=4096):
             dtypes, RANKS, METHODS, [False, True], [_activations.IDENTITY, _activations.GELU]):
         if (quick and (index and act or r not in RANKS_QUICK[dt])) or r > triton_max_rank(DTYPES[dt]):
             continue
-        r_pad = max(16, next_pow2(r))
+        r_pad = padded_rank(r)
         prec = dot_precision(DTYPES[dt])
         f32 = _t("fp32")
         for n in [16384] if quick else [40, 16384]:
@@ -205,7 +206,7 @@ def small_n_configs(quick, d=4096, n=448):
             dtypes, RANKS, METHODS, [_activations.IDENTITY, _activations.GELU]):
         if (quick and r not in RANKS_QUICK[dt]) or r > triton_max_rank(DTYPES[dt]):
             continue
-        r_pad, prec, f32 = max(16, next_pow2(r)), dot_precision(DTYPES[dt]), _t("fp32")
+        r_pad, prec, f32 = padded_rank(r), dot_precision(DTYPES[dt]), _t("fp32")
         block_m, block_d, warps = small_n_tiles(n, d, r_pad, DTYPES[dt], on_gpu=True)
         has_cp = has_C or tied
         vals = dict(h_ptr=_t(dt), idx_ptr=_t(torch.int64), A_ptr=f32, C_ptr=f32, up_ptr=f32, pp_ptr=f32,

@@ -23,6 +23,7 @@ import torch
 
 from .. import _backend, _triton
 from .._measured import card_slug
+from ..reference import LOWP_FACTOR
 from . import cases as C
 from .measure import copy_gbps, min_traffic_bytes, peak_mem_mb, time_ms
 
@@ -30,7 +31,6 @@ COLUMNS = ("date", "commit", "device", "torch", "triton", "op", "method", "provi
            "d", "rank", "index_rows", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "copy_gbps", "frac_of_copy",
            "peak_mem_mb", "speedup_vs_eager", "speedup_vs_compile", "status")
 MODES = ("fwd", "bwd", "fwd_bwd")
-LOWP_FACTOR = 2.0  # a provider's error may be up to 2x eager's in the same low precision
 
 
 # ----------------------------------------------------------------------------- sweeps

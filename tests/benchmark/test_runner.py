@@ -272,6 +272,14 @@ def test_plot_ceiling_label_and_cache_resident_points():
     assert not plot.cache_resident({"gbps": None, "time_ms": 1.0}, 32)
 
 
+def test_plot_colours_every_provider_the_runner_writes():
+    """bench/plot_results.py gives each provider of the runner its own fixed colour (no colour
+    picked from a provider's name, which could repeat another's) and lists no other provider."""
+    plot = _bench_script("plot_results")
+    assert sorted(plot.PROVIDERS) == sorted(C.ALL_PROVIDERS)
+    assert len(plot.PROVIDERS) <= 10  # tab10: one colour each
+
+
 def test_plots_of_f7l7_and_orthonormal_rows(tmp_path, capsys):
     """The f7+l7 and orthonormal_rows figures come from a tiny runner CSV; the generic time
     figures leave the indexed op to its own figure."""

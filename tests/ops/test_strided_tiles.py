@@ -22,15 +22,15 @@ def test_red_backward_takes_a_narrower_tile_for_strided_columns():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128])
 def test_lowrank_launchers_take_the_strided_tile(dtype, r_pad):
-    from reft_kernels.ops.lowrank_edit import triton_fwd_resident, triton_impl, triton_small_n
+    from reft_kernels.ops.lowrank_edit import triton_common, triton_fwd_resident, triton_impl, triton_small_n
 
     if r_pad > triton_impl.triton_max_rank(dtype):
         pytest.skip("rank beyond the Triton path for this dtype")
-    tile = triton_impl.STRIDED_TILE
+    tile = triton_common.STRIDED_TILE
     for kind in ("fwd", "lat", "bwd"):
         assert triton_impl._tiles(kind, 4096, 4096, r_pad, dtype, True, strided_cols=True) == tile
         assert triton_impl._tiles(kind, 4096, 4096, r_pad, dtype, True) != tile or r_pad == 128
     assert triton_small_n.tiles(8, 4096, r_pad, dtype, True, strided_cols=True) == tile
     block_d, warps, _ = triton_fwd_resident.gpu_tile(16, 4096, r_pad, dtype, strided_cols=True)
     assert (block_d, warps) == tile[1:]
-    assert triton_impl.strided(1, 1) is False and triton_impl.strided(1, 4096) is True
+    assert triton_common.strided(1, 1) is False and triton_common.strided(1, 4096) is True

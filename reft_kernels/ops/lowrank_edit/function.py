@@ -54,11 +54,12 @@ class LowrankEditFunction(torch.autograd.Function):
         return (dh, *grads, None, None)
 
 
-def apply(h, A, a, B, C, c, spec, index):
-    """``LowrankEditFunction.apply``, or, when no gradient will be needed (grad mode off, or no
-    input requires grad), the backend's forward alone: no autograd node and nothing saved. (The
-    no-grad case is also what lets ``torch.compile(fullgraph=True)`` trace an in-place edit:
-    Dynamo traces ``ctx.mark_dirty`` only on the autograd path.)"""
+def run(h, A, a, B, C, c, spec, index):
+    """The low-rank edit on ``spec.backend``: ``LowrankEditFunction.apply``, or, when no gradient
+    will be needed (grad mode off, or no input requires grad), the backend's forward alone: no
+    autograd node and nothing saved. (The no-grad case is also what lets
+    ``torch.compile(fullgraph=True)`` trace an in-place edit: Dynamo traces ``ctx.mark_dirty``
+    only on the autograd path.) Not named ``apply``: that is the Function's."""
     tensors = (h, A, a, B, C, c)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LowrankEditFunction.apply(h, A, a, B, C, c, spec, index)

@@ -62,7 +62,7 @@ def _latent(x, A, a, B, C, c, spec):
     return z, u
 
 
-def _edit_rows(x, A, a, B, C, c, spec, save_u, valid=None):
+def _fwd_rows(x, A, a, B, C, c, spec, save_u, valid=None):
     """``y = x + z B`` for rows ``x`` (n, d) in their own dtype, one rounding; parameters already
     in the accumulation dtype. Returns (y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None, in
     the accumulation dtype). ``valid`` (n,) bool: z is zero (and y = x) where it is False."""
@@ -148,7 +148,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     acc = acc_dtype(h.dtype)
     A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
     if index is None:
-        y, z, u = _edit_rows(as_rows(h), A, a, B, C, c, spec, save_u)
+        y, z, u = _fwd_rows(as_rows(h), A, a, B, C, c, spec, save_u)
         return y, z, u, None
     n, r, d = index.shape[0], B.shape[0], h.shape[-1]
     hv = as_2d_plus(h)
@@ -157,7 +157,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
     sel, valid = row_selector(h, index)
     x = hv[sel]  # one row per entry; padding entries read row 0
-    y, z, u = _edit_rows(x, A, a, B, C, c, spec, save_u, valid)
+    y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, valid)
     put_rows_(hv, sel, index, y)
     u = torch.where(valid[:, None], u, 0) if save_u else None
     return h, z, u, x

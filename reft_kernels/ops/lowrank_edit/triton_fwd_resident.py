@@ -43,9 +43,10 @@ from typing import Callable, Optional
 import torch
 
 from ... import _triton
-from ..._activations import act_fwd_tl
 from ..._triton import SmLimits, cdiv, next_pow2, tl, triton
-from .triton_impl import STRIDED_TILE, _apply_step, _latent_step, _row_source, strided
+from .triton_common import (
+    STRIDED_TILE, apply_step, bias_vec, latent_finish, latent_step, padded_rank, row_source, strided,
+)
 
 ENV_VAR = "REFT_KERNELS_LOWRANK_FWD"
 MODES = ("auto", "rowblock", "resident")
@@ -75,13 +76,11 @@ def _lowrank_edit_fwd_resident_kernel(
     HAS_INDEX: each element is read by its own program before that program writes it)."""
     k = tl.arange(0, R_PAD)
     k_ok = k < r
-    if HAS_a:
-        a_vec = tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-    if HAS_c:
-        c_vec = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    a_vec = bias_vec(a_ptr, k, k_ok) if HAS_a else None  # once per program: every row block adds them
+    c_vec = bias_vec(c_ptr, k, k_ok) if HAS_c else None
     for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), n_progs):
         m = (tl.zeros((BLOCK_M,), dtype=tl.int64) + rb) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 rows
-        src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+        src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
         h_row = src * stride_h_row
         y_row = src * stride_y_row
         u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -89,22 +88,17 @@ def _lowrank_edit_fwd_resident_kernel(
         if HAS_A or HAS_C or TIED:
             for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
                 cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-                u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u,
-                                    p, HAS_A, HAS_C, TIED, DOT_PREC)
-        if HAS_a:
-            u += a_vec[None, :]
-        z = act_fwd_tl(u, ACT) - p
-        if HAS_c:
-            z -= c_vec[None, :]
-        z = tl.where(row_ok[:, None] & k_ok[None, :], z, 0.0)
+                u, p = latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u,
+                                   p, HAS_A, HAS_C, TIED, DOT_PREC)
+        u, z = latent_finish(u, p, a_vec, c_vec, row_ok, k, k_ok, ACT, HAS_a, HAS_c, True)
         lat_off = m[:, None] * r + k[None, :]
         tl.store(z_ptr + lat_off, z, mask=m_ok[:, None] & k_ok[None, :])
         if SAVE_U:
             tl.store(u_ptr + lat_off, u, mask=m_ok[:, None] & k_ok[None, :])
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k,
-                        k_ok, B_ptr, z, SAVE_H, DOT_PREC)
+            apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k,
+                       k_ok, B_ptr, z, SAVE_H, DOT_PREC)
 
 
 def mode() -> str:
@@ -179,7 +173,7 @@ def row_blocks(r_pad: int, h_dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(sorted(_GPU_TILES[(h_dtype == torch.float32, r_pad)], reverse=True))
 
 
-# With a column stride that is not 1: triton_impl.STRIDED_TILE's 16 x 16 tile (8 warps), 2 stages.
+# With a column stride that is not 1: triton_common.STRIDED_TILE's 16 x 16 tile (8 warps), 2 stages.
 STRIDED_ROW_BLOCKS = (16,)
 
 
@@ -196,7 +190,7 @@ def gpu_tile(block_m: int, d: int, r_pad: int, h_dtype: torch.dtype,
 def launch(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, a, B, C, c, spec, z, u):
     """Plan and launch the kernel; arguments as prepared by ``triton_impl.fwd`` (n > 0)."""
     dev = z.device
-    r_pad = max(16, next_pow2(r))
+    r_pad = padded_rank(r)
     dummy = z
     consts = dict(HAS_INDEX=index_given, HAS_A=A is not None, HAS_a=a is not None, HAS_C=C is not None,
                   TIED=spec.tied, HAS_c=c is not None, ACT=spec.act, SAVE_H=hsave is not None,

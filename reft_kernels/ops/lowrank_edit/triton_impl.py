@@ -16,79 +16,23 @@ temporary.
 
 Forward kernels: ``_lowrank_edit_fwd_kernel`` below (64-row blocks, two passes over ``h``; the
 default), ``triton_fwd_resident`` (L2-resident persistent one-pass, ``REFT_KERNELS_LOWRANK_FWD=
-resident``) and ``triton_small_n`` (d split across programs for few rows).
+resident``) and ``triton_small_n`` (d split across programs for few rows), all three built from
+the jit steps of ``triton_common``.
 """
 from __future__ import annotations
 
 import torch
 
 from ... import _triton
-from ..._activations import IDENTITY, act_fwd_tl, act_grad_tl
+from ..._activations import IDENTITY, act_grad_tl
 from ..._rows import as_rows, rows_addressing
 from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
+from . import triton_fwd_resident, triton_small_n
+from .triton_common import (
+    STRIDED_TILE, apply_step, latent_finish, latent_step, padded_rank, row_source, strided,
+)
 
 # ----------------------------------------------------------------------------- Triton kernels
-
-@triton.jit
-def _row_source(idx_ptr, m, n_rows, HAS_INDEX: tl.constexpr):
-    """For block rows ``m`` (int64): (row of the edited tensor, is a real row, m < n_rows).
-
-    Without an index block row i is row i. With one it is row ``idx[i]``, and -1 padding (or a
-    row past the end of the index) is not real: its loads and stores are masked off and it reads
-    row 0's address, never a negative offset.
-    """
-    m_ok = m < n_rows
-    if HAS_INDEX:
-        src = tl.load(idx_ptr + m, mask=m_ok, other=-1)
-        row_ok = src >= 0
-        src = tl.where(row_ok, src, 0)
-    else:
-        row_ok = m_ok
-        src = m
-    return src, row_ok, m_ok
-
-
-@triton.jit
-def _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u, p,
-                 HAS_A: tl.constexpr, HAS_C: tl.constexpr, TIED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One column block ``cols`` (int64, BLOCK_D) of the latent pass over rows ``h_row`` (element
-    offsets; ``row_ok`` masks padding rows): returns (u + x A^T, p + x C^T) for that block, fp32,
-    ``x`` the (BLOCK_M, BLOCK_D) rows as fp32; C is ``B`` when TIED. Columns past ``d`` and ranks
-    past ``r`` (``k_ok``) load as zero. Shared by every forward kernel (the one-pass, the
-    L2-resident and the split-d ones) so that they sum over ``d`` in the same way."""
-    col_ok = cols < d
-    x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    wmask = col_ok[:, None] & k_ok[None, :]
-    if HAS_A:
-        at = tl.load(A_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        u = gpu_dot(x, at, u, DOT_PREC)
-    if HAS_C:
-        ct = tl.load(C_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        p = gpu_dot(x, ct, p, DOT_PREC)
-    elif TIED:
-        ct = tl.load(B_ptr + k[None, :] * d + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        p = gpu_dot(x, ct, p, DOT_PREC)
-    return u, p
-
-
-@triton.jit
-def _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k, k_ok,
-                B_ptr, z, SAVE_H: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One column block ``cols`` of the re-projection pass: ``y = h + z B`` for the block's rows,
-    rounded once to ``y``'s dtype; with SAVE_H the original rows are also copied to the dense
-    (n_rows, d) ``hsave`` (row ``m``). Each element is read before it is written, so ``y`` may
-    alias ``h``. Shared by the one-pass and the L2-resident forwards."""
-    col_ok = cols < d
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(h_ptr + h_row[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
-    if SAVE_H:
-        tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
-    b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    y = x.to(tl.float32) + gpu_dot(z, b, None, DOT_PREC)
-    tl.store(y_ptr + y_row[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
-
 
 @triton.jit
 def _lowrank_edit_fwd_kernel(
@@ -113,7 +57,7 @@ def _lowrank_edit_fwd_kernel(
     needs every dimension >= 16 on NVIDIA GPUs; padded latent columns are masked to zero.
     """
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
     h_row = src * stride_h_row
     y_row = src * stride_y_row
     k = tl.arange(0, R_PAD)
@@ -124,15 +68,9 @@ def _lowrank_edit_fwd_kernel(
     if HAS_A or HAS_C or TIED:
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u, p,
-                                HAS_A, HAS_C, TIED, DOT_PREC)
-    if HAS_a:
-        u += tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    z = act_fwd_tl(u, ACT) - p
-    if HAS_c:
-        z -= tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    lat_ok = row_ok[:, None] & k_ok[None, :]
-    z = tl.where(lat_ok, z, 0.0)
+            u, p = latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, B_ptr, u, p,
+                               HAS_A, HAS_C, TIED, DOT_PREC)
+    u, z = latent_finish(u, p, a_ptr, c_ptr, row_ok, k, k_ok, ACT, HAS_a, HAS_c, False)
     lat_off = m[:, None] * r + k[None, :]
     tl.store(z_ptr + lat_off, z, mask=m_ok[:, None] & k_ok[None, :])
     if SAVE_U:
@@ -140,8 +78,8 @@ def _lowrank_edit_fwd_kernel(
 
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        _apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k, k_ok,
-                    B_ptr, z, SAVE_H, DOT_PREC)
+        apply_step(h_ptr, h_row, y_ptr, y_row, hsave_ptr, m, row_ok, cols, stride_h_col, stride_y_col, d, k, k_ok,
+                   B_ptr, z, SAVE_H, DOT_PREC)
 
 
 @triton.jit
@@ -155,7 +93,7 @@ def _lowrank_edit_bwd_latent_kernel(
     """Backward pass 1 for BLOCK_M rows: ``gz = g B^T`` and ``ga = gz * act'(u)`` (when act is not
     the identity), stored as (n_rows, r) fp32, zero on padding rows. Grid (cdiv(n_rows, BLOCK_M),)."""
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
     g_row = src * stride_g_row
     k = tl.arange(0, R_PAD)
     k_ok = k < r
@@ -263,7 +201,7 @@ def _lowrank_edit_bwd_kernel(
     row0 = pid_p.to(tl.int64) * rows_per_prog
     for m0 in range(0, rows_per_prog, BLOCK_M):
         m = row0 + m0 + tl.arange(0, BLOCK_M)
-        src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+        src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
         tile_ok = row_ok[:, None] & col_ok[None, :]
         lat_off = m[:, None] * r + k[None, :]
         lat_mask = m_ok[:, None] & k_ok[None, :]
@@ -347,22 +285,6 @@ def triton_max_rank(h_dtype: torch.dtype) -> int:
     return 64 if h_dtype == torch.float32 else 128
 
 
-# The GPU tile of every low-rank kernel (BLOCK_M, BLOCK_D, warps) when a column stride of the
-# activations it reads or writes is not 1 (h.mT, h[..., ::2]): each element then needs its own
-# 64-bit address, and the tiles above spilled (tools/triton_compile_check.py's sweep at column
-# stride 16, sm_80 / sm_90a: the fp32 R_PAD = 64 backward at (16, 32) 112-184 bytes with Triton
-# 3.6 and 40-72 with 3.9, the fp32 R_PAD = 32 split-d latent at (32, 64) 200-224 bytes with 3.9,
-# the bf16 R_PAD = 16 backward at (32, 128) 24-56 bytes on sm_90 with 3.6). (16, 16) with 8 warps
-# fits every kernel on both Tritons (its worst case, that backward, 250-254 registers, no stack);
-# such loads are uncoalesced anyway, so a narrow tile costs little beside them.
-STRIDED_TILE = (16, 16, 8)
-
-
-def strided(*col_strides: int) -> bool:
-    """Whether the launch takes ``STRIDED_TILE``: some column stride is not 1."""
-    return any(s != 1 for s in col_strides)
-
-
 def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
     """(BLOCK_M, BLOCK_D, num_warps) for kernel ``kind`` ("fwd", "lat" or "bwd").
 
@@ -386,7 +308,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     unwritten."""
     d = h.shape[-1]
     r = B.shape[0]
-    r_pad = max(16, next_pow2(r))
+    r_pad = padded_rank(r)
     dev = h.device
     if index is None:
         x = as_rows(h)
@@ -403,7 +325,6 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
     block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda, strided(s_hc, s_yc))
-    from . import triton_fwd_resident, triton_small_n  # both import this module's _row_source
     if n > 0 and triton_small_n.use_split(n, block_m, dev):
         triton_small_n.fwd_split(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
                                  A, a, B, C, c, spec, z, u)
@@ -436,7 +357,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
     n, d = x.shape
     r = B.shape[0]
-    r_pad = max(16, next_pow2(r))
+    r_pad = padded_rank(r)
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     if n == 0:
@@ -450,7 +371,6 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     ga = torch.empty((n, r), **f32) if has_act else None
     idx = index if index is not None else gz
     block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda, strided(g2.stride(1)))
-    from . import triton_small_n  # imports this module's _row_source
     if triton_small_n.use_split(n, block_m, dev):
         # few rows: gz = g B^T with d split across programs, as the small-n forward does
         gz, ga = triton_small_n.bwd_latent_split(g2, idx, index is not None, B, u, spec, n, d, r)

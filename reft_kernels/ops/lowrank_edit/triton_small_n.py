@@ -33,9 +33,11 @@ import os
 import torch
 
 from ... import _triton
-from ..._activations import IDENTITY, act_fwd_tl, act_grad_torch
-from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
-from .triton_impl import STRIDED_TILE, _latent_step, _row_source, strided
+from ..._activations import IDENTITY, act_grad_torch
+from ..._triton import cdiv, next_pow2, tl, triton
+from .triton_common import (
+    STRIDED_TILE, apply_step, latent_finish, latent_step, padded_rank, row_source, strided,
+)
 
 ENV_VAR = "REFT_KERNELS_SMALL_N"
 MODES = ("auto", "one-pass", "split")
@@ -53,7 +55,7 @@ def _lowrank_latent_part_kernel(
     B when tied; ``up``/``pp`` are (S, n_rows, r) fp32, row s written by programs (*, s)."""
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     s = tl.program_id(1).to(tl.int64)
-    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
     h_row = src * stride_h_row
     k = tl.arange(0, R_PAD)
     k_ok = k < r
@@ -62,8 +64,8 @@ def _lowrank_latent_part_kernel(
     c0 = s * cols_per_prog
     for dd in range(0, cols_per_prog, BLOCK_D):
         cols = c0 + dd + tl.arange(0, BLOCK_D).to(tl.int64)
-        u, p = _latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, C_ptr, u, p,
-                            HAS_A, HAS_CP, False, DOT_PREC)
+        u, p = latent_step(h_ptr, h_row, row_ok, cols, stride_h_col, d, k, k_ok, A_ptr, C_ptr, C_ptr, u, p,
+                           HAS_A, HAS_CP, False, DOT_PREC)
     off = s * n_rows * r + m[:, None] * r + k[None, :]
     lat_mask = m_ok[:, None] & k_ok[None, :]
     if HAS_A:
@@ -88,7 +90,7 @@ def _lowrank_apply_kernel(
     finished before this launch) and SAVE_H copies the original rows to the dense ``hsave``."""
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     j = tl.program_id(1)
-    src, row_ok, m_ok = _row_source(idx_ptr, m, n_rows, HAS_INDEX)
+    src, row_ok, m_ok = row_source(idx_ptr, m, n_rows, HAS_INDEX)
     k = tl.arange(0, R_PAD)
     k_ok = k < r
     lat = m[:, None] * r + k[None, :]
@@ -106,27 +108,14 @@ def _lowrank_apply_kernel(
             u += tl.load(up_ptr + off, mask=lat_mask, other=0.0)
         if HAS_CP:
             p += tl.load(pp_ptr + off, mask=lat_mask, other=0.0)
-    if HAS_a:
-        u += tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    z = act_fwd_tl(u, ACT) - p
-    if HAS_c:
-        z -= tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    z = tl.where(row_ok[:, None] & k_ok[None, :], z, 0.0)
+    u, z = latent_finish(u, p, a_ptr, c_ptr, row_ok, k, k_ok, ACT, HAS_a, HAS_c, False)
     if j == 0:
         tl.store(z_ptr + lat, z, mask=lat_mask)
         if SAVE_U:
             tl.store(u_ptr + lat, u, mask=lat_mask)
     cols = j.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < d
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(h_ptr + (src * stride_h_row)[:, None] + cols[None, :] * stride_h_col, mask=tile_ok, other=0.0)
-    if SAVE_H:
-        tl.store(hsave_ptr + m[:, None] * d + cols[None, :], x, mask=tile_ok)
-    b = tl.load(B_ptr + k[:, None] * d + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    y = x.to(tl.float32) + gpu_dot(z, b, None, DOT_PREC)
-    tl.store(y_ptr + (src * stride_y_row)[:, None] + cols[None, :] * stride_y_col,
-             y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    apply_step(h_ptr, src * stride_h_row, y_ptr, src * stride_y_row, hsave_ptr, m, row_ok, cols, stride_h_col,
+               stride_y_col, d, k, k_ok, B_ptr, z, SAVE_H, DOT_PREC)
 
 
 def mode() -> str:
@@ -160,7 +149,7 @@ _GPU_TILES = {
 
 
 def tiles(n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
-    """(BLOCK_M, BLOCK_D, warps) of both kernels: ``_GPU_TILES`` (``triton_impl.STRIDED_TILE`` when
+    """(BLOCK_M, BLOCK_D, warps) of both kernels: ``_GPU_TILES`` (``triton_common.STRIDED_TILE`` when
     a column stride is not 1) shrunk to the rows and to d on a GPU, wide tiles through the
     interpreter (each program costs a fixed Python overhead there)."""
     n_pow = max(16, next_pow2(n))
@@ -191,7 +180,7 @@ def _plan(n, d, r_pad, h_dtype, device, strided_cols=False):
 def fwd_split(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, a, B, C, c, spec, z, u):
     """Launch both kernels; arguments as prepared by ``triton_impl.fwd``."""
     dev = z.device
-    r_pad = max(16, next_pow2(r))
+    r_pad = padded_rank(r)
     block_m, block_d, warps, n_rb, n_cb, s_count, cols_per_prog = _plan(n, d, r_pad, src.dtype, dev,
                                                                         strided(s_hc, s_yc))
     has_cp = C is not None or spec.tied
@@ -223,7 +212,7 @@ def bwd_latent_split(g2, idx, index_given, B, u, spec, n, d, r):
     of ``g`` times ``B^T``) summed over the ranges in a fixed order, and ``ga = gz * act'(u)``
     (zero on padding rows, whose ``u`` is unspecified). Returns fp32 (gz, ga or None), (n, r)."""
     dev = g2.device
-    r_pad = max(16, next_pow2(r))
+    r_pad = padded_rank(r)
     block_m, block_d, warps, n_rb, _, s_count, cols_per_prog = _plan(n, d, r_pad, g2.dtype, dev,
                                                                      strided(g2.stride(1)))
     pp = torch.empty((s_count, n, r), dtype=torch.float32, device=dev)

@@ -51,9 +51,10 @@ class RedFunction(torch.autograd.Function):
         return dh, ds, dt, None
 
 
-def apply(h, scale, bias, backend):
-    """``RedFunction.apply``, or, when no gradient will be needed (grad mode off, or no input
-    requires grad), the backend's forward alone: no autograd node and nothing saved."""
+def run(h, scale, bias, backend):
+    """RED on ``backend``: ``RedFunction.apply``, or, when no gradient will be needed (grad mode
+    off, or no input requires grad), the backend's forward alone: no autograd node and nothing
+    saved. (Not named ``apply``: that is the Function's.)"""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, scale, bias)):
         return RedFunction.apply(h, scale, bias, backend)
     with autocast_off(h.device.type):
