@@ -201,9 +201,17 @@ def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
     per_sm = _triton.resident_blocks(_red_bwd_kernel, args(probe if need_ds else None, probe if need_dt else None,
                                                            block_m), consts, warps, dev)
     progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev, per_sm)
-    ds_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_ds else None
-    dt_part = torch.empty((progs, d), dtype=torch.float32, device=dev) if need_dt else None
+    # both partial sums in one buffer, so that one reduction (or none, for one program per column
+    # block) finishes them: one launch fewer per layer and step than a sum each
+    n_parts = need_ds + need_dt
+    parts = torch.empty((n_parts, progs, d), dtype=torch.float32, device=dev) if n_parts else None
+    ds_part = parts[0] if need_ds else None
+    dt_part = parts[n_parts - 1] if need_dt else None
     _red_bwd_kernel[(progs, n_dblocks)](*args(ds_part, dt_part, rows_per_prog), **consts, num_warps=warps)
-    ds = ds_part.sum(0) if need_ds else None
-    dt = dt_part.sum(0) if need_dt else None
+    if parts is not None:
+        sums = parts[:, 0] if progs == 1 else parts.sum(1)  # fixed order: deterministic
+        ds = sums[0] if need_ds else None
+        dt = sums[n_parts - 1] if need_dt else None
+    else:
+        ds = dt = None
     return dh, ds, dt
