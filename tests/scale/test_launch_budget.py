@@ -4,8 +4,9 @@ the Triton kernels through the interpreter): the marginal cost of one more layer
 intervention, less a frozen layer's own forward and backward. On a GPU each is a launch of a few
 microseconds, whatever the rows edited, so these numbers are the fixed cost of a step.
 
-``CEILING`` holds the counts as they are, so that a change can only lower them; ``TARGET`` is
-the budget of the issue that asked for them, shown beside (not yet reached where they differ).
+``BUDGET`` holds, per case and backend, the counts as they are (a ceiling, so that a change can
+only lower them) and the budget of the issue that asked for them beside (the PyTorch path's
+LoReFT target is not reached yet).
 The per-step counts (the batched R, the index bookkeeping done once per index) are bounded
 too, loosely: they do not grow with the layers.
 """
