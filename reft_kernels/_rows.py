@@ -43,7 +43,8 @@ _FACTS_SIZE = 64
 
 
 def _index_facts(index: torch.Tensor, lead: tuple):
-    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed ())."""
+    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed (),
+    position of the first real entry (1,); 0 when there is none)."""
     cache = not (torch.compiler.is_compiling() or torch.is_inference(index)
                  or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
     key = (id(index), tuple(lead))
@@ -56,13 +57,23 @@ def _index_facts(index: torch.Tensor, lead: tuple):
     sel = (safe,) if len(lead) == 1 else torch.unravel_index(safe, lead)
     hit0 = index == 0
     # no .item(): sync-free (an empty index has no argmax: position 0, never used)
-    pos0 = hit0.to(torch.uint8).argmax().reshape(1) if index.numel() else index.new_zeros(1)
-    facts = (valid, sel, pos0, hit0.any())
+    if index.numel():
+        pos0 = hit0.to(torch.uint8).argmax().reshape(1)
+        first = valid.to(torch.uint8).argmax().reshape(1)
+    else:
+        pos0 = first = index.new_zeros(1)
+    facts = (valid, sel, pos0, hit0.any(), first)
     if cache:
         if len(_FACTS) >= _FACTS_SIZE:
             _FACTS.clear()
         _FACTS[key] = (weakref.ref(index), index._version, facts)
     return facts
+
+
+def first_real_entry(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(1,) int64: the position in ``index`` of its first non-negative entry (0 when there is
+    none), without a host synchronisation; derived once per index tensor."""
+    return _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))[4]
 
 
 def row_selector(t: torch.Tensor, index: torch.Tensor):
@@ -73,7 +84,7 @@ def row_selector(t: torch.Tensor, index: torch.Tensor):
     (n, d); ``valid`` (n,) bool marks the real entries. Derived once per index tensor (see
     ``_index_facts``).
     """
-    valid, sel, _, _ = _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))
+    valid, sel = _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))[:2]
     return sel, valid
 
 
@@ -104,7 +115,7 @@ def _agreeing_rows(dst, index, rows):
     """``rows`` with each padding entry replaced by row 0's final value (its new value when row 0
     is listed, its current value otherwise), so that every write reaching row 0 agrees."""
     row0 = dst[(0,) * (dst.dim() - 1)]
-    valid, _, pos0, any0 = _index_facts(index, tuple(dst.shape[:-1]))
+    valid, _, pos0, any0, _ = _index_facts(index, tuple(dst.shape[:-1]))
     new0 = rows.index_select(0, pos0)[0]
     row0 = torch.where(any0, new0, row0)
     return torch.where(valid[:, None], rows, row0)

@@ -308,6 +308,7 @@ TERM_CASES = [
     ("only_B", "B"),
     ("only_B_a", "Ba"),
     ("only_B_c", "Bc"),
+    ("B_a_c", "Bac"),  # with "B", "Ba", "Bc": the latent is one row for every row (torch_constant.py)
     ("B_A_only", "BA"),
     ("B_C_only", "BC"),
 ]

@@ -131,3 +131,25 @@ def test_fp32_working_copies_stay_one_block(monkeypatch):
                  and shape != (r, d)]
     assert fp32_rows and max(s[0] for s in fp32_rows) <= 256 // d, fp32_rows
     assert all(dtype == torch.bfloat16 for dtype, shape in shapes.seen if shape == (n, d))
+
+
+@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_row_independent_latent_rounds_once(h_dtype):
+    """LoBiReFT's pattern (``B`` and ``a`` only: ``y = h + a B``, one delta for every row) on
+    low-precision rows: ``y`` is the float64 result rounded once (at most one ulp away, from fp32's
+    own rounding of the delta), the parameter gradients fp32-accurate sums over the rows."""
+    g = torch.Generator().manual_seed(3)
+    n, d, r = 300, 48, 6
+    h = torch.randn(n, d, generator=g).to(h_dtype)
+    B = torch.randn(r, d, generator=g, requires_grad=True)
+    a = torch.randn(r, generator=g, requires_grad=True)
+    gy = torch.randn(n, d, generator=g).to(h_dtype)
+    y = rk.lowrank_edit(h, B, a=a, backend="torch")
+    dB, da = torch.autograd.grad(y, [B, a], gy)
+    B64, a64 = B.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    y64 = h.double() + a64 @ B64
+    dB64, da64 = torch.autograd.grad(y64, [B64, a64], gy.double())
+    assert y.dtype == h_dtype
+    assert ((y.double() - y64.detach()).abs() <= _ulp(y64.detach(), h_dtype)).all()
+    torch.testing.assert_close(dB.double(), dB64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(da.double(), da64, rtol=1e-5, atol=1e-4)

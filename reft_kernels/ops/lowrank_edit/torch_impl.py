@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..._activations import IDENTITY, act_grad_torch, act_torch
-from ..._rows import acc_dtype, as_2d_plus, as_rows, put_rows_, row_selector
+from ..._rows import acc_dtype, as_2d_plus, as_rows, first_real_entry, put_rows_, row_selector
+from . import torch_constant
 
 _BLOCK_ELEMS = 1 << 22
 
@@ -147,8 +148,10 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     """Forward; see ``contract.py``."""
     acc = acc_dtype(h.dtype)
     A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
+    rows_fn = _fwd_rows if not torch_constant.applies(A, B, C, spec) else (
+        lambda x, A, a, B, C, c, spec, save_u, valid=None: torch_constant.fwd_rows(x, a, B, c, spec, save_u, valid))
     if index is None:
-        y, z, u = _fwd_rows(as_rows(h), A, a, B, C, c, spec, save_u)
+        y, z, u = rows_fn(as_rows(h), A, a, B, C, c, spec, save_u)
         return y, z, u, None
     n, r, d = index.shape[0], B.shape[0], h.shape[-1]
     hv = as_2d_plus(h)
@@ -157,7 +160,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
     sel, valid = row_selector(h, index)
     x = hv[sel]  # one row per entry; padding entries read row 0
-    y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, valid)
+    y, z, u = rows_fn(x, A, a, B, C, c, spec, save_u, valid)
     put_rows_(hv, sel, index, y)
     u = torch.where(valid[:, None], u, 0) if save_u else None
     return h, z, u, x
@@ -169,7 +172,13 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
     A, B, C = (_cast(t, acc) for t in (A, B, C))
     z = z.to(acc)
     u = u.to(acc) if u is not None else None
+    # (no rows, or an empty index: the generic path's zeros)
+    constant = torch_constant.applies(A, B, C, spec) and g.numel() > 0 and z.shape[0] > 0
     if index is None:
+        if constant:
+            dh, grads = torch_constant.bwd(as_rows(g), z, u, B, spec, need, torch.zeros(1, dtype=torch.long,
+                                                                                        device=g.device))
+            return (g if need[0] else None), grads
         out = _bwd_rows(as_rows(g), as_rows(x), z, u, A, B, C, spec, need)
         return (out[0].reshape(g.shape) if need[0] else None), out[1:]
     if g.numel() == 0:  # h had no rows: every entry is padding, every gradient is zero
@@ -180,6 +189,9 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
     keep = valid[:, None]
     # padding entries gathered row 0: zero them (and their saved rows) so that they add nothing
     gr = torch.where(keep, as_2d_plus(g)[sel], 0)
+    if constant:  # dh = g: the edit does not depend on h
+        _, grads = torch_constant.bwd(gr, z, u, B, spec, need, first_real_entry(g, index))
+        return (g if need[0] else None), grads
     x = torch.where(keep, x, 0)
     out = _bwd_rows(gr, x, z, u, A, B, C, spec, need)
     dh = None

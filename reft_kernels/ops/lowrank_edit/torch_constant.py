@@ -1,0 +1,63 @@
+"""The low-rank edit on the PyTorch path when its latent does not depend on the row: no ``A``
+and no ``C`` (LoBiReFT ``h + b R``, and any term pattern with only ``a`` and ``c``). Then
+``z = act(a) - c`` is one (r,) vector for every row, and
+
+    forward:  y = h + delta,            delta = z B   (d,), one broadcast add
+    backward: dh = g,  da = (B gs) * act'(a),  dB = z (x) gs,  dc = -(B gs),   gs = sum of g's rows
+
+where the generic path multiplied an (n, r) latent by B and g by B^T (two skinny matrix products
+per call): measured on the 2-core CPU, LoBiReFT at N = 2048, d = 256 ran at 0.29x eager
+(0.81 ms against 0.23 ms, forward + backward) before this path.
+
+Numerics as ``torch_impl``: fp32 accumulation (float64 for float64 ``h``), one rounding of ``y``
+per element, ``gs`` summed by ``torch.sum`` in the accumulation dtype (deterministic). ``z`` and
+``u`` keep the contract's (n, r) shapes, as expanded views of one row (zero at padding entries
+for ``z``); the backward reads them at the first real entry (all real rows hold the same values).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._activations import IDENTITY, act_grad_torch, act_torch
+from ..._rows import acc_dtype
+
+
+def applies(A, B, C, spec) -> bool:
+    """Whether the call's latent is the same for every row (no ``A``, no ``C``, not tied)."""
+    return A is None and C is None and not spec.tied
+
+
+def fwd_rows(x, a, B, c, spec, save_u, valid=None):
+    """(y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None) for rows ``x`` (n, d); parameters
+    in the accumulation dtype. ``valid``: z is zero where it is False (y there is unspecified:
+    the caller's put drops those rows)."""
+    acc = acc_dtype(x.dtype)
+    n, r = x.shape[0], B.shape[0]
+    u_row = a if a is not None else B.new_zeros(r)
+    z_row = act_torch(u_row, spec.act)
+    if c is not None:
+        z_row = z_row - c
+    delta = z_row @ B
+    y = x + delta if x.dtype == acc else (x.to(acc) + delta).to(x.dtype)  # the one rounding
+    z = z_row.expand(n, r)
+    if valid is not None:
+        z = torch.where(valid[:, None], z, 0)
+    return y, z, (u_row.expand(n, r) if save_u else None)
+
+
+def bwd(g, z, u, B, spec, need, first):
+    """(dh or None, (None, da, dB, None, dc)) from ``g`` (n, d) with its padding rows already zero
+    (or every row of ``h``), ``z``/``u`` from ``fwd_rows``, ``first`` (1,) a real row's position.
+    ``dh`` is ``g`` itself: the edit does not depend on ``h``."""
+    need_dh, _, need_da_b, need_db, _, need_dc_b = need
+    acc = acc_dtype(g.dtype)
+    gs = g.sum(0, dtype=acc)
+    gz = B @ gs
+    da = db = dc = None
+    if need_da_b:
+        da = gz if spec.act == IDENTITY else gz * act_grad_torch(u.index_select(0, first)[0], spec.act)
+    if need_db:
+        db = torch.outer(z.index_select(0, first)[0], gs)
+    if need_dc_b:
+        dc = -gz
+    return (g if need_dh else None), (None, da, db, None, dc)
