@@ -20,7 +20,8 @@ Providers, each a ``Setup`` holding one model copy, its optimizer and ``step()``
 - ``lora``: PEFT ``LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])``,
   ``task_type="CAUSAL_LM"``, PEFT's defaults otherwise (alpha 8, no dropout, adapter weights fp32).
 Adapter steps: forward with labels (the loss over every token), backward, ``AdamW.step()``,
-``zero_grad()`` (grads set to None). AdamW runs with ``weight_decay=0`` (the Trainer's default, which
+``zero_grad()`` (grads set to None). AdamW is fused (one kernel for all tensors, as the Trainer's
+default ``adamw_torch_fused``) and runs with ``weight_decay=0`` (the Trainer's default, which
 pyreft trains with): torch's orthogonal parametrization of a (d, r) weight (the Householder map)
 multiplies by ``original.diagonal().int()``, so any decoupled weight decay (AdamW's own default is
 0.01) moves that diagonal off +-1 and turns the naive R into zeros after the first step.
@@ -193,4 +194,6 @@ def make_setup(provider: str, case: Case | None, base, inputs: dict, *, lr: floa
     else:
         raise ValueError(f"unknown e2e provider {provider!r}; choose from {PROVIDERS}")
     params = [p for p in _unique(model.parameters()) if p.requires_grad]
-    return Setup(provider, case, model, inputs, torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    # fused, as the Trainer's default and reft-kernels train: one kernel for all tensors (torch's
+    # default on a CPU loops over them: about 8 launching calls per tensor)
+    return Setup(provider, case, model, inputs, torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True))

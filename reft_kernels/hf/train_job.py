@@ -122,7 +122,10 @@ def run(*, model_name=None, steps=12, method="loreft", layers="all", positions="
     collate = ReftDataCollator(tok, positions if method != "red" else "f1", padding_side="right")
     examples = [(_prompt_text(tok, q), a) for q, a in TRAIN]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # fused: one kernel for every tensor (the Trainer's default too); torch's default on a CPU loops
+    # over the tensors, 3 per layer (SmolLM2, 90 tensors: 2.4 ms and 722 launching calls per step
+    # against 0.49 ms and 4, measured on the 2-core CPU)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     gen = torch.Generator().manual_seed(seed)
     losses, n_tokens, train_time = [], 0, 0.0
     bar = _Progress(steps)
