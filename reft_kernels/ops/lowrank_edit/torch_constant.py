@@ -46,18 +46,21 @@ def fwd_rows(x, a, B, c, spec, save_u, valid=None):
 
 
 def bwd(g, z, u, B, spec, need, first):
-    """(dh or None, (None, da, dB, None, dc)) from ``g`` (n, d) with its padding rows already zero
+    """(dh or None, (dA (zero) or None, da, dB, None, dc)) from ``g`` (n, d) with its padding rows already zero
     (or every row of ``h``), ``z``/``u`` from ``fwd_rows``, ``first`` (1,) a real row's position.
     ``dh`` is ``g`` itself: the edit does not depend on ``h``."""
-    need_dh, _, need_da_b, need_db, _, need_dc_b = need
+    need_dh, need_da_w, need_da_b, need_db, _, need_dc_b = need
     acc = acc_dtype(g.dtype)
     gs = g.sum(0, dtype=acc)
     gz = B @ gs
     da = db = dc = None
+    # asked for A's gradient without an A (the custom ops' callers pass every flag): zero, as the
+    # generic path gives
+    da_w = torch.zeros_like(B, dtype=acc) if need_da_w else None
     if need_da_b:
         da = gz if spec.act == IDENTITY else gz * act_grad_torch(u.index_select(0, first)[0], spec.act)
     if need_db:
         db = torch.outer(z.index_select(0, first)[0], gs)
     if need_dc_b:
         dc = -gz
-    return (g if need_dh else None), (None, da, db, None, dc)
+    return (g if need_dh else None), (da_w, da, db, None, dc)
