@@ -163,10 +163,10 @@ def eager_fn(case: Case):
         f = _method_ref(case.method)
         return lambda h, **p: f(h, *p.values())
     if case.op == "orthonormal_rows":
-        return None  # needs its own state: see orthonormal_providers
+        return None  # needs its own state: see stateful_eager_fn
     if case.method == "f7+l7":
         return lambda h, R, W, b, index: _pyvene_edit(h, index, lambda x: ref.loreft_reference(x, R, W, b))
-    return None  # f7+l7+R: the pyreft rotation keeps state, see stateful_providers
+    return None  # f7+l7+R: the pyreft rotation keeps state, see stateful_eager_fn
 
 
 def ours_fn(case: Case, provider: str):

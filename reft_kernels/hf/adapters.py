@@ -30,6 +30,8 @@ import re
 
 from torch import nn
 
+from .config import as_configs
+
 DEFAULT_ADAPTER = "default"
 ADAPTERS_ATTR = "reft_adapters"  # the inactive adapters' modules: ModuleDict {name: ModuleList}
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -58,13 +60,11 @@ class AdapterMethods:
         model under ``adapter_name``, inactive (``set_adapter`` activates it); returns the model.
         Its parameters are frozen until then. ValueError for a name in use or a config the model
         cannot take (nothing changes then)."""
-        from .attach import _as_configs
-
         self._check_attached("add_adapter()")
         check_adapter_name(adapter_name)
         if adapter_name in self.adapter_names:
             raise ValueError(f"an adapter named {adapter_name!r} exists already (adapters: {list(self.adapter_names)})")
-        ad = self._build(adapter_name, _as_configs(config_or_configs))
+        ad = self._build(adapter_name, as_configs(config_or_configs))
         ad.grad = [p.requires_grad for p in ad.groups.parameters()]
         for p in ad.groups.parameters():
             p.requires_grad_(False)

@@ -47,7 +47,7 @@ from . import extras
 from .adapters import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterMethods, check_adapter_name
 from .batch import KWARG, build_batch, cache_length
 from .component_hooks import ReftInputHook, RowsRelay
-from .config import REDConfig, ReftConfig
+from .config import REDConfig, ReftConfig, as_configs
 from .flag_watch import FlagWatch
 from .positions import prompt_lengths_from_labels
 from .shared_rotation import share_rotations
@@ -591,19 +591,6 @@ def _takes_var_kwargs(fn) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
-def _as_configs(config_or_configs) -> tuple:
-    configs = config_or_configs
-    if isinstance(configs, (REDConfig, ReftConfig)):
-        configs = (configs,)
-    if not isinstance(configs, (list, tuple)) or not configs:
-        raise TypeError("get_reft_model takes a REDConfig, a ReftConfig or a non-empty list of them, "
-                        f"got {type(config_or_configs).__name__}")
-    for c in configs:
-        if not isinstance(c, (REDConfig, ReftConfig)):
-            raise TypeError(f"get_reft_model takes REDConfig / ReftConfig objects, got {type(c).__name__}")
-    return tuple(configs)
-
-
 def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
                    disable_model_grads: bool = True, modules_to_save=None,
                    adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -644,7 +631,7 @@ def get_reft_model(model: nn.Module, config_or_configs, *, verbose: bool = True,
         raise TypeError(f"disable_model_grads must be a bool, got {type(disable_model_grads).__name__}")
     names = extras.check_modules_to_save(modules_to_save)
     check_adapter_name(adapter_name)
-    handle = ReftHandle(model, _as_configs(config_or_configs), disable_model_grads, names)
+    handle = ReftHandle(model, as_configs(config_or_configs), disable_model_grads, names)
     handle._attach(adapter_name)
     if verbose:
         handle.print_trainable_parameters()

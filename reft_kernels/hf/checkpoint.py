@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from .sharding import is_sharded
+
 RESUME_NAME = "model.safetensors"
 # keywords of PreTrainedModel.save_pretrained that change nothing here (the files are small
 # safetensors files)
@@ -43,9 +45,7 @@ def is_peft_model(model) -> bool:
 
 
 def _full(t):
-    from .io import _is_sharded
-
-    return t.full_tensor() if _is_sharded(t) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def _resume_filter(handle):

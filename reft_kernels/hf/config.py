@@ -241,3 +241,18 @@ def config_from_dict(data: dict):
         if kind == cls.kind:
             return cls.from_dict(data)
     raise ValueError(f"unknown config kind {kind!r} (expected 'red' or 'reft')")
+
+
+def as_configs(config_or_configs) -> tuple:
+    """``config_or_configs`` (a REDConfig, a ReftConfig or a non-empty list of them) as a tuple;
+    TypeError otherwise."""
+    configs = config_or_configs
+    if isinstance(configs, (REDConfig, ReftConfig)):
+        configs = (configs,)
+    if not isinstance(configs, (list, tuple)) or not configs:
+        raise TypeError("get_reft_model takes a REDConfig, a ReftConfig or a non-empty list of them, "
+                        f"got {type(config_or_configs).__name__}")
+    for c in configs:
+        if not isinstance(c, (REDConfig, ReftConfig)):
+            raise TypeError(f"get_reft_model takes REDConfig / ReftConfig objects, got {type(c).__name__}")
+    return tuple(configs)

@@ -35,6 +35,7 @@ from .extras import PREFIX as EXTRAS_PREFIX
 from .extras import check_modules_to_save, extras_state
 from .hub import resolve_folder
 from .model_card import write_card
+from .sharding import is_sharded as _is_sharded
 
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -133,15 +134,6 @@ def _describe_model(handle, ad) -> dict:
     return {"model_type": handle.model_type, "hidden_size": ad.hidden_size,
             "num_layers": ad.num_layers,
             "sites": [[key for key, _, _ in sites] for sites in ad.sites]}
-
-
-def _is_sharded(t) -> bool:
-    """Whether ``t`` is a DTensor (a parameter that FSDP2's ``fully_shard`` split over ranks)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def sharded(model) -> bool:

@@ -24,12 +24,7 @@ import torch
 
 from ..modules import _Orthonormal
 from ..orthogonal import orthonormal_rows
-
-
-def _sharded(t) -> bool:
-    from .io import _is_sharded
-
-    return _is_sharded(t)
+from .sharding import is_sharded
 
 
 def share_rotations(handle) -> list:
@@ -39,7 +34,7 @@ def share_rotations(handle) -> list:
     groups = {}
     for ivs in handle.interventions:
         for iv in ivs.values():
-            if isinstance(iv, _Orthonormal) and not _sharded(iv.rotation):
+            if isinstance(iv, _Orthonormal) and not is_sharded(iv.rotation):
                 rot = iv.rotation
                 groups.setdefault((tuple(rot.shape), rot.dtype, rot.device), []).append(iv)
     grad_mode = torch.is_grad_enabled()
