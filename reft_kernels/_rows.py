@@ -47,8 +47,8 @@ def _index_facts(index: torch.Tensor, lead: tuple):
     position of the first real entry (1,); 0 when there is none)."""
     cache = not (torch.compiler.is_compiling() or torch.is_inference(index)
                  or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
-    key = (id(index), tuple(lead))
-    if cache:
+    if cache:  # (id() only outside torch.compile: the Dynamo of torch 2.11 cannot trace it)
+        key = (id(index), tuple(lead))
         hit = _FACTS.get(key)
         if hit is not None and hit[0]() is index and hit[1] == index._version:
             return hit[2]
