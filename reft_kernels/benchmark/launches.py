@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -165,38 +166,26 @@ def per_layer(config, *, n_layers: int = 2, bsz: int = 2, seq: int = 32, backend
     one training step of a tiny LLaMA: ``{"per_layer": {...}, "per_step": {...}}``, each with
     ``aten``, ``triton``, ``total`` and ``syncs``. ``per_layer``: (patched at L+1 layers - at L)
     - (frozen at L+1 - at L); ``per_step``: patched - frozen at L, less L per-layer costs.
-    ``backend`` sets ``REFT_KERNELS_BACKEND`` for the count."""
-    import os
-
+    ``backend`` replaces the config's own (None: the config's)."""
     from ..hf import get_reft_model
 
-    env = {} if backend is None else {"REFT_KERNELS_BACKEND": backend}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        inputs = _inputs(bsz, seq)
-        counts = {}
-        for L in (n_layers, n_layers + 1):
-            counts[("frozen", L)] = step_launches(_frozen(tiny_llama(L)), inputs)
-            model = tiny_llama(L)
-            get_reft_model(model, config, verbose=False)
-            counts[("patched", L)] = step_launches(model, inputs)
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if backend is not None:
+        config = dataclasses.replace(config, backend=backend)
+    inputs = _inputs(bsz, seq)
+    counts = {}
+    for L in (n_layers, n_layers + 1):
+        counts[("frozen", L)] = step_launches(_frozen(tiny_llama(L)), inputs)
+        model = tiny_llama(L)
+        get_reft_model(model, config, verbose=False)
+        counts[("patched", L)] = step_launches(model, inputs)
 
-    def diff(key):
-        layer = {k: (getattr(counts[("patched", n_layers + 1)], k) - getattr(counts[("patched", n_layers)], k))
-                 - (getattr(counts[("frozen", n_layers + 1)], k) - getattr(counts[("frozen", n_layers)], k))
-                 for k in ("aten", "triton", "syncs")}
-        step = {k: getattr(counts[("patched", n_layers)], k) - getattr(counts[("frozen", n_layers)], k)
-                - n_layers * layer[k] for k in ("aten", "triton", "syncs")}
-        return layer, step
+    def count(kind, L, k):
+        return getattr(counts[(kind, L)], k)
 
-    layer, step = diff(None)
+    kinds = ("aten", "triton", "syncs")
+    layer = {k: (count("patched", n_layers + 1, k) - count("patched", n_layers, k))
+             - (count("frozen", n_layers + 1, k) - count("frozen", n_layers, k)) for k in kinds}
+    step = {k: count("patched", n_layers, k) - count("frozen", n_layers, k) - n_layers * layer[k] for k in kinds}
     for d_ in (layer, step):
         d_["total"] = d_["aten"] + d_["triton"]
     p1, p0 = counts[("patched", n_layers + 1)].by_name, counts[("patched", n_layers)].by_name

@@ -27,10 +27,10 @@ from ..orthogonal import orthonormal_rows
 from .sharding import is_sharded
 
 
-def share_rotations(handle) -> list:
-    """Build and hand out this forward's shared R's; returns the interventions that got one."""
+def share_rotations(handle) -> None:
+    """Build and hand out this forward's shared R's."""
     if torch.compiler.is_compiling():
-        return []
+        return
     groups = {}
     for ivs in handle.interventions:
         for iv in ivs.values():
@@ -44,7 +44,6 @@ def share_rotations(handle) -> list:
         h = owner()
         return h is not None and h._in_forward and torch.is_grad_enabled() == grad_mode
 
-    shared = []
     for ivs in groups.values():
         if len(ivs) < 2:
             continue
@@ -52,5 +51,3 @@ def share_rotations(handle) -> list:
         # would write a zero (L, r, d) tensor per layer
         for iv, R in zip(ivs, orthonormal_rows(torch.stack([iv.rotation for iv in ivs])).unbind(0)):
             iv.share_R(R, usable)
-            shared.append(iv)
-    return shared

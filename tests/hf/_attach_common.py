@@ -121,6 +121,32 @@ def grads_of(params):
     return out
 
 
+def compare_with_hooked_reference(model, ref, kw, ivs, add_hooks, ref_kw=None):
+    """The patched ``model``'s logits and the gradients of every parameter of ``ivs`` against
+    ``ref`` (an unpatched copy) run with the reference hooks that ``add_hooks()`` registers (and
+    returns), float64 tolerances; the hooks must change ``ref``'s logits and every gradient must
+    be nonzero. ``ref_kw``: ``ref``'s inputs when they differ from ``kw``."""
+    ref_kw = kw if ref_kw is None else ref_kw
+    params = list(ivs.named_parameters())
+    got = model(**kw).logits
+    weighted_sum(got).backward()
+    got_grads = grads_of(params)
+    base = ref(**ref_kw).logits
+    handles = add_hooks()
+    try:
+        want = ref(**ref_kw).logits
+    finally:
+        for h in handles:
+            h.remove()
+    weighted_sum(want).backward()
+    want_grads = grads_of(params)
+    assert not torch.allclose(base, want, rtol=1e-3, atol=0), "the edit should change the logits"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name in got_grads:
+        assert want_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",

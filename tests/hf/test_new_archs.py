@@ -12,7 +12,8 @@ import torch
 
 from reft_kernels.hf import REDConfig, ReftConfig, get_reft_model, intervention_locations
 
-from ._attach_common import add_reft_reference_hooks, freeze_, gather_edit_scatter, grads_of, randomize_, weighted_sum
+from ._attach_common import (add_reft_reference_hooks, compare_with_hooked_reference, freeze_, gather_edit_scatter,
+                             randomize_)
 from ._models import layers_of, padded_batch
 from ._models_more import NEW_ARCHS, RED_NAMES, tiny_new_model
 
@@ -36,27 +37,6 @@ def _red_reference_hooks(ref, arch, ivs, layers):
     return handles
 
 
-def _compare(model, ref, kw, ivs, add_hooks):
-    got = model(**kw).logits
-    weighted_sum(got).backward()
-    params = list(ivs.named_parameters())
-    got_grads = grads_of(params)
-    base = ref(**kw).logits
-    handles = add_hooks()
-    try:
-        want = ref(**kw).logits
-    finally:
-        for h in handles:
-            h.remove()
-    weighted_sum(want).backward()
-    want_grads = grads_of(params)
-    assert not torch.allclose(base, want, rtol=1e-3, atol=0), "the edit should change the logits"
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    for name in got_grads:
-        assert want_grads[name].abs().max() > 0, name
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
-
-
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_red_matches_reference(arch):
     model = tiny_new_model(arch)
@@ -67,7 +47,7 @@ def test_red_matches_reference(arch):
     randomize_(ivs)
     ids, mask = padded_batch(LENGTHS, SEQ, "right")
     kw = {"input_ids": ids, "attention_mask": mask}
-    _compare(model, ref, kw, ivs, lambda: _red_reference_hooks(ref, arch, ivs, LAYERS))
+    compare_with_hooked_reference(model, ref, kw, ivs, lambda: _red_reference_hooks(ref, arch, ivs, LAYERS))
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
@@ -83,7 +63,7 @@ def test_reft_matches_reference(arch, share):
     ids, mask = padded_batch(LENGTHS, SEQ, "right")
     loc = intervention_locations(mask, "f2+l2", share_weights=share)
     kw = {"input_ids": ids, "attention_mask": mask}
-    _compare(model, ref, kw, ivs, lambda: add_reft_reference_hooks(ref, ivs, LAYERS, loc, share))
+    compare_with_hooked_reference(model, ref, kw, ivs, lambda: add_reft_reference_hooks(ref, ivs, LAYERS, loc, share))
 
 
 def test_mixtral_red_cannot_be_merged_into_the_experts():

@@ -17,9 +17,8 @@ import torch
 from reft_kernels.hf import intervention_locations
 from reft_kernels.hf.pyreft_import import load_pyreft
 
-from ._attach_common import assert_same_state, state_snapshot
 from ._models import model_inputs, padded_batch, tiny_model
-from .test_pyreft_import import LAYERS, POSITIONS, RANK, pyreft_edit, pyvene_key, write_pyreft_dir
+from .test_pyreft_import import LAYERS, POSITIONS, RANK, _fails, pyreft_edit, pyvene_key, write_pyreft_dir
 
 # pyvene's module for each (architecture, component), and whether the hook reads its input
 # (its llama / gpt2 type-to-module mappings), written out independently of reft_kernels' sites.py
@@ -116,14 +115,6 @@ def test_components_give_different_logits(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors leave the model as it was
-
-def _fails(model, directory, match, **kwargs):
-    before = state_snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        load_pyreft(model, directory, **kwargs)
-    assert_same_state(before, state_snapshot(model))
-    assert getattr(model, "reft", None) is None
-
 
 def _edit_config(directory, change):
     path = os.path.join(directory, "config.json")

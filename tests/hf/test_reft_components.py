@@ -16,7 +16,7 @@ import torch
 from reft_kernels.hf import (ReftConfig, get_reft_model, intervention_locations, load_interventions,
                              save_interventions)
 
-from ._attach_common import freeze_, gather_edit_scatter, grads_of, randomize_, reft_sides, weighted_sum
+from ._attach_common import compare_with_hooked_reference, freeze_, gather_edit_scatter, randomize_, reft_sides
 from ._models import layers_of, padded_batch, tiny_model
 from ._models_more import tiny_new_model
 
@@ -69,25 +69,9 @@ def test_component_matches_reference(arch, component, share):
     ivs = model.reft_interventions[0]
     randomize_(ivs)
     ids, mask = padded_batch(LENGTHS, SEQ, "right")
-    got = model(input_ids=ids, attention_mask=mask).logits
-    weighted_sum(got).backward()
-    params = list(ivs.named_parameters())
-    got_grads = grads_of(params)
-    base = ref(input_ids=ids, attention_mask=mask).logits
     loc = intervention_locations(mask, "f2+l2", share_weights=share)
-    handles = _reference_hooks(ref, ivs, component, loc, share)
-    try:
-        want = ref(input_ids=ids, attention_mask=mask).logits
-    finally:
-        for h in handles:
-            h.remove()
-    weighted_sum(want).backward()
-    want_grads = grads_of(params)
-    assert not torch.allclose(base, want, rtol=1e-3, atol=0)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    for name in got_grads:
-        assert want_grads[name].abs().max() > 0, name
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    compare_with_hooked_reference(model, ref, dict(input_ids=ids, attention_mask=mask), ivs,
+                                  lambda: _reference_hooks(ref, ivs, component, loc, share))
 
 
 def test_components_differ():

@@ -13,7 +13,7 @@ import torch
 
 from reft_kernels.hf import ReftConfig, get_reft_model, intervention_locations
 
-from ._attach_common import freeze_, gather_edit_scatter, grads_of, randomize_, weighted_sum
+from ._attach_common import compare_with_hooked_reference, freeze_, gather_edit_scatter, randomize_
 from ._models import padded_batch, tiny_model
 
 LAYERS = (0, 2)
@@ -57,26 +57,9 @@ def _reference_hooks(ref, ivs, enc_loc, dec_loc, share, dec_prompt=None):
 
 def _check(model, ref, kw, enc_loc, dec_loc, share):
     ivs = model.reft_interventions[0]
-    params = list(ivs.named_parameters())
-    got = model(**kw).logits
-    weighted_sum(got).backward()
-    got_grads = grads_of(params)
     ref_kw = {k: v for k, v in kw.items() if k != "intervention_locations"}
-    base = ref(**ref_kw).logits
-    handles = _reference_hooks(ref, ivs, enc_loc, dec_loc, share)
-    try:
-        want = ref(**ref_kw).logits
-    finally:
-        for h in handles:
-            h.remove()
-    weighted_sum(want).backward()
-    want_grads = grads_of(params)
-    assert not torch.allclose(base, want, rtol=1e-3, atol=0)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert {n for n, _ in params} == set(got_grads)
-    for name in got_grads:
-        assert want_grads[name].abs().max() > 0, name
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    compare_with_hooked_reference(model, ref, kw, ivs, lambda: _reference_hooks(ref, ivs, enc_loc, dec_loc, share),
+                                  ref_kw)
 
 
 def test_site_keys_name_the_stack():

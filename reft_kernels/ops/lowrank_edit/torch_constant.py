@@ -45,22 +45,24 @@ def fwd_rows(x, a, B, c, spec, save_u, valid=None):
     return y, z, (u_row.expand(n, r) if save_u else None)
 
 
-def bwd(g, z, u, B, spec, need, first):
-    """(dh or None, (dA (zero) or None, da, dB, None, dc)) from ``g`` (n, d) with its padding rows already zero
-    (or every row of ``h``), ``z``/``u`` from ``fwd_rows``, ``first`` (1,) a real row's position.
-    ``dh`` is ``g`` itself: the edit does not depend on ``h``."""
-    need_dh, need_da_w, need_da_b, need_db, _, need_dc_b = need
+def param_grads(g, z, u, B, spec, need, first=None):
+    """(dA (zero) or None, da, dB, None, dc) from ``g`` (n, d) with its padding rows already zero
+    (or every row of ``h``), ``z``/``u`` from ``fwd_rows``, ``first`` (1,) a real row's position
+    (None: row 0, every row real). ``dh`` is the caller's: ``g`` itself, since the edit does not
+    depend on ``h``."""
+    _, need_da_w, need_da_b, need_db, _, need_dc_b = need
     acc = acc_dtype(g.dtype)
     gs = g.sum(0, dtype=acc)
     gz = B @ gs
-    da = db = dc = None
+    row = (lambda t: t[0]) if first is None else (lambda t: t.index_select(0, first)[0])
     # asked for A's gradient without an A (the custom ops' callers pass every flag): zero, as the
     # generic path gives
     da_w = torch.zeros_like(B, dtype=acc) if need_da_w else None
+    da = db = dc = None
     if need_da_b:
-        da = gz if spec.act == IDENTITY else gz * act_grad_torch(u.index_select(0, first)[0], spec.act)
+        da = gz if spec.act == IDENTITY else gz * act_grad_torch(row(u), spec.act)
     if need_db:
-        db = torch.outer(z.index_select(0, first)[0], gs)
+        db = torch.outer(row(z), gs)
     if need_dc_b:
         dc = -gz
-    return (g if need_dh else None), (da_w, da, db, None, dc)
+    return da_w, da, db, None, dc

@@ -66,7 +66,10 @@ def _latent(x, A, a, B, C, c, spec):
 def _fwd_rows(x, A, a, B, C, c, spec, save_u, valid=None):
     """``y = x + z B`` for rows ``x`` (n, d) in their own dtype, one rounding; parameters already
     in the accumulation dtype. Returns (y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None, in
-    the accumulation dtype). ``valid`` (n,) bool: z is zero (and y = x) where it is False."""
+    the accumulation dtype). ``valid`` (n,) bool: z is zero (and y = x) where it is False. A
+    latent that does not depend on the row goes to ``torch_constant``."""
+    if torch_constant.applies(A, B, C, spec):
+        return torch_constant.fwd_rows(x, a, B, c, spec, save_u, valid)
     acc = acc_dtype(x.dtype)
     n, d = x.shape
     r = B.shape[0]
@@ -148,10 +151,8 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     """Forward; see ``contract.py``."""
     acc = acc_dtype(h.dtype)
     A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
-    rows_fn = _fwd_rows if not torch_constant.applies(A, B, C, spec) else (
-        lambda x, A, a, B, C, c, spec, save_u, valid=None: torch_constant.fwd_rows(x, a, B, c, spec, save_u, valid))
     if index is None:
-        y, z, u = rows_fn(as_rows(h), A, a, B, C, c, spec, save_u)
+        y, z, u = _fwd_rows(as_rows(h), A, a, B, C, c, spec, save_u)
         return y, z, u, None
     n, r, d = index.shape[0], B.shape[0], h.shape[-1]
     hv = as_2d_plus(h)
@@ -160,7 +161,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
     sel, valid = row_selector(h, index)
     x = hv[sel]  # one row per entry; padding entries read row 0
-    y, z, u = rows_fn(x, A, a, B, C, c, spec, save_u, valid)
+    y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, valid)
     put_rows_(hv, sel, index, y)
     u = torch.where(valid[:, None], u, 0) if save_u else None
     return h, z, u, x
@@ -175,10 +176,8 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
     # (no rows, or an empty index: the generic path's zeros)
     constant = torch_constant.applies(A, B, C, spec) and g.numel() > 0 and z.shape[0] > 0
     if index is None:
-        if constant:
-            dh, grads = torch_constant.bwd(as_rows(g), z, u, B, spec, need, torch.zeros(1, dtype=torch.long,
-                                                                                        device=g.device))
-            return (g if need[0] else None), grads
+        if constant:  # dh = g: the edit does not depend on h
+            return (g if need[0] else None), torch_constant.param_grads(as_rows(g), z, u, B, spec, need)
         out = _bwd_rows(as_rows(g), as_rows(x), z, u, A, B, C, spec, need)
         return (out[0].reshape(g.shape) if need[0] else None), out[1:]
     if g.numel() == 0:  # h had no rows: every entry is padding, every gradient is zero
@@ -190,8 +189,8 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
     # padding entries gathered row 0: zero them (and their saved rows) so that they add nothing
     gr = torch.where(keep, as_2d_plus(g)[sel], 0)
     if constant:  # dh = g: the edit does not depend on h
-        _, grads = torch_constant.bwd(gr, z, u, B, spec, need, first_real_entry(g, index))
-        return (g if need[0] else None), grads
+        return (g if need[0] else None), torch_constant.param_grads(gr, z, u, B, spec, need,
+                                                                    first_real_entry(g, index))
     x = torch.where(keep, x, 0)
     out = _bwd_rows(gr, x, z, u, A, B, C, spec, need)
     dh = None
