@@ -56,7 +56,7 @@ NEEDED = ("date", "commit", "device", "op", "method", "provider", "mode", "dtype
 # writes (reft_kernels.benchmark.cases.ALL_PROVIDERS: the baselines, our backends and the opt-in
 # kernel variants), one tab10 colour each. A provider not listed gets a colour from its name.
 PROVIDERS = ("eager", "compile", "torch", "triton", "cuda",
-             "cuda-cluster", "cuda-vector", "triton-resident", "triton-tile2d")
+             "cuda-cluster", "cuda-vector", "triton-resident", "triton-split-d", "triton-tile2d")
 MODES = ("fwd", "bwd", "fwd_bwd")
 # Ops drawn in figures of their own rather than in time_<op>_*.png.
 OWN_FIGURE = ("lowrank_edit_index", "orthonormal_rows")

@@ -153,9 +153,11 @@ at::Tensor red_fwd(const at::Tensor& h, const OptTensor& scale, const OptTensor&
   return y;
 }
 
-// Returns (dh, ds, dt); a gradient that is not needed is an empty tensor. ds, dt are float32.
+// Returns (dh, ds, dt); a gradient that is not needed is an empty tensor. ds, dt are float32,
+// finished from per-row-block partials by the fixed-order sum; `finish_split`: its split kernel
+// (PartialSumParams::split; Python passes kernels(cuda_finish=...)).
 std::vector<at::Tensor> red_bwd(const at::Tensor& g, const OptTensor& h, const OptTensor& scale, bool need_dh,
-                                bool need_ds, bool need_dt) {
+                                bool need_ds, bool need_dt, bool finish_split) {
   TORCH_CHECK_VALUE(on_kernel_device(g) && g.dim() == 2 && unit_cols(g), "red_bwd: g must be a CUDA (n, d) matrix ",
                     "with unit column stride");
   const c10::cuda::CUDAGuard guard(g.device());
@@ -198,15 +200,28 @@ std::vector<at::Tensor> red_bwd(const at::Tensor& g, const OptTensor& h, const O
     p.vec_ok = aligned(p.g, 16) && g.stride(0) % V == 0 && d % V == 0 && (!p.dh || aligned(p.dh, 16)) &&
                (!p.h || (aligned(p.h, 16) && h->stride(0) % V == 0)) &&
                (!p.scale || aligned(p.scale, V * sizeof(W)));
+    p.finish_split = finish_split;
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_red_bwd<T, W>(p, stream);
-    if (need_ds) launch_partial_sum(p.ds_part, blocks, d, 1.f, ds.data_ptr<float>(), stream);
-    if (need_dt) launch_partial_sum(p.dt_part, blocks, d, 1.f, dt.data_ptr<float>(), stream);
+    if (need_ds) launch_partial_sum({p.ds_part, ds.data_ptr<float>(), blocks, d, 1.f, p.finish_split}, stream);
+    if (need_dt) launch_partial_sum({p.dt_part, dt.data_ptr<float>(), blocks, d, 1.f, p.finish_split}, stream);
   });
   return {dh, ds, dt};
 }
 
 // ------------------------------------------------------------------------------ low-rank edit
+//
+// The low-rank entry points take their arguments as a few records that mirror the parameter
+// structs of reft_params.h (every integer int64):
+//   weights  Tensor?[]: forward [A, a, B, P, c], backward [A, B, P]; None where a term is absent,
+//            B always given; P is C, or B itself when tied.
+//   rows     int[6]: [n, d, in_row_stride, in_col_stride, out_row_stride, out_col_stride]: the
+//            launch's rows and width, and the element strides of the rows read (h; g) and of the
+//            rows written (y; dh). Launch row i is row idx[i] of those tensors when idx is given.
+//   flags    int[]: forward [act, save_h, save_u]; backward [act, tied, need_dA, need_da, need_dB,
+//            need_dC, need_dc, params_vector, finish_split], the last two the kernel choices of
+//            reft_kernels.kernels(cuda_params=..., cuda_finish=...).
+// reft_kernels/ops/lowrank_edit/cuda_impl.py builds them; a record of the wrong length raises.
 
 struct Weights {
   OptTensor A, a, P, c;
@@ -214,18 +229,21 @@ struct Weights {
   at::ScalarType dtype;
 };
 
-Weights check_weights(const at::Tensor& ref, int64_t d, const OptTensor& A, const OptTensor& a, const at::Tensor& B,
-                      const OptTensor& P, const OptTensor& c) {
-  TORCH_CHECK_VALUE(B.dim() == 2 && B.size(1) == d && B.size(0) >= 1 && B.size(0) <= kMaxRank,
-                    "lowrank_edit: B must have shape (r, ", d, ") with 1 <= r <= ", kMaxRank, ", got ", B.sizes());
-  const int64_t r = B.size(0);
+// The weights on ref's device, of one dtype, B (r, d) with 1 <= r <= kMaxRank, A and P (r, d), a
+// and c (r,).
+Weights check_weights(const at::Tensor& ref, int64_t d, const OptTensor& A, const OptTensor& a, const OptTensor& B,
+                      const OptTensor& P, const OptTensor& c, const char* op) {
+  TORCH_CHECK_VALUE(B.has_value(), op, ": the weights must include B");
+  TORCH_CHECK_VALUE(B->dim() == 2 && B->size(1) == d && B->size(0) >= 1 && B->size(0) <= kMaxRank, op,
+                    ": B must have shape (r, ", d, ") with 1 <= r <= ", kMaxRank, ", got ", B->sizes());
+  const int64_t r = B->size(0);
   std::optional<at::ScalarType> pdt;
   check_param(B, ref, {r, d}, "B", pdt);
   check_param(A, ref, {r, d}, "A", pdt);
   check_param(P, ref, {r, d}, "C", pdt);
   check_param(a, ref, {r}, "a", pdt);
   check_param(c, ref, {r}, "c", pdt);
-  return {A, a, P, c, B, *pdt};
+  return {A, a, P, c, *B, *pdt};
 }
 
 void check_index(const OptTensor& idx, const at::Tensor& ref, int64_t n) {
@@ -235,29 +253,60 @@ void check_index(const OptTensor& idx, const at::Tensor& ref, int64_t n) {
                     "index must be a contiguous int64 vector of length ", n);
 }
 
-// Forward. Launch row i reads row idx[i] (or i) of h at element offset row * h_row_stride and
+void check_act(int64_t act, const char* op) {
+  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, op, ": unknown activation code ", act);
+}
+
+// The `rows` record.
+struct Rows {
+  int64_t n, d, in_row, in_col, out_row, out_col;
+};
+
+Rows rows_arg(const std::vector<int64_t>& v, const char* op) {
+  TORCH_CHECK_VALUE(v.size() == 6, op, ": rows must be [n, d, in_row_stride, in_col_stride, out_row_stride, ",
+                    "out_col_stride], got ", v.size(), " values");
+  TORCH_CHECK_VALUE(v[0] >= 0 && v[1] >= 0, op, ": rows: n and d must be >= 0, got n = ", v[0], ", d = ", v[1]);
+  return {v[0], v[1], v[2], v[3], v[4], v[5]};
+}
+
+// The forward's `flags` record.
+struct FwdFlags {
+  int act;
+  bool save_h, save_u;
+};
+
+FwdFlags fwd_flags(const std::vector<int64_t>& v) {
+  TORCH_CHECK_VALUE(v.size() == 3, "lowrank_edit_fwd: flags must be [act, save_h, save_u], got ", v.size(),
+                    " values");
+  check_act(v[0], "lowrank_edit_fwd");
+  return {static_cast<int>(v[0]), v[1] != 0, v[2] != 0};
+}
+
+// Forward. Launch row i reads row idx[i] (or i) of h at element offset row * in_row_stride and
 // writes y likewise; y may be h itself (in place, with idx). Returns (z, u, hsave): z (n, r)
 // fp32; u (n, r) fp32 when save_u, else empty; hsave (n, d) in h's dtype when save_h, else empty.
-std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& y, const OptTensor& idx, int64_t n,
-                                         int64_t d, int64_t h_row_stride, int64_t h_col_stride, int64_t y_row_stride,
-                                         int64_t y_col_stride, const OptTensor& A, const OptTensor& a,
-                                         const at::Tensor& B, const OptTensor& P, const OptTensor& c, int64_t act,
-                                         bool save_h, bool save_u) {
+std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& y, const OptTensor& idx,
+                                         const std::vector<OptTensor>& weights, const std::vector<int64_t>& rows,
+                                         const std::vector<int64_t>& flags) {
   TORCH_CHECK_VALUE(on_kernel_device(h), "lowrank_edit_fwd: h must be a CUDA tensor");
   check_cuda(y, h, "y");
   TORCH_CHECK_TYPE(y.scalar_type() == h.scalar_type(), "lowrank_edit_fwd: y must have h's dtype");
-  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "lowrank_edit_fwd: unknown activation code ", act);
+  const Rows rw = rows_arg(rows, "lowrank_edit_fwd");
+  const FwdFlags f = fwd_flags(flags);
+  TORCH_CHECK_VALUE(weights.size() == 5, "lowrank_edit_fwd: weights must be [A, a, B, P, c], got ", weights.size(),
+                    " entries");
   const c10::cuda::CUDAGuard guard(h.device());
-  const Weights w = check_weights(h, d, A, a, B, P, c);
-  const int64_t r = B.size(0);
+  const int64_t n = rw.n, d = rw.d;
+  const Weights w = check_weights(h, d, weights[0], weights[1], weights[2], weights[3], weights[4], "lowrank_edit_fwd");
+  const int64_t r = w.B.size(0);
   check_index(idx, h, n);
   if (!idx.has_value()) {
-    check_rows(h, n, d, h_row_stride, h_col_stride, "h");
-    check_rows(y, n, d, y_row_stride, y_col_stride, "y");
+    check_rows(h, n, d, rw.in_row, rw.in_col, "h");
+    check_rows(y, n, d, rw.out_row, rw.out_col, "y");
   }  // with an index, its entries (validated in Python, < the row count of h) pick the rows
   at::Tensor z = f32_empty({n, r}, h);
-  at::Tensor u = save_u ? f32_empty({n, r}, h) : f32_empty({0}, h);
-  at::Tensor hsave = save_h ? at::empty({n, d}, h.options()) : at::empty({0}, h.options());
+  at::Tensor u = f.save_u ? f32_empty({n, r}, h) : f32_empty({0}, h);
+  at::Tensor hsave = f.save_h ? at::empty({n, d}, h.options()) : at::empty({0}, h.options());
   if (n == 0) return {z, u, hsave};
   dispatch_dtypes(h.scalar_type(), w.dtype, "lowrank_edit_fwd", [&](auto tt, auto tw) {
     using T = typename decltype(tt)::type;
@@ -266,156 +315,213 @@ std::vector<at::Tensor> lowrank_edit_fwd(const at::Tensor& h, const at::Tensor& 
     LowrankFwdParams p{};
     p.h = h.data_ptr();
     p.y = y.data_ptr();
-    p.hsave = save_h ? hsave.data_ptr() : nullptr;
+    p.hsave = f.save_h ? hsave.data_ptr() : nullptr;
     p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
-    p.A = ptr_or_null(A);
-    p.a = ptr_or_null(a);
-    p.B = B.data_ptr();
-    p.P = ptr_or_null(P);
-    p.c = ptr_or_null(c);
+    p.A = ptr_or_null(w.A);
+    p.a = ptr_or_null(w.a);
+    p.B = w.B.data_ptr();
+    p.P = ptr_or_null(w.P);
+    p.c = ptr_or_null(w.c);
     p.z = z.data_ptr<float>();
-    p.u = save_u ? u.data_ptr<float>() : nullptr;
+    p.u = f.save_u ? u.data_ptr<float>() : nullptr;
     p.n_rows = n;
     p.d = d;
     p.r = r;
-    p.h_row_stride = h_row_stride;
-    p.h_col_stride = h_col_stride;
-    p.y_row_stride = y_row_stride;
-    p.y_col_stride = y_col_stride;
-    p.act = static_cast<int>(act);
-    p.vec_ok = aligned(p.h, 16) && aligned(p.y, 16) && h_col_stride == 1 && y_col_stride == 1 &&
-               h_row_stride % V == 0 && y_row_stride % V == 0 && (!save_h || d % V == 0);
+    p.h_row_stride = rw.in_row;
+    p.h_col_stride = rw.in_col;
+    p.y_row_stride = rw.out_row;
+    p.y_col_stride = rw.out_col;
+    p.act = f.act;
+    p.vec_ok = aligned(p.h, 16) && aligned(p.y, 16) && rw.in_col == 1 && rw.out_col == 1 && rw.in_row % V == 0 &&
+               rw.out_row % V == 0 && (!f.save_h || d % V == 0);
     p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
     launch_lowrank_edit_fwd<T, W>(p, c10::cuda::getCurrentCUDAStream());
   });
   return {z, u, hsave};
 }
 
-// The backward's input checks (both kernels' entry points); returns the weights' dtype.
-Weights check_bwd_inputs(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n, int64_t d,
-                         int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride, int64_t dh_col_stride,
-                         const at::Tensor& x, const OptTensor& A, const at::Tensor& B, const OptTensor& P,
-                         const at::Tensor& z, const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dC) {
-  TORCH_CHECK_VALUE(on_kernel_device(g), "lowrank_edit_bwd: g must be a CUDA tensor");
-  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "lowrank_edit_bwd: unknown activation code ", act);
-  const Weights w = check_weights(g, d, A, OptTensor(), B, P, OptTensor());
-  const int64_t r = B.size(0);
+// The backward's `flags` record.
+struct BwdFlags {
+  int act;
+  bool tied, need_dA, need_da, need_dB, need_dC, need_dc;
+  bool params_vector, finish_split;  // kernel choices: LowrankBwdParams
+};
+
+BwdFlags bwd_flags(const std::vector<int64_t>& v, const char* op) {
+  TORCH_CHECK_VALUE(v.size() == 9, op, ": flags must be [act, tied, need_dA, need_da, need_dB, need_dC, need_dc, ",
+                    "params_vector, finish_split], got ", v.size(), " values");
+  check_act(v[0], op);
+  return {static_cast<int>(v[0]), v[1] != 0, v[2] != 0, v[3] != 0, v[4] != 0, v[5] != 0, v[6] != 0, v[7] != 0,
+          v[8] != 0};
+}
+
+// The backward's arguments after their checks, shared by both entry points.
+struct BwdArgs {
+  at::Tensor g, x, z;
+  OptTensor dh, idx, u;
+  Weights w;
+  Rows rows;
+  BwdFlags f;
+  int64_t r;
+};
+
+BwdArgs bwd_args(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, const at::Tensor& x,
+                 const std::vector<OptTensor>& weights, const at::Tensor& z, const OptTensor& u,
+                 const std::vector<int64_t>& rows, const std::vector<int64_t>& flags, const char* op) {
+  TORCH_CHECK_VALUE(on_kernel_device(g), op, ": g must be a CUDA tensor");
+  const Rows rw = rows_arg(rows, op);
+  const BwdFlags f = bwd_flags(flags, op);
+  const int64_t n = rw.n, d = rw.d;
+  TORCH_CHECK_VALUE(weights.size() == 3, op, ": weights must be [A, B, P], got ", weights.size(), " entries");
+  const OptTensor &A = weights[0], &B = weights[1], &P = weights[2];
+  const Weights w = check_weights(g, d, A, OptTensor(), B, P, OptTensor(), op);
+  const int64_t r = w.B.size(0);
   check_index(idx, g, n);
   check_cuda(x, g, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == n && x.size(1) == d && x.scalar_type() == g.scalar_type(),
-                    "lowrank_edit_bwd: x must be (", n, ", ", d, ") in g's dtype, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == n && x.size(1) == d && x.scalar_type() == g.scalar_type(), op,
+                    ": x must be (", n, ", ", d, ") in g's dtype, got ", x.sizes());
   TORCH_CHECK_VALUE(on_kernel_device(z) && z.scalar_type() == at::kFloat && z.sizes() == at::IntArrayRef({n, r}) &&
                         z.is_contiguous(),
-                    "lowrank_edit_bwd: z must be contiguous float32 (n, r)");
-  const bool has_u = act != 0;
+                    op, ": z must be contiguous float32 (n, r)");
+  const bool has_u = f.act != 0;
   TORCH_CHECK_VALUE(!has_u || (u.has_value() && u->scalar_type() == at::kFloat &&
                                u->sizes() == at::IntArrayRef({n, r}) && u->is_contiguous()),
-                    "lowrank_edit_bwd: a non-identity activation needs u, contiguous float32 (n, r)");
-  TORCH_CHECK_VALUE(!need_dA || A.has_value(), "lowrank_edit_bwd: need_dA without A");
-  TORCH_CHECK_VALUE(!need_dC || (P.has_value() && !tied), "lowrank_edit_bwd: need_dC without an untied C");
-  TORCH_CHECK_VALUE(!tied || (P.has_value() && P->data_ptr() == B.data_ptr()), "lowrank_edit_bwd: tied needs P = B");
+                    op, ": a non-identity activation needs u, contiguous float32 (n, r)");
+  TORCH_CHECK_VALUE(!f.need_dA || A.has_value(), op, ": need_dA without A");
+  TORCH_CHECK_VALUE(!f.need_dC || (P.has_value() && !f.tied), op, ": need_dC without an untied C");
+  TORCH_CHECK_VALUE(!f.tied || (P.has_value() && P->data_ptr() == w.B.data_ptr()), op, ": tied needs P = B");
   if (dh.has_value()) {
     check_cuda(*dh, g, "dh");
-    TORCH_CHECK_TYPE(dh->scalar_type() == g.scalar_type(), "lowrank_edit_bwd: dh must have g's dtype");
+    TORCH_CHECK_TYPE(dh->scalar_type() == g.scalar_type(), op, ": dh must have g's dtype");
   }
   if (!idx.has_value()) {
-    check_rows(g, n, d, g_row_stride, g_col_stride, "g");
-    if (dh.has_value()) check_rows(*dh, n, d, dh_row_stride, dh_col_stride, "dh");
+    check_rows(g, n, d, rw.in_row, rw.in_col, "g");
+    if (dh.has_value()) check_rows(*dh, n, d, rw.out_row, rw.out_col, "dh");
   }
-  return w;
+  return {g, x, z, dh, idx, has_u ? u : OptTensor(), w, rw, f, r};
 }
 
 // The backward's outputs, allocated alike by both entry points: gz, ga (n, r) fp32 (ga empty for
-// the identity activation) and the (r, d) fp32 weight gradients (empty when not needed; zeroed
-// when n == 0, where nothing is launched).
+// the identity activation; scratch for the kernels, not returned) and the fp32 parameter
+// gradients, (r, d) per matrix and (r,) per bias (empty when not needed; zeroed when n == 0,
+// where nothing is launched).
 struct BwdOutputs {
-  at::Tensor gz, ga, dA, dB, dC;
-  std::vector<at::Tensor> list() const { return {gz, ga, dA, dB, dC}; }
+  at::Tensor gz, ga, dA, da, dB, dC, dc;
+  std::vector<at::Tensor> list() const { return {dA, da, dB, dC, dc}; }
 };
 
-BwdOutputs bwd_outputs(const at::Tensor& g, int64_t n, int64_t d, int64_t r, bool has_u, bool need_dA, bool need_dB,
-                       bool need_dC) {
-  auto grad_out = [&](bool need) { return need ? f32_empty({r, d}, g) : f32_empty({0}, g); };
-  BwdOutputs o{f32_empty({n, r}, g), has_u ? f32_empty({n, r}, g) : f32_empty({0}, g), grad_out(need_dA),
-               grad_out(need_dB), grad_out(need_dC)};
+BwdOutputs bwd_outputs(const BwdArgs& a) {
+  const int64_t n = a.rows.n, d = a.rows.d, r = a.r;
+  auto grad = [&](bool need, at::IntArrayRef shape) { return need ? f32_empty(shape, a.g) : f32_empty({0}, a.g); };
+  BwdOutputs o;
+  o.gz = f32_empty({n, r}, a.g);
+  o.ga = grad(a.u.has_value(), {n, r});
+  o.dA = grad(a.f.need_dA, {r, d});
+  o.da = grad(a.f.need_da, {r});
+  o.dB = grad(a.f.need_dB, {r, d});
+  o.dC = grad(a.f.need_dC, {r, d});
+  o.dc = grad(a.f.need_dc, {r});
   if (n == 0)
-    for (auto* t : {&o.dA, &o.dB, &o.dC})
+    for (auto* t : {&o.dA, &o.da, &o.dB, &o.dC, &o.dc})
       if (t->numel() > 0) t->zero_();
   return o;
 }
 
-// The fields of LowrankBwdParams that both backward kernels read: every pointer, size and stride
-// but the partial buffers and the row split, and the 16-byte access flags for T and W.
+// The fields of LowrankBwdParams that every backward kernel reads: every pointer, size and
+// stride but the partial buffers and the row split, the 16-byte access flags for T and W, and
+// the kernel choices.
 template <typename T, typename W>
-void fill_bwd_params(LowrankBwdParams& p, const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
-                     int64_t d, int64_t r, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
-                     int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A, const at::Tensor& B,
-                     const OptTensor& P, const at::Tensor& z, const OptTensor& u, const BwdOutputs& out, int64_t act,
-                     bool tied) {
+void fill_bwd_params(LowrankBwdParams& p, const BwdArgs& a, const BwdOutputs& out) {
   constexpr int V = vec_of<T>();
-  const bool has_u = act != 0;
-  p.g = g.data_ptr();
-  p.x = x.data_ptr();
-  p.dh = dh.has_value() ? dh->data_ptr() : nullptr;
-  p.idx = idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
-  p.A = ptr_or_null(A);
-  p.B = B.data_ptr();
-  p.P = ptr_or_null(P);
-  p.z = z.data_ptr<float>();
-  p.u = has_u ? u->data_ptr<float>() : nullptr;
+  const Rows& rw = a.rows;
+  p.g = a.g.data_ptr();
+  p.x = a.x.data_ptr();
+  p.dh = a.dh.has_value() ? a.dh->data_ptr() : nullptr;
+  p.idx = a.idx.has_value() ? a.idx->data_ptr<int64_t>() : nullptr;
+  p.A = ptr_or_null(a.w.A);
+  p.B = a.w.B.data_ptr();
+  p.P = ptr_or_null(a.w.P);
+  p.z = a.z.data_ptr<float>();
+  p.u = a.u.has_value() ? a.u->data_ptr<float>() : nullptr;
   p.gz = out.gz.data_ptr<float>();
-  p.ga = has_u ? out.ga.data_ptr<float>() : nullptr;
-  p.n_rows = n;
-  p.d = d;
-  p.r = r;
-  p.g_row_stride = g_row_stride;
-  p.g_col_stride = g_col_stride;
-  p.x_row_stride = x.stride(0);
-  p.x_col_stride = x.stride(1);
-  p.dh_row_stride = dh_row_stride;
-  p.dh_col_stride = dh_col_stride;
-  p.act = static_cast<int>(act);
-  p.tied = tied;
-  p.vec_ok = aligned(p.g, 16) && g_col_stride == 1 && g_row_stride % V == 0 &&
-             (!p.dh || (aligned(p.dh, 16) && dh_col_stride == 1 && dh_row_stride % V == 0));
-  p.wvec_ok = weights_vec_ok(d, V, sizeof(W), p.A, p.B, p.P);
+  p.ga = a.u.has_value() ? out.ga.data_ptr<float>() : nullptr;
+  p.n_rows = rw.n;
+  p.d = rw.d;
+  p.r = a.r;
+  p.g_row_stride = rw.in_row;
+  p.g_col_stride = rw.in_col;
+  p.x_row_stride = a.x.stride(0);
+  p.x_col_stride = a.x.stride(1);
+  p.dh_row_stride = rw.out_row;
+  p.dh_col_stride = rw.out_col;
+  p.act = a.f.act;
+  p.tied = a.f.tied;
+  p.vec_ok = aligned(p.g, 16) && rw.in_col == 1 && rw.in_row % V == 0 &&
+             (!p.dh || (aligned(p.dh, 16) && rw.out_col == 1 && rw.out_row % V == 0));
+  p.wvec_ok = weights_vec_ok(rw.d, V, sizeof(W), p.A, p.B, p.P);
+  p.params_vector = a.f.params_vector;
+  p.finish_split = a.f.finish_split;
 }
 
-// Backward. g rows (and dh rows, when dh is given) follow idx like the forward's h rows; x holds
-// the n input rows densely. Returns (gz, ga, dA, dB, dC) as fp32: gz, ga (n, r) (ga empty for the
-// identity activation), the (r, d) weight gradients or empty tensors when not needed.
-std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx, int64_t n,
-                                         int64_t d, int64_t g_row_stride, int64_t g_col_stride, int64_t dh_row_stride,
-                                         int64_t dh_col_stride, const at::Tensor& x, const OptTensor& A,
-                                         const at::Tensor& B, const OptTensor& P, const at::Tensor& z,
-                                         const OptTensor& u, int64_t act, bool tied, bool need_dA, bool need_dB,
-                                         bool need_dC) {
-  const Weights w = check_bwd_inputs(g, dh, idx, n, d, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A,
-                                     B, P, z, u, act, tied, need_dA, need_dC);
+// The fp32 partial buffers of the needed gradients, their pointers set in p: (mat_blocks, r, d)
+// per matrix, (cdiv(n, p.rows_per_block), r) per bias. The caller keeps the returned tensors
+// until the kernels that use them are queued.
+std::vector<at::Tensor> bwd_partials(LowrankBwdParams& p, const BwdArgs& a, int64_t mat_blocks) {
+  const int64_t r = a.r, d = a.rows.d, bias_blocks = cdiv(a.rows.n, p.rows_per_block);
+  std::vector<at::Tensor> keep;
+  auto part = [&](bool need, at::IntArrayRef shape) -> float* {
+    if (!need) return nullptr;
+    keep.push_back(f32_empty(shape, a.g));
+    return keep.back().data_ptr<float>();
+  };
+  p.dA_part = part(a.f.need_dA, {mat_blocks, r, d});
+  p.dB_part = part(a.f.need_dB, {mat_blocks, r, d});
+  p.dC_part = part(a.f.need_dC, {mat_blocks, r, d});
+  p.da_part = part(a.f.need_da, {bias_blocks, r});
+  p.dc_part = part(a.f.need_dc, {bias_blocks, r});
+  return keep;
+}
+
+// Every parameter gradient from its partials by the fixed-order sum (partial_sum.cu): the
+// matrices over mat_blocks rows, the biases over the bias kernel's row blocks. dC's partials
+// hold +gz^T x and dc's -sum gz already (lowrank_edit_bwd_bias_kernel).
+void finish_bwd(const LowrankBwdParams& p, int64_t mat_blocks, const BwdOutputs& out, cudaStream_t stream) {
+  const int64_t bias_blocks = cdiv(p.n_rows, p.rows_per_block);
+  auto sum = [&](const float* part, int64_t blocks, int64_t width, float sign, const at::Tensor& to) {
+    if (part != nullptr) launch_partial_sum({part, to.data_ptr<float>(), blocks, width, sign, p.finish_split}, stream);
+  };
+  sum(p.dA_part, mat_blocks, p.r * p.d, 1.f, out.dA);
+  sum(p.dB_part, mat_blocks, p.r * p.d, 1.f, out.dB);
+  sum(p.dC_part, mat_blocks, p.r * p.d, -1.f, out.dC);
+  sum(p.da_part, bias_blocks, p.r, 1.f, out.da);
+  sum(p.dc_part, bias_blocks, p.r, 1.f, out.dc);
+}
+
+// Backward with the split kernels: dh and the latents, then the parameter and bias partials,
+// then their fixed-order sums. g rows (and dh rows, when dh is given) follow idx like the
+// forward's h rows; x holds the n input rows densely. Returns (dA, da, dB, dC, dc), fp32, each
+// empty when not needed.
+std::vector<at::Tensor> lowrank_edit_bwd(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx,
+                                         const at::Tensor& x, const std::vector<OptTensor>& weights,
+                                         const at::Tensor& z, const OptTensor& u, const std::vector<int64_t>& rows,
+                                         const std::vector<int64_t>& flags) {
+  const BwdArgs a = bwd_args(g, dh, idx, x, weights, z, u, rows, flags, "lowrank_edit_bwd");
   const c10::cuda::CUDAGuard guard(g.device());
-  const int64_t r = B.size(0);
-  const BwdOutputs out = bwd_outputs(g, n, d, r, act != 0, need_dA, need_dB, need_dC);
-  if (n == 0) return out.list();
-  dispatch_dtypes(g.scalar_type(), w.dtype, "lowrank_edit_bwd", [&](auto tt, auto tw) {
+  const BwdOutputs out = bwd_outputs(a);
+  if (a.rows.n == 0) return out.list();
+  dispatch_dtypes(g.scalar_type(), a.w.dtype, "lowrank_edit_bwd", [&](auto tt, auto tw) {
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
-    const int64_t rpb = lowrank_edit_bwd_params_rows_per_block<T>(n, d, r, tied, sm_count(g));
-    const int64_t blocks = cdiv(n, rpb);
-    auto part = [&](bool need) { return need ? f32_empty({blocks, r, d}, g) : at::Tensor(); };
-    at::Tensor dA_part = part(need_dA), dB_part = part(need_dB), dC_part = part(need_dC);
     LowrankBwdParams p{};
-    fill_bwd_params<T, W>(p, g, dh, idx, n, d, r, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A, B, P,
-                          z, u, out, act, tied);
-    p.dA_part = need_dA ? dA_part.data_ptr<float>() : nullptr;
-    p.dB_part = need_dB ? dB_part.data_ptr<float>() : nullptr;
-    p.dC_part = need_dC ? dC_part.data_ptr<float>() : nullptr;
-    p.rows_per_block = rpb;
+    fill_bwd_params<T, W>(p, a, out);
+    p.rows_per_block = lowrank_edit_bwd_params_rows_per_block<T>(p, sm_count(g));
+    const int64_t blocks = cdiv(p.n_rows, p.rows_per_block);
+    const std::vector<at::Tensor> partials = bwd_partials(p, a, blocks);
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_lowrank_edit_bwd_dh<T, W>(p, stream);
     launch_lowrank_edit_bwd_params<T>(p, stream);
-    if (need_dA) launch_partial_sum(p.dA_part, blocks, r * d, 1.f, out.dA.data_ptr<float>(), stream);
-    if (need_dB) launch_partial_sum(p.dB_part, blocks, r * d, 1.f, out.dB.data_ptr<float>(), stream);
-    if (need_dC) launch_partial_sum(p.dC_part, blocks, r * d, -1.f, out.dC.data_ptr<float>(), stream);
+    launch_lowrank_edit_bwd_bias(p, stream);
+    finish_bwd(p, blocks, out, stream);
   });
   return out.list();
 }
@@ -432,52 +538,48 @@ std::vector<int64_t> lowrank_edit_bwd_cluster_plan(const at::Tensor& like, int64
   return {plan.cluster_size, plan.threads, plan.slice, plan.rank_chunk};
 }
 
-// Backward in one pass with thread-block clusters: the arguments and outputs of lowrank_edit_bwd,
-// plus `cluster_size` and `max_clusters` (0: chosen here; tests and tuning may set them). Raises
-// ValueError where lowrank_edit_bwd_cluster_plan says the kernel does not apply.
+// Backward in one pass with thread-block clusters: the arguments and outputs of lowrank_edit_bwd
+// (params_vector is not read), plus `cluster` = [cluster size, clusters] (0: chosen here; tests
+// and tuning may set them). The bias partials take one row block per cluster. Raises ValueError
+// where lowrank_edit_bwd_cluster_plan says the kernel does not apply.
 std::vector<at::Tensor> lowrank_edit_bwd_cluster(const at::Tensor& g, const OptTensor& dh, const OptTensor& idx,
-                                                 int64_t n, int64_t d, int64_t g_row_stride, int64_t g_col_stride,
-                                                 int64_t dh_row_stride, int64_t dh_col_stride, const at::Tensor& x,
-                                                 const OptTensor& A, const at::Tensor& B, const OptTensor& P,
-                                                 const at::Tensor& z, const OptTensor& u, int64_t act, bool tied,
-                                                 bool need_dA, bool need_dB, bool need_dC, int64_t cluster_size,
-                                                 int64_t max_clusters) {
-  const Weights w = check_bwd_inputs(g, dh, idx, n, d, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A,
-                                     B, P, z, u, act, tied, need_dA, need_dC);
+                                                 const at::Tensor& x, const std::vector<OptTensor>& weights,
+                                                 const at::Tensor& z, const OptTensor& u,
+                                                 const std::vector<int64_t>& rows, const std::vector<int64_t>& flags,
+                                                 const std::vector<int64_t>& cluster) {
+  const BwdArgs a = bwd_args(g, dh, idx, x, weights, z, u, rows, flags, "lowrank_edit_bwd_cluster");
+  TORCH_CHECK_VALUE(cluster.size() == 2 && cluster[0] >= 0 && cluster[1] >= 0,
+                    "lowrank_edit_bwd_cluster: cluster must be [cluster_size, max_clusters], each >= 0 (0: chosen "
+                    "here)");
   const c10::cuda::CUDAGuard guard(g.device());
-  const int64_t r = B.size(0);
-  const LowrankBwdClusterPlan plan = lowrank_bwd_cluster_plan(d, r, cluster_size);
+  const int64_t n = a.rows.n, d = a.rows.d, r = a.r;
+  const LowrankBwdClusterPlan plan = lowrank_bwd_cluster_plan(d, r, cluster[0]);
   TORCH_CHECK_VALUE(plan.cluster_size > 0, "lowrank_edit_bwd_cluster: takes r <= ", kClusterMaxRank, " and d <= ",
                     kClusterMaxWidth, " (at most ", kClusterMaxSlice, " columns per CTA), got r = ", r, ", d = ", d,
-                    ", cluster_size = ", cluster_size);
+                    ", cluster_size = ", cluster[0]);
   TORCH_CHECK_VALUE(lowrank_bwd_cluster_device_ok(g.device().index()),
                     "lowrank_edit_bwd_cluster: needs a device of compute capability 9.0 or newer and a build with "
                     "sm_90 code");
-  const BwdOutputs out = bwd_outputs(g, n, d, r, act != 0, need_dA, need_dB, need_dC);
+  const BwdOutputs out = bwd_outputs(a);
   if (n == 0) return out.list();
-  dispatch_dtypes(g.scalar_type(), w.dtype, "lowrank_edit_bwd_cluster", [&](auto tt, auto tw) {
+  dispatch_dtypes(g.scalar_type(), a.w.dtype, "lowrank_edit_bwd_cluster", [&](auto tt, auto tw) {
     using T = typename decltype(tt)::type;
     using W = typename decltype(tw)::type;
     constexpr int V = vec_of<T>();
     LowrankBwdClusterParams cp{};
     LowrankBwdParams& p = cp.b;
-    fill_bwd_params<T, W>(p, g, dh, idx, n, d, r, g_row_stride, g_col_stride, dh_row_stride, dh_col_stride, x, A, B, P,
-                          z, u, out, act, tied);
+    fill_bwd_params<T, W>(p, a, out);
     cp.slice = plan.slice;
     cp.n_row_blocks = cdiv(n, kClusterRows);
-    cp.x_vec_ok = aligned(p.x, 16) && x.stride(1) == 1 && x.stride(0) % V == 0;
-    const int64_t clusters = lowrank_bwd_cluster_count<T, W>(
-        plan, cp.n_row_blocks, cluster_stages_x(need_dA, need_dB, need_dC, tied), max_clusters);
-    auto part = [&](bool need) { return need ? f32_empty({clusters, r, d}, g) : at::Tensor(); };
-    at::Tensor dA_part = part(need_dA), dB_part = part(need_dB), dC_part = part(need_dC);
-    p.dA_part = need_dA ? dA_part.data_ptr<float>() : nullptr;
-    p.dB_part = need_dB ? dB_part.data_ptr<float>() : nullptr;
-    p.dC_part = need_dC ? dC_part.data_ptr<float>() : nullptr;
+    cp.x_vec_ok = aligned(p.x, 16) && a.x.stride(1) == 1 && a.x.stride(0) % V == 0;
+    const bool stage_x = cluster_stages_x(a.f.need_dA, a.f.need_dB, a.f.need_dC, a.f.tied);
+    const int64_t clusters = lowrank_bwd_cluster_count<T, W>(plan, cp.n_row_blocks, stage_x, cluster[1]);
+    p.rows_per_block = cdiv(n, clusters);  // the bias kernel's row split
+    const std::vector<at::Tensor> partials = bwd_partials(p, a, clusters);
     auto stream = c10::cuda::getCurrentCUDAStream();
     launch_lowrank_edit_bwd_cluster<T, W>(cp, plan, clusters, stream);
-    if (need_dA) launch_partial_sum(p.dA_part, clusters, r * d, 1.f, out.dA.data_ptr<float>(), stream);
-    if (need_dB) launch_partial_sum(p.dB_part, clusters, r * d, 1.f, out.dB.data_ptr<float>(), stream);
-    if (need_dC) launch_partial_sum(p.dC_part, clusters, r * d, -1.f, out.dC.data_ptr<float>(), stream);
+    launch_lowrank_edit_bwd_bias(p, stream);
+    finish_bwd(p, clusters, out, stream);
   });
   return out.list();
 }
@@ -486,15 +588,30 @@ std::vector<at::Tensor> lowrank_edit_bwd_cluster(const at::Tensor& g, const OptT
 }  // namespace reft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "CUDA C++ kernels of reft_kernels (low-level; use the reft_kernels.* functions)";
-  m.def("red_fwd", &reft::red_fwd, "RED forward: y = h * scale + bias");
-  m.def("red_bwd", &reft::red_bwd, "RED backward: (dh, dscale fp32, dbias fp32)");
-  m.def("lowrank_edit_fwd", &reft::lowrank_edit_fwd, "low-rank edit forward: (z, u, hsave)");
-  m.def("lowrank_edit_bwd", &reft::lowrank_edit_bwd, "low-rank edit backward: (gz, ga, dA, dB, dC)");
+  m.def("red_fwd", &reft::red_fwd, "RED forward: y = h * scale + bias", py::arg("h"), py::arg("scale"),
+        py::arg("bias"));
+  m.def("red_bwd", &reft::red_bwd, "RED backward: (dh, dscale fp32, dbias fp32)", py::arg("g"), py::arg("h"),
+        py::arg("scale"), py::arg("need_dh"), py::arg("need_ds"), py::arg("need_dt"), py::arg("finish_split"));
+  m.def("lowrank_edit_fwd", &reft::lowrank_edit_fwd,
+        "low-rank edit forward: (z, u, hsave); weights [A, a, B, P, c], rows [n, d, h_row_stride, h_col_stride, "
+        "y_row_stride, y_col_stride], flags [act, save_h, save_u]",
+        py::arg("h"), py::arg("y"), py::arg("idx"), py::arg("weights"), py::arg("rows"), py::arg("flags"));
+  m.def("lowrank_edit_bwd", &reft::lowrank_edit_bwd,
+        "low-rank edit backward: (dA, da, dB, dC, dc); weights [A, B, P], rows [n, d, g_row_stride, g_col_stride, "
+        "dh_row_stride, dh_col_stride], flags [act, tied, need_dA, need_da, need_dB, need_dC, need_dc, "
+        "params_vector, finish_split]",
+        py::arg("g"), py::arg("dh"), py::arg("idx"), py::arg("x"), py::arg("weights"), py::arg("z"), py::arg("u"),
+        py::arg("rows"), py::arg("flags"));
   m.def("lowrank_edit_bwd_cluster", &reft::lowrank_edit_bwd_cluster,
-        "low-rank edit backward in one pass with thread-block clusters (sm_90): (gz, ga, dA, dB, dC)");
+        "low-rank edit backward in one pass with thread-block clusters (sm_90): lowrank_edit_bwd's arguments and "
+        "outputs, plus cluster [cluster_size, max_clusters] (0: chosen by the extension)",
+        py::arg("g"), py::arg("dh"), py::arg("idx"), py::arg("x"), py::arg("weights"), py::arg("z"), py::arg("u"),
+        py::arg("rows"), py::arg("flags"), py::arg("cluster"));
   m.def("lowrank_edit_bwd_cluster_plan", &reft::lowrank_edit_bwd_cluster_plan,
-        "(cluster size, threads, columns per CTA, rank chunk) of the cluster backward; cluster size 0: not taken");
+        "(cluster size, threads, columns per CTA, rank chunk) of the cluster backward; cluster size 0: not taken",
+        py::arg("like"), py::arg("d"), py::arg("r"), py::arg("cluster_size"));
   // checked against reft_kernels/_constants.py when the extension is loaded
   m.attr("MAX_RANK") = reft::kMaxRank;
   m.attr("NUM_ACTIVATIONS") = reft::kNumActivations;

@@ -3,6 +3,9 @@
 // (__nv_bfloat16, __nv_bfloat16), (__nv_bfloat16, float). Other parameter dtypes are passed as
 // fp32 copies by the Python side. Also the tile constants and host-side grid arithmetic that
 // the binding needs to size the fp32 partial buffers.
+//
+// Kernel choices (which parameter-gradient kernel, which finish) arrive in the parameter structs
+// of reft_params.h, set by the binding from its arguments; nothing here reads the environment.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,11 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <initializer_list>
-#include <stdexcept>
-#include <string>
 
 #include "reft_params.h"
 
@@ -82,37 +80,6 @@ inline int64_t rows_per_block_for_wave(int64_t n_rows, int64_t row_quantum, int6
   return cdiv(quanta, blocks) * row_quantum;
 }
 
-// Kernel selection by environment variable, read at every launch so that one process can run
-// (and a benchmark compare) both. An unknown value raises std::invalid_argument (a ValueError in
-// Python) naming the variable. `choices` lists the accepted values, the first is the default.
-inline int env_choice(const char* name, std::initializer_list<const char*> choices) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return 0;
-  int i = 0;
-  std::string accepted;
-  for (const char* c : choices) {
-    if (std::strcmp(v, c) == 0) return i;
-    accepted += (i ? ", " : "") + std::string(c);
-    ++i;
-  }
-  throw std::invalid_argument(std::string(name) + "=" + v + " is not one of: " + accepted);
-}
-
-// REFT_KERNELS_CUDA_PARAMS selects the low-rank parameter-gradient kernel: "scalar" (default, the
-// previous kernel: one column per thread, 2- or 4-byte loads) or "vector" (16-byte loads, V
-// columns per thread; lowrank_edit_bwd.cu). The previous kernel stays the default until a GPU run
-// has measured both.
-constexpr const char* kParamsKernelEnv = "REFT_KERNELS_CUDA_PARAMS";
-inline bool params_kernel_vector() { return env_choice(kParamsKernelEnv, {"scalar", "vector"}) == 1; }
-
-// REFT_KERNELS_CUDA_FINISH selects the finish of the row-block partial sums (partial_sum.cu):
-// "serial" (default, the previous kernel: one thread per column adds every row block) or "split"
-// (where it pays, several threads per column each add a fixed range of row blocks, then a fixed
-// tree in shared memory). Both are bitwise deterministic for a given (n_blocks, width); their
-// summation orders differ.
-constexpr const char* kFinishEnv = "REFT_KERNELS_CUDA_FINISH";
-inline bool finish_split_enabled() { return env_choice(kFinishEnv, {"serial", "split"}) == 1; }
-
 // Low-rank edit, row-group kernels (forward; backward dh): each warp owns kRowsPerWarp rows and
 // computes their latents kRankChunk ranks at a time (kRowsPerWarp * kRankChunk = 32, one value
 // per lane after the reduce-scatter); kWarps warps per block.
@@ -126,9 +93,9 @@ constexpr int kRankChunk = 8;
 // Also reft_kernels/_constants.py CUDA_MAX_RANK (the extension exports it; Python checks on load).
 constexpr int kMaxRank = 64;
 
-// Low-rank edit, parameter-gradient kernel (REFT_KERNELS_CUDA_PARAMS=scalar, the default): each
-// block owns kParamCols columns (one per thread), up to 16 ranks (grid z) and a range of rows,
-// staged kParamRows at a time.
+// Low-rank edit, parameter-gradient kernel (LowrankBwdParams::params_vector false, the default):
+// each block owns kParamCols columns (one per thread), up to 16 ranks (grid z) and a range of
+// rows, staged kParamRows at a time.
 constexpr int kParamCols = 128;
 constexpr int kParamRows = 32;
 constexpr int kParamMaxRankChunk = 16;
@@ -136,7 +103,7 @@ constexpr int kParamMaxRankChunk = 16;
 // Ranks per block of the parameter-gradient kernel: the smallest of 4, 8, 16 covering min(r, 16).
 inline int param_rank_chunk(int64_t r) { return r <= 4 ? 4 : (r <= 8 ? 8 : kParamMaxRankChunk); }
 
-// Parameter-gradient kernel with 16-byte loads (REFT_KERNELS_CUDA_PARAMS=vector): kParamVecWarps
+// Parameter-gradient kernel with 16-byte loads (LowrankBwdParams::params_vector): kParamVecWarps
 // warps per block; lane l owns the V = vec_of<T>() columns from (column block * 32 + l) * V, so a
 // block covers 32 V columns (256 for fp16/bf16, 128 for fp32), and RK ranks (grid x: the rank
 // chunks of one tile are launched next to each other and share its g and x rows through L2).
@@ -156,17 +123,18 @@ template <typename T, typename W> void launch_red_bwd(const RedBwdParams& p, cud
 template <typename T, typename W> void launch_lowrank_edit_fwd(const LowrankFwdParams& p, cudaStream_t stream);
 template <typename T, typename W> void launch_lowrank_edit_bwd_dh(const LowrankBwdParams& p, cudaStream_t stream);
 template <typename T> void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stream);
+// The bias partials da_part, dc_part over p.rows_per_block row blocks (either may be nullptr).
+void launch_lowrank_edit_bwd_bias(const LowrankBwdParams& p, cudaStream_t stream);
 
 // Grid planning that reads the compiled kernels' occupancy (cudaOccupancyMaxActiveBlocksPerMultiprocessor):
-// rows per block of the RED backward and of the parameter-gradient kernel selected by
-// REFT_KERNELS_CUDA_PARAMS. The caller sizes the fp32 partial buffers as cdiv(n_rows, that) rows.
+// rows per block of the RED backward and of the parameter-gradient kernel that p.params_vector
+// selects (from p's n_rows, d, r, tied). The caller sizes the fp32 partial buffers as
+// cdiv(n_rows, that) rows.
 template <typename T, typename W> int64_t red_bwd_rows_per_block(int64_t n_rows, int64_t d, int sm_count);
-template <typename T>
-int64_t lowrank_edit_bwd_params_rows_per_block(int64_t n_rows, int64_t d, int64_t r, bool tied, int sm_count);
+template <typename T> int64_t lowrank_edit_bwd_params_rows_per_block(const LowrankBwdParams& p, int sm_count);
 
 // out[j] = sign * sum_{b < n_blocks} parts[b * width + j], in an order fixed by (n_blocks, width)
-// and REFT_KERNELS_CUDA_FINISH (b = 0, 1, ... by default; partial_sum.cu).
-void launch_partial_sum(const float* parts, int64_t n_blocks, int64_t width, float sign, float* out,
-                        cudaStream_t stream);
+// and p.split (b = 0, 1, ... without it; partial_sum.cu).
+void launch_partial_sum(const PartialSumParams& p, cudaStream_t stream);
 
 }  // namespace reft

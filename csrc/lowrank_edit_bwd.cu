@@ -4,19 +4,22 @@
 //   ga = gz * act'(u); both stored as (n, r) fp32; then dh = g + ga A - gz P streamed row by
 //   row. g and dh rows follow the index when there is one (dh is then a copy of g whose listed
 //   rows are overwritten; it never aliases g, whose rows the second kernel still reads).
-// lowrank_edit_bwd_params_kernel (REFT_KERNELS_CUDA_PARAMS=scalar, the default), grid (row
+// lowrank_edit_bwd_params_kernel (kernels(cuda_params="scalar"), the default), grid (row
 //   blocks, column blocks, rank chunks): each thread owns one column and up to 16 ranks, stages
 //   the latents of 32 rows at a time in shared memory and accumulates ga^T x (dA), z^T g -
 //   [tied] gz^T x (dB) and gz^T x (dC) in fp32 registers; each block writes its partials to its
 //   row of (row blocks, r, d) buffers. Scalar 2-byte loads of g and x, one row at a time:
 //   about 4 KB in flight per SM (estimated 20-30% of HBM bandwidth, issue 11).
-// lowrank_edit_bwd_params_vec_kernel (REFT_KERNELS_CUDA_PARAMS=vector), grid (rank chunks,
+// lowrank_edit_bwd_params_vec_kernel (kernels(cuda_params="vector")), grid (rank chunks,
 //   column blocks, row blocks): the same partials and the same fixed-order finish, from 16-byte
 //   loads: each lane owns V = 8 (fp16/bf16) or 4 (fp32) consecutive columns, the four warps of a
 //   block split the staged rows, and each warp issues the loads of 4 rows (4 x 2 x 16 bytes per
 //   lane) before their FMAs. Estimated 32-48 KB in flight per SM (2-3 resident blocks of 128
 //   threads, from the registers ptxas reports), above the ~18 KB that Little's law asks of an
 //   H100 SM (3.35 TB/s / 132 SMs x ~700 ns).
+// lowrank_edit_bwd_bias_kernel, grid (row blocks): the bias gradients' partials, sums of the
+//   (n, r) latents ga and gz over the same row blocks as the parameter kernel.
+// The choice of parameter kernel is LowrankBwdParams::params_vector, made in Python.
 #include <c10/cuda/CUDAException.h>
 
 #include <type_traits>
@@ -429,7 +432,7 @@ void launch_params_vec(const LowrankBwdParams& p, cudaStream_t stream) {
 template <typename T>
 void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stream) {
   if (p.n_rows == 0 || (p.dA_part == nullptr && p.dB_part == nullptr && p.dC_part == nullptr)) return;
-  if (params_kernel_vector()) {
+  if (p.params_vector) {
     launch_params_vec<T>(p, stream);
   } else {
     launch_params_scalar<T>(p, stream);
@@ -441,11 +444,12 @@ void launch_lowrank_edit_bwd_params(const LowrankBwdParams& p, cudaStream_t stre
 // blocks) tiles, rows in multiples of kParamVecQuantum. Either kernel is correct with any rows per
 // block (partial stages are masked); the plan only sets how the rows are shared out.
 template <typename T>
-int64_t lowrank_edit_bwd_params_rows_per_block(int64_t n_rows, int64_t d, int64_t r, bool tied, int sm_count) {
-  if (!params_kernel_vector())
+int64_t lowrank_edit_bwd_params_rows_per_block(const LowrankBwdParams& p, int sm_count) {
+  const int64_t n_rows = p.n_rows, d = p.d, r = p.r;
+  if (!p.params_vector)
     return rows_per_block(n_rows, kParamRows, cdiv(d, kParamCols) * cdiv(r, param_rank_chunk(r)), sm_count);
   int64_t rpb = kParamVecQuantum;
-  REFT_BOOL_SWITCH(tied, TIED, [&] {
+  REFT_BOOL_SWITCH(p.tied, TIED, [&] {
     params_vec_chunk_switch<T, TIED>(r, [&](auto rk) {
       constexpr int RK = decltype(rk)::value;
       const auto kernel = lowrank_edit_bwd_params_vec_kernel<T, RK, TIED>;
@@ -457,6 +461,69 @@ int64_t lowrank_edit_bwd_params_rows_per_block(int64_t n_rows, int64_t d, int64_
   return rpb;
 }
 
+// ------------------------------------------------------------------ bias partials
+
+// The bias gradients' partials, grid (row blocks): block b adds, over its rows [b rpb, (b + 1) rpb)
+// of the (n, r) fp32 latents, ga[:, k] (gz for the identity activation) into da_part[b, k] and
+// gz[:, k] into dc_part[b, k], stored negated (negation is exact, so the finish's sum of the
+// negated partials is exactly -sum gz). Padding rows hold 0 in gz and ga (the dh and cluster
+// kernels write them so). Threads (kx, ty): kx, the power of two >= r, side by side over a
+// latent row (a warp reads 32 / kx consecutive rows); thread row ty adds rows ty, ty + TY, ... of
+// the block's range in order, and the TY sums of a column are added in the order ty = 0, 1, ...
+// through shared memory: no atomics, a summation order fixed by (n, r, rpb).
+// A kernel of its own (as the Triton backend's _lowrank_bias_partials_kernel) rather than more
+// accumulators in the register-bound parameter kernels; it reads n r 4 bytes per bias (0.5 MB at
+// n = 16384, r = 8) and is finished by launch_partial_sum like the matrices.
+constexpr int kBiasThreads = 256;
+
+inline int bias_block_x(int64_t r) {
+  int kx = 1;
+  while (kx < r) kx *= 2;
+  return kx;  // r <= kMaxRank = 64: kx <= 64, at least 4 thread rows
+}
+
+__global__ void __launch_bounds__(kBiasThreads) lowrank_edit_bwd_bias_kernel(const LowrankBwdParams p) {
+  __shared__ float s_a[kBiasThreads];
+  __shared__ float s_c[kBiasThreads];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int kx = static_cast<int>(blockDim.x), ny = static_cast<int>(blockDim.y);
+  const int64_t r = p.r;
+  const float* __restrict__ lat = p.ga != nullptr ? p.ga : p.gz;
+  const float* __restrict__ gz = p.gz;
+  const bool need_a = p.da_part != nullptr, need_c = p.dc_part != nullptr;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
+  const int64_t row_end = min64(p.n_rows, row_begin + p.rows_per_block);
+  float acc_a = 0.f, acc_c = 0.f;
+  if (tx < r) {
+    for (int64_t m = row_begin + ty; m < row_end; m += ny) {
+      const int64_t o = m * r + tx;
+      if (need_a) acc_a += lat[o];
+      if (need_c) acc_c += gz[o];
+    }
+  }
+  const int slot = ty * kx + tx;
+  s_a[slot] = acc_a;
+  s_c[slot] = acc_c;
+  __syncthreads();
+  if (ty == 0 && tx < r) {
+    for (int j = 1; j < ny; ++j) {
+      acc_a += s_a[j * kx + tx];
+      acc_c += s_c[j * kx + tx];
+    }
+    const int64_t o = static_cast<int64_t>(blockIdx.x) * r + tx;
+    if (need_a) p.da_part[o] = acc_a;
+    if (need_c) p.dc_part[o] = -acc_c;
+  }
+}
+
+void launch_lowrank_edit_bwd_bias(const LowrankBwdParams& p, cudaStream_t stream) {
+  if (p.n_rows == 0 || (p.da_part == nullptr && p.dc_part == nullptr)) return;
+  const int kx = bias_block_x(p.r);
+  const int64_t blocks = cdiv(p.n_rows, p.rows_per_block);
+  REFT_LAUNCH(lowrank_edit_bwd_bias_kernel, static_cast<unsigned>(blocks), dim3(kx, kBiasThreads / kx), stream, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template void launch_lowrank_edit_bwd_dh<float, float>(const LowrankBwdParams&, cudaStream_t);
 template void launch_lowrank_edit_bwd_dh<__half, __half>(const LowrankBwdParams&, cudaStream_t);
 template void launch_lowrank_edit_bwd_dh<__half, float>(const LowrankBwdParams&, cudaStream_t);
@@ -465,8 +532,8 @@ template void launch_lowrank_edit_bwd_dh<__nv_bfloat16, float>(const LowrankBwdP
 template void launch_lowrank_edit_bwd_params<float>(const LowrankBwdParams&, cudaStream_t);
 template void launch_lowrank_edit_bwd_params<__half>(const LowrankBwdParams&, cudaStream_t);
 template void launch_lowrank_edit_bwd_params<__nv_bfloat16>(const LowrankBwdParams&, cudaStream_t);
-template int64_t lowrank_edit_bwd_params_rows_per_block<float>(int64_t, int64_t, int64_t, bool, int);
-template int64_t lowrank_edit_bwd_params_rows_per_block<__half>(int64_t, int64_t, int64_t, bool, int);
-template int64_t lowrank_edit_bwd_params_rows_per_block<__nv_bfloat16>(int64_t, int64_t, int64_t, bool, int);
+template int64_t lowrank_edit_bwd_params_rows_per_block<float>(const LowrankBwdParams&, int);
+template int64_t lowrank_edit_bwd_params_rows_per_block<__half>(const LowrankBwdParams&, int);
+template int64_t lowrank_edit_bwd_params_rows_per_block<__nv_bfloat16>(const LowrankBwdParams&, int);
 
 }  // namespace reft

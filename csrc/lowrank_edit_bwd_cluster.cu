@@ -9,7 +9,7 @@
 //      (as the split kernels do), into slot (block parity) of its `part` buffer;
 //   2. cluster barrier; every CTA sums the partials of CTAs 0 .. C-1 (then column parts 0, 1) in
 //      that order through distributed shared memory: all hold the same gz bits. ga = gz act'(u);
-//      CTA 0 writes gz, ga (n, r) like the split kernels (the Python side sums them for da, dc);
+//      CTA 0 writes gz, ga (n, r) like the split kernels (the bias kernel sums them for da, dc);
 //   3. each thread, for its 2 columns: dh = g + ga A - gz C for the block's 16 rows (ranks outer,
 //      so each weight is loaded once per block) written straight to HBM; then row by row the fp32
 //      register accumulators dA += ga x, dB += z g, gx += gz x, kept across all the cluster's row
@@ -19,7 +19,8 @@
 // for N = 16384, d = 4096, r = 8, bf16 on an H100 (not measured): 403 MB of rows, ~2 MB of
 // latents, 16 clusters of 8 CTAs -> (16, 8, 4096) fp32 partials, 2 MiB per matrix written and read
 // once more by the finish: about 6.2 bytes per element against about 8.2 for the split kernels;
-// launches: 1 + one partial sum per parameter matrix (LoReFT: 3) against 2 + one per matrix.
+// launches: 1 + one partial sum per parameter matrix against 2 + one per matrix (both then add the
+// bias kernel and one sum per bias gradient).
 // Limits, estimated: registers allow one 256-thread CTA per SM (154-254 registers, see
 // tools/cuda_compile_check.py), so the double-buffered copies (32 KiB per SM in flight at d = 4096
 // bf16) are what hides HBM latency; one cluster barrier per 16-row block (~1.9 us of HBM time per

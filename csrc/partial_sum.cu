@@ -2,13 +2,14 @@
 // the row blocks b of a (n_blocks, width) fp32 buffer. Two kernels, each bitwise deterministic
 // for a given (n_blocks, width) (no atomics, a fixed summation order):
 //
-// partial_sum_kernel (REFT_KERNELS_CUDA_FINISH=serial, the default; and wherever the split does
-//   not pay): one thread per column adds the row blocks in order b = 0, 1, ... (coalesced across
-//   threads). With few columns this leaves most of the GPU idle while each thread walks every
-//   row block: e.g. RED's ds at d = 4096 is 4096 threads (16 blocks on 132 SMs) adding 264 row
-//   blocks each, one dependent add per load (estimated tens of microseconds, beside ~130 us for
-//   the RED backward itself at 16384 x 4096 bf16).
-// partial_sum_split_kernel (REFT_KERNELS_CUDA_FINISH=split, where partial_sum_split says it pays):
+// partial_sum_kernel (PartialSumParams::split false, the default: kernels(cuda_finish="serial");
+//   and wherever the split does not pay): one thread per column adds the row blocks in order
+//   b = 0, 1, ... (coalesced across threads). With few columns this leaves most of the GPU idle
+//   while each thread walks every row block: e.g. RED's ds at d = 4096 is 4096 threads (16
+//   blocks on 132 SMs) adding 264 row blocks each, one dependent add per load (estimated tens of
+//   microseconds, beside ~130 us for the RED backward itself at 16384 x 4096 bf16).
+// partial_sum_split_kernel (PartialSumParams::split: kernels(cuda_finish="split"), where
+//   partial_sum_split says it pays):
 //   S threads per column (S a power of two, a function of n_blocks and width only), thread s
 //   adding the contiguous range of row blocks [s L, (s + 1) L), L = cdiv(n_blocks, S), in order;
 //   the S sums are then combined by a fixed tree in shared memory (s += s + S/2, then S/4, ...).
@@ -78,19 +79,18 @@ __global__ void __launch_bounds__(kFinishThreads)
   }
 }
 
-void launch_partial_sum(const float* parts, int64_t n_blocks, int64_t width, float sign, float* out,
-                        cudaStream_t stream) {
-  if (width == 0) return;
-  const int split = finish_split_enabled() ? partial_sum_split(n_blocks, width) : 1;
+void launch_partial_sum(const PartialSumParams& p, cudaStream_t stream) {
+  if (p.width == 0) return;
+  const int split = p.split ? partial_sum_split(p.n_blocks, p.width) : 1;
   if (split == 1) {
-    const int64_t blocks = std::min<int64_t>(cdiv(width, kFinishThreads), 65535);
-    REFT_LAUNCH(partial_sum_kernel, static_cast<unsigned>(blocks), kFinishThreads, stream, parts, n_blocks, width,
-                sign, out);
+    const int64_t blocks = std::min<int64_t>(cdiv(p.width, kFinishThreads), 65535);
+    REFT_LAUNCH(partial_sum_kernel, static_cast<unsigned>(blocks), kFinishThreads, stream, p.parts, p.n_blocks,
+                p.width, p.sign, p.out);
   } else {
     const int cx = kFinishThreads / split;
-    const int64_t blocks = std::min<int64_t>(cdiv(width, cx), 65535);
-    REFT_LAUNCH(partial_sum_split_kernel, static_cast<unsigned>(blocks), dim3(cx, split), stream, parts, n_blocks,
-                width, cdiv(n_blocks, split), sign, out);
+    const int64_t blocks = std::min<int64_t>(cdiv(p.width, cx), 65535);
+    REFT_LAUNCH(partial_sum_split_kernel, static_cast<unsigned>(blocks), dim3(cx, split), stream, p.parts,
+                p.n_blocks, p.width, cdiv(p.n_blocks, split), p.sign, p.out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

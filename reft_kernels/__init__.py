@@ -18,6 +18,7 @@ _EXPORTS = {
     "LowrankEditFunction": ".ops.lowrank_edit.function",
     "RedFunction": ".ops.red.function",
     "orthonormal_rows": ".orthogonal",
+    "kernels": ".ops.variants",
 }
 
 
@@ -47,5 +48,5 @@ __all__ = [
     "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
     "loreft_", "noreft_", "direft_", "nodireft_", "consreft_", "lobireft_",
     "RED", "LoReFT", "NoReFT", "DiReFT", "NodiReFT", "ConsReFT", "LoBiReFT",
-    "orthonormal_rows", "available_backends", "ACTIVATION_NAMES",
+    "orthonormal_rows", "available_backends", "ACTIVATION_NAMES", "kernels",
 ]

@@ -27,6 +27,12 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "REFT_KERNELS_BACKEND"
 
 
+def env_backend() -> str | None:
+    """The backend named by ``REFT_KERNELS_BACKEND`` (lower case), or None when unset or empty: the
+    one place that reads it."""
+    return os.environ.get(ENV_VAR, "").strip().lower() or None
+
+
 def cuda_extension_available() -> bool:
     """True when the compiled extension ``reft_kernels._C`` can be imported."""
     return _cuda.extension_available()
@@ -66,7 +72,7 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
     """
     source = "backend"
     if backend is None:
-        env = os.environ.get(ENV_VAR, "").strip().lower()
+        env = env_backend()
         if env:
             backend, source = env, f"the {ENV_VAR} environment variable"
         elif device.type == "cuda" and triton_usable_on(device) and triton_unsupported is None:

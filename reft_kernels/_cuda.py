@@ -1,6 +1,7 @@
 """Shared pieces of the CUDA C++ backend (``backend="cuda"``): access to the compiled extension
-``reft_kernels._C``, its argument conventions, and the one supported way to run its kernels on
-host tensors (the CPU emulation of the test suite).
+``reft_kernels._C``, its argument conventions, the kernel choice the backward finishes share
+(``finish_kernel``), and the one supported way to run its kernels on host tensors (the CPU
+emulation of the test suite).
 
 The extension is optional: a CPU-only or pure-Python install has no ``_C`` and everything else
 works; asking for ``backend="cuda"`` then raises a RuntimeError that says how to build it. The
@@ -15,6 +16,7 @@ import contextlib
 import torch
 
 from ._constants import CUDA_MAX_RANK, NUM_ACTIVATIONS
+from .ops import variants
 
 BUILD_HINT = (
     "build it next to a CUDA build of torch with `pip install --no-build-isolation -e .` "
@@ -23,7 +25,7 @@ BUILD_HINT = (
 
 _EXT = None
 _EXT_ERROR = None
-# Set by ``on_host``: (extension or None) whose kernels take host tensors.
+# Set by ``on_host``: (extension or None whose kernels take host tensors, forced cluster shape).
 _HOST = None
 
 
@@ -66,7 +68,7 @@ def extension_available() -> bool:
 
 
 @contextlib.contextmanager
-def on_host(ext=None):
+def on_host(ext=None, *, cluster_shape=(0, 0)):
     """Let ``backend="cuda"`` take CPU tensors while the context is open (for tests).
 
     ``ext``: an extension built from ``csrc/`` for the host (``tests/cuda/emulation``), whose
@@ -74,15 +76,40 @@ def on_host(ext=None):
     calls ``reft_kernels._C`` on a GPU. ``ext=None``: CPU tensors go through the backend's
     ``torch.library`` ops, which run their PyTorch implementation there (what the op
     registration, the op contracts and torch.compile are tested with).
+
+    ``cluster_shape``: (cluster size, clusters) of the one-pass cluster backward
+    (``reft_kernels.kernels(cuda_lowrank_bwd="cluster")``) while the context is open, 0 for the
+    extension's choice (from d, and from the device's co-resident clusters). The emulated tests
+    force them so that small inputs reach several CTAs per cluster and several clusters; a size
+    that does not fit d makes the cluster backward refuse the call (``cuda_impl.bwd_plan`` raises).
+    Contexts nest; the innermost one holds.
     """
     global _HOST
     if ext is not None:
         _check_constants(ext)
-    previous, _HOST = _HOST, (ext,)
+    size, clusters = (int(v) for v in cluster_shape)
+    if size < 0 or clusters < 0:
+        raise ValueError(f"on_host: cluster_shape must be two integers >= 0, got {cluster_shape!r}")
+    previous, _HOST = _HOST, (ext, (size, clusters))
     try:
         yield
     finally:
         _HOST = previous
+
+
+def cluster_shape() -> tuple[int, int]:
+    """(cluster size, clusters) forced on the cluster backward by ``on_host``; (0, 0) outside it:
+    the extension chooses."""
+    return _HOST[1] if _HOST is not None else (0, 0)
+
+
+def finish_kernel() -> str:
+    """The fixed-order sum that finishes every parameter gradient of the CUDA backwards (RED's
+    and the low-rank edit's) from their fp32 per-row-block partials: ``"serial"`` (the rule; one
+    thread per column) or ``"split"`` (several threads per column and a fixed tree), as requested
+    by ``reft_kernels.kernels(cuda_finish=...)`` when a kernel is called. Both are bitwise
+    deterministic for a given shape; their summation orders differ."""
+    return variants.active().cuda_finish or variants.AXES["cuda_finish"][1][0]
 
 
 def host_mode() -> bool:

@@ -9,6 +9,7 @@ import torch
 from . import interventions as iv
 from . import reference as ref
 from .functional import lowrank_edit, lowrank_edit_, red
+from .methods import METHODS
 
 # (N rows as (B, S), d, r): ragged on purpose (d not a power of two, r not a multiple of 16).
 SHAPE, D, R = (3, 37), 100, 5
@@ -44,16 +45,14 @@ def cases(device) -> list[Case]:
         Case("lowrank_edit_ (in place, index)",
              lambda be, h, *t: lowrank_edit_(h * 1, *t, index=idx, backend=be),
              lambda *t: ref.lowrank_edit_reference(*t, index=idx), [h, m, m, (R,), m, (R,)]),
-        Case("loreft", lambda be, h, R_, W, b: iv.loreft(h, R_, W, b, backend=be), ref.loreft_reference,
-             [h, m, m, (R,)]),
-        Case("noreft", lambda be, *t: iv.noreft(*t, backend=be), ref.noreft_reference,
-             [h, m, m, (R,), (R,)]),
-        Case("direft", lambda be, *t: iv.direft(*t, backend=be), ref.direft_reference, [h, m, m, (R,)]),
-        Case("nodireft", lambda be, *t: iv.nodireft(*t, backend=be), ref.nodireft_reference,
-             [h, m, m, (R,)]),
-        Case("consreft", lambda be, *t: iv.consreft(*t, backend=be), ref.consreft_reference, [h, m, (R,)]),
-        Case("lobireft", lambda be, *t: iv.lobireft(*t, backend=be), ref.lobireft_reference, [h, m, (R,)]),
-    ]
+    ] + [_method_case(m) for m in METHODS.values()]
+
+
+def _method_case(method) -> Case:
+    """pyreft's intervention ``method`` (every parameter given) against its own eager formula."""
+    op, reference = getattr(iv, method.name), getattr(ref, f"{method.name}_reference")
+    return Case(method.name, lambda be, *t: op(*t, backend=be), reference,
+                [SHAPE + (D,)] + method.shapes(R, D))
 
 
 def _rel_err(x, ref_):

@@ -16,12 +16,11 @@ or ``jvp`` rule).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch.autograd import forward_ad
 
-from ._backend import ENV_VAR
+from ._backend import ENV_VAR, env_backend
 
 KERNEL_BACKENDS = ("triton", "cuda")
 
@@ -62,7 +61,7 @@ def wrapped(t) -> bool:
 def _requested(backend) -> str | None:
     """The backend asked for explicitly (argument, else the environment variable), lower case."""
     if backend is None:
-        backend = os.environ.get(ENV_VAR, "").strip() or None
+        backend = env_backend()
     return backend.lower() if isinstance(backend, str) else None
 
 

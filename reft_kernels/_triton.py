@@ -10,11 +10,13 @@ definitions importable; the ``triton`` backend then reports itself unavailable.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 
 import torch
+
+from ._device import (  # noqa: F401  (re-exported for the kernel files)
+    H100, PROGRAMS_PER_SM, SmLimits, _device_index, blocks_per_sm, cdiv, device_limits, next_pow2,
+)
 
 try:
     import triton
@@ -42,115 +44,6 @@ except Exception as exc:  # ImportError, or a broken install raising something e
     triton = tl = _Stub()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def next_pow2(x: int) -> int:
-    """Smallest power of two >= max(x, 1)."""
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@dataclasses.dataclass(frozen=True)
-class SmLimits:
-    """Per-SM limits of a GPU that decide how many blocks of a compiled kernel stay resident, its
-    SM count and L2 size. ``H100`` holds the H100 SXM's figures (the reference card of
-    tools/design_table.py); ``device_limits`` reads the card in use."""
-    sms: int = 132
-    regs: int = 65536
-    threads: int = 2048
-    blocks: int = 32
-    smem: int = 233472  # bytes of shared memory per SM (228 KiB)
-    smem_reserved: int = 1024  # bytes the runtime reserves per resident block
-    l2_bytes: int = 50 * 1024 * 1024
-
-
-H100 = SmLimits()
-
-
-def blocks_per_sm(regs: int, smem: int, warps: int, limits: SmLimits = H100) -> int:
-    """Resident blocks per SM of a kernel compiled to ``regs`` registers per thread, ``smem``
-    bytes of shared memory and ``warps`` warps: the smallest of the register, thread, shared
-    memory and block limits (registers are allocated per warp in units of 256)."""
-    regs_per_warp = -(-max(int(regs), 1) * 32 // 256) * 256
-    by_regs = limits.regs // (regs_per_warp * warps)
-    by_threads = limits.threads // (32 * warps)
-    by_smem = limits.smem // (smem + limits.smem_reserved) if smem else limits.blocks
-    return max(0, min(by_regs, by_threads, by_smem, limits.blocks))
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.lru_cache(maxsize=None)
-def _limits(index: int) -> SmLimits:
-    p = torch.cuda.get_device_properties(index)
-    get = lambda name, default: int(getattr(p, name, 0) or default)  # noqa: E731  (older torch lacks some)
-    return SmLimits(sms=p.multi_processor_count, regs=get("regs_per_multiprocessor", H100.regs),
-                    threads=get("max_threads_per_multi_processor", H100.threads),
-                    smem=get("shared_memory_per_multiprocessor", H100.smem),
-                    l2_bytes=get("L2_cache_size", H100.l2_bytes))
-
-
-def device_limits(device: torch.device) -> SmLimits:
-    """``SmLimits`` of the CUDA ``device`` (cached per device)."""
-    return _limits(_device_index(device))
-
-
-def _sm_count(index: int) -> int:
-    return _limits(index).sms
-
-
-# Fallback programs per SM of a row-split grid when the compiled kernel cannot be inspected.
-PROGRAMS_PER_SM = 4
-
-
-def target_programs(device: torch.device, per_sm: int | None = None) -> int:
-    """How many programs a reduction grid should aim for on ``device``.
-
-    On a GPU: ``per_sm`` (the kernel's resident blocks per SM, ``resident_blocks``) times the SM
-    count, one whole wave, or ``PROGRAMS_PER_SM`` per SM when not given. The CPU interpreter runs
-    programs one after another, so there a couple of programs (enough to exercise the second
-    reduction stage) is cheapest.
-    """
-    if device.type == "cuda":
-        return (per_sm or PROGRAMS_PER_SM) * _sm_count(_device_index(device))
-    return 2
-
-
-def row_split(n_rows: int, block_m: int, n_col_blocks: int, device: torch.device,
-              per_sm: int | None = None) -> tuple[int, int]:
-    """Split ``n_rows`` (> 0) among the programs of a (P, n_col_blocks) grid that reduces over rows.
-
-    Returns (P, rows_per_program), ``rows_per_program`` a multiple of ``block_m``. Without
-    ``per_sm`` (or off a GPU): P close to ``target_programs(device) / n_col_blocks`` (four
-    programs per SM on a GPU). With ``per_sm``, the compiled kernel's resident blocks per SM:
-    the grid is one whole wave (``split_rows`` with ``one_wave``). Each program writes one fp32
-    partial row, so the partial buffers hold P x (width) values and the final sum over P is
-    fixed-order.
-    """
-    one_wave = per_sm is not None and device.type == "cuda"
-    return split_rows(n_rows, block_m, n_col_blocks, target_programs(device, per_sm if one_wave else None),
-                      one_wave)
-
-
-def split_rows(n_rows: int, block_m: int, n_col_blocks: int, target: int, one_wave: bool) -> tuple[int, int]:
-    """``row_split``'s arithmetic, pure: (P, rows_per_program) for ``target`` programs in all.
-
-    ``one_wave``: P = floor(target / n_col_blocks) (at least 1), so that P x n_col_blocks never
-    exceeds ``target`` = resident blocks x SMs and no SM runs a second, partial wave (at the
-    reference shape, one block per SM, 32 column blocks, 132 SMs: P = 4, 128 programs, where
-    four per SM planned 17 x 32 = 544 programs, 4.1 waves). Otherwise P = ceil(target /
-    n_col_blocks). Either way P <= the row blocks, and the rows are then spread evenly.
-    """
-    n_row_blocks = cdiv(n_rows, block_m)
-    want = target // n_col_blocks if one_wave else cdiv(target, n_col_blocks)
-    progs = max(1, min(n_row_blocks, want))
-    rows_per_prog = cdiv(n_row_blocks, progs) * block_m
-    return cdiv(n_rows, rows_per_prog), rows_per_prog
 
 
 def _spec_key(args) -> tuple:

@@ -1,4 +1,4 @@
-"""``reft-kernels`` command line: ``info``, ``check``, ``bench`` and ``train``.
+"""``reft-kernels`` command line: ``info``, ``check``, ``plan``, ``bench`` and ``train``.
 
 torch is imported only once the arguments are parsed (``--help`` and bad arguments answer at
 once), after ``_threads_sleep`` has chosen how OpenMP threads wait.
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from . import __version__
+from .methods import METHODS  # plain Python: no torch at import
 
 
 def _threads_sleep() -> None:
@@ -44,8 +45,24 @@ def _info(_args) -> int:
     print(f"CUDA ext     {'built' if _backend.cuda_extension_available() else 'not built (reft_kernels._C)'}")
     for dev in (["cuda"] if cuda else []) + ["cpu"]:
         print(f"backends on {dev:4s} {', '.join(_backend.available_backends(torch.device(dev)))}")
-    env = os.environ.get(_backend.ENV_VAR)
+    env = _backend.env_backend()
     print(f"default      {env + ' (from ' + _backend.ENV_VAR + ')' if env else 'triton on CUDA tensors, torch otherwise'}")
+    return 0
+
+
+def _plan(args) -> int:
+    from . import _plan_report as R
+
+    try:
+        variants = R.parse_kernels(args.kernels)
+        if args.reference:
+            print(R.reference_report(args.device))
+        else:
+            print(R.report(args.method, args.rows, args.d, args.rank, args.dtype, args.index, args.device,
+                           args.backend, variants))
+    except ValueError as exc:
+        print(f"reft-kernels plan: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -99,7 +116,7 @@ def add_train_arguments(ap) -> None:
                                                   "(default: SmolLM2-135M-Instruct, fetched once from PyPI)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
     ap.add_argument("--method", default="loreft",
-                    choices=["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red"])
+                    choices=[*METHODS, "red"])
     ap.add_argument("--layers", default="all", help="'all' or comma-separated layer numbers (default all)")
     ap.add_argument("--positions", default="f5+l5", help="ReFT positions: f<k>+l<k>, f<k>, l<k> or all (default f5+l5)")
     ap.add_argument("--rank", type=int, default=4, help="ReFT rank (default 4)")
@@ -179,6 +196,19 @@ def main(argv=None) -> int:
                      help="default: every backend usable on the device (on CPU: torch; "
                           "'triton' or 'all' on CPU runs Triton through its interpreter; "
                           "'all' on CUDA includes the CUDA C++ extension, which must be built)")
+    pl = sub.add_parser("plan", help="the kernels, tiles and grids a call would run (no GPU needed)")
+    pl.add_argument("--method", default="loreft", choices=[*METHODS, "red"], help="default loreft")
+    pl.add_argument("--rows", type=int, default=16384, help="rows of h (default 16384)")
+    pl.add_argument("--d", type=int, default=4096, help="hidden size (default 4096)")
+    pl.add_argument("--rank", type=int, default=8, help="rank (default 8)")
+    pl.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    pl.add_argument("--index", type=int, default=None, help="edit this many listed rows (an index, e.g. 448 for f7+l7)")
+    pl.add_argument("--device", choices=["h100", "a100", "this", "cpu"], default="h100",
+                    help="a GPU profile, this machine's GPU, or the CPU (Triton's interpreter); default h100")
+    pl.add_argument("--backend", choices=["triton", "cuda", "torch"], default="triton")
+    pl.add_argument("--kernels", default=None,
+                    help="variants, as reft_kernels.kernels(...) takes them: e.g. lowrank_fwd=resident,red_bwd=tile2d")
+    pl.add_argument("--reference", action="store_true", help="the README's reference shapes (What runs; --device h100)")
     bench = sub.add_parser("bench", help="every op against eager PyTorch and torch.compile: speed, memory, bandwidth")
     bench.add_argument("--quick", action="store_true", help="the small CPU-sized sweep (under a minute on a quiet 2-core CPU: 36 s, 56 s with cold compile caches)")
     bench.add_argument("--sweep", choices=["quick", "gpu", "full"],
@@ -220,6 +250,8 @@ def main(argv=None) -> int:
         return train_main(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "plan":
+        return _plan(args)
     return _info(args) if args.command == "info" else _check(args)
 
 

@@ -9,13 +9,12 @@ differentiable ops instead and the kernel backends refuse (``reft_kernels._trans
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import _cuda
 from ._activations import act_code
-from ._backend import ENV_VAR, resolve_backend
+from ._backend import env_backend, resolve_backend
 from ._constants import CUDA_MAX_RANK
 from ._measured import measured_backend
 from ._rows import as_rows
@@ -26,7 +25,7 @@ from ._validate import (
 from .ops.lowrank_edit.contract import Spec
 from .ops.lowrank_edit import function as lowrank_function
 from .ops.lowrank_edit import torch_impl as lowrank_torch
-from .ops.lowrank_edit.triton_impl import triton_max_rank
+from .ops.lowrank_edit.plan import triton_max_rank
 from .ops.red import torch_impl as red_torch
 from .ops.red import function as red_function
 
@@ -35,7 +34,7 @@ def _kernel_dtype_reason(h, backend):
     """For the default dispatch only: why the Triton/CUDA kernels cannot take ``h``'s dtype (None
     when they can), so that float64 CUDA tensors take the PyTorch path. An explicit request
     (argument or environment variable) still gets ``check_backend_dtype``'s TypeError."""
-    if h.dtype in TRITON_DTYPES or backend is not None or os.environ.get(ENV_VAR, "").strip():
+    if h.dtype in TRITON_DTYPES or backend is not None or env_backend() is not None:
         return None
     return f"the kernels support h in float16, bfloat16 or float32, got {h.dtype}"
 

@@ -8,7 +8,8 @@ argument or attribute) is passed to the ops.
 Orthonormal-row modules (LoReFT, DiReFT, ConsReFT, LoBiReFT) store an unconstrained (r, d)
 parameter ``rotation`` and build ``R = orthonormal_rows(rotation)`` once per forward (property
 ``R``), so memory stays O(r * d). Initialisation follows pyreft: R random orthonormal, ``W``/``b``
-as ``nn.Linear``'s default, ConsReFT/LoBiReFT's ``b`` uniform in [0, 1).
+as ``nn.Linear``'s default, ConsReFT/LoBiReFT's ``b`` uniform in [0, 1). Which attribute is which
+term of ``lowrank_edit`` is read from ``methods.METHODS`` (each class's ``method``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from ._rows import as_2d_plus, put_rows, row_selector
 from ._validate import check_hidden, check_index
 from .functional import lowrank_edit, lowrank_edit_, red
+from .methods import METHODS
 from .orthogonal import orthonormal_rows, random_orthonormal_rows
 
 
@@ -74,7 +76,10 @@ class RED(nn.Module):
 
 
 class _LowRankEdit(nn.Module):
-    """Base class: subclasses define ``edit_terms()`` -> (B, A, a, C, c) for ``lowrank_edit``."""
+    """Base class: subclasses set ``method`` (a ``methods.Method``), whose ``attrs`` name the
+    attributes holding its parameters; ``edit_terms()`` -> (B, A, a, C, c) for ``lowrank_edit``."""
+
+    method = None  # set by each subclass
 
     def __init__(self, d, rank, act, backend):
         super().__init__()
@@ -83,8 +88,10 @@ class _LowRankEdit(nn.Module):
             raise ValueError(f"rank must be <= d, got rank={rank}, d={d}")
         self.d, self.rank, self.act, self.backend = d, rank, act, backend
 
-    def edit_terms(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def edit_terms(self):
+        """(B, A, a, C, c) for ``lowrank_edit``: each attribute of ``method.attrs`` read once (R:
+        one QR, the same tensor as B and C when tied)."""
+        return self.method.terms(*(getattr(self, attr) for attr in self.method.attrs))
 
     def forward(self, h, index=None, *, inplace=False):
         B, A, a, C, c = self.edit_terms()
@@ -171,52 +178,48 @@ class _Orthonormal(_LowRankEdit):
 class LoReFT(_Orthonormal):
     """LoReFT: ``h + (act(h W^T + b) - h R^T) R`` (pyreft ``LoreftIntervention``)."""
 
+    method = METHODS["loreft"]
+
     def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
         super().__init__(d, rank, act, backend, device, dtype)
         self.weight, self.bias = _linear_init(rank, d, dtype, device)
-
-    def edit_terms(self):
-        R = self.R
-        return R, self.weight, self.bias, R, None
 
 
 class DiReFT(_Orthonormal):
     """DiReFT: ``h + act(h W^T + b) R`` (pyreft ``DireftIntervention``)."""
 
+    method = METHODS["direft"]
+
     def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
         super().__init__(d, rank, act, backend, device, dtype)
         self.weight, self.bias = _linear_init(rank, d, dtype, device)
-
-    def edit_terms(self):
-        return self.R, self.weight, self.bias, None, None
 
 
 class ConsReFT(_Orthonormal):
     """ConsReFT: ``h + (b - h R^T) R`` (pyreft ``ConsreftIntervention``)."""
 
+    method = METHODS["consreft"]
+
     def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
         super().__init__(d, rank, None, backend, device, dtype)
         self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
-
-    def edit_terms(self):
-        R = self.R
-        return R, None, self.bias, R, None
 
 
 class LoBiReFT(_Orthonormal):
     """LoBiReFT: ``h + b R`` (pyreft ``LobireftIntervention``)."""
 
+    method = METHODS["lobireft"]
+
     def __init__(self, d, rank, *, dtype=None, device=None, backend=None):
         super().__init__(d, rank, None, backend, device, dtype)
         self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
-
-    def edit_terms(self):
-        return self.R, None, self.bias, None, None
 
 
 class NoReFT(_LowRankEdit):
     """NoReFT: ``h + (act(h W1^T + b1) - (h W2^T + b2)) W2`` (pyreft ``NoreftIntervention``);
     ``add_bias=False`` drops ``b2``."""
+
+    method = METHODS["noreft"]
 
     def __init__(self, d, rank, *, act=None, add_bias=True, dtype=None, device=None, backend=None):
         super().__init__(d, rank, act, backend)
@@ -224,17 +227,13 @@ class NoReFT(_LowRankEdit):
         self.proj_weight, proj_bias = _linear_init(rank, d, dtype, device)
         self.proj_bias = proj_bias if add_bias else None
 
-    def edit_terms(self):
-        return self.proj_weight, self.weight, self.bias, self.proj_weight, self.proj_bias
-
 
 class NodiReFT(_LowRankEdit):
     """NodiReFT: ``h + act(h W1^T + b) W2`` (pyreft ``NodireftIntervention``)."""
+
+    method = METHODS["nodireft"]
 
     def __init__(self, d, rank, *, act=None, dtype=None, device=None, backend=None):
         super().__init__(d, rank, act, backend)
         self.weight, self.bias = _linear_init(rank, d, dtype, device)
         self.proj_weight, _ = _linear_init(rank, d, dtype, device)
-
-    def edit_terms(self):
-        return self.proj_weight, self.weight, self.bias, None, None

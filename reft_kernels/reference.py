@@ -56,8 +56,10 @@ def lowrank_edit_reference(h, B, A=None, a=None, C=None, c=None, *, act=None, in
     return flat.index_put((rows,), edited).reshape(h.shape)
 
 
-# pyreft's six interventions, written out independently of lowrank_edit_reference so that tests
-# also check the mapping of each method onto the generic op. Matrices are (r, d).
+# pyreft's six interventions, written out independently of lowrank_edit_reference and of the
+# method table (``methods.METHODS``), so that tests check each method's terms against its formula
+# (tests/test_methods.py) and each op against it. Matrices are (r, d); the parameters are in the
+# table's ``params`` order.
 
 def loreft_reference(h, R, W, b, act=None):
     """pyreft LoreftIntervention: ``h + (act(h W^T + b) - h R^T) R``."""

@@ -9,21 +9,20 @@ term, tied and untied, an activation, ranks across the chunk boundaries (1, 8, 9
 d (tails and unaligned rows take the scalar paths), fp32 / bf16 / bf16 with fp32 parameters.
 Small shapes: the sanitizer slows kernels down 10-100x. Prints one line per case; the values
 are also compared with the PyTorch path so that a silently wrong result fails the run too.
-The opt-in kernels (REFT_KERNELS_CUDA_PARAMS=vector, REFT_KERNELS_CUDA_FINISH=split) run the RED
-and low-rank cases again, with more rows (several row blocks, a split finish).
-The one-pass cluster backward (REFT_KERNELS_CUDA_LOWRANK_BWD=cluster, sm_90 and newer) runs on
+The opt-in kernels (``reft_kernels.kernels(cuda_params="vector", cuda_finish="split")``) run the
+RED and low-rank cases again, with more rows (several row blocks, a split finish).
+The one-pass cluster backward (``kernels(cuda_lowrank_bwd="cluster")``, sm_90 and newer) runs on
 its own cases: cluster sizes 1, 2, 4 and 8, several row blocks per cluster, an index with -1
 rows, ragged d, fp32 / bf16 / fp16 with fp32 parameters (its distributed shared-memory reads and
 double-buffered async copies are what racecheck looks at there).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from reft_kernels import lowrank_edit, lowrank_edit_, red
+from reft_kernels import kernels, lowrank_edit, lowrank_edit_, red
 
 
 def _close(a, b, dtype):
@@ -55,28 +54,31 @@ def run_lowrank(d, r, dtype, pdtype, terms, tied, act, index, inplace, n=21, bwd
     g = torch.randn(n, d, device=dev, dtype=dtype)
     leaves = [v for k, v in p.items() if v is not None and not (tied and k == "C")]
     outs = {}
-    previous = os.environ.get("REFT_KERNELS_CUDA_LOWRANK_BWD")
-    os.environ["REFT_KERNELS_CUDA_LOWRANK_BWD"] = bwd
-    try:
+    with kernels(cuda_lowrank_bwd=bwd):
         for be in ("cuda", "torch"):
             h = h0.clone().requires_grad_()
             x = h * 1 if inplace else h
             fn = lowrank_edit_ if inplace else lowrank_edit
             y = fn(x, p["B"], p["A"], p["a"], p["C"], p["c"], act=act, index=idx, backend=be)
             outs[be] = (y, *torch.autograd.grad(y, [h, *leaves], g))
-    finally:
-        if previous is None:
-            del os.environ["REFT_KERNELS_CUDA_LOWRANK_BWD"]
-        else:
-            os.environ["REFT_KERNELS_CUDA_LOWRANK_BWD"] = previous
     return all(_close(a, b, dtype) for a, b in zip(outs["cuda"], outs["torch"]))
+
+
+def _plans_cluster(d, r) -> bool:
+    """The low-rank backward with kernels(cuda_lowrank_bwd="cluster") runs the cluster kernel for
+    (d, r) on this device and build: its own decision (cuda_impl.bwd_plan)."""
+    from reft_kernels.ops.lowrank_edit import cuda_impl
+
+    with kernels(cuda_lowrank_bwd="cluster"):
+        try:
+            return cuda_impl.bwd_plan(torch.empty(0, device="cuda"), d, r) == "cluster"
+        except ValueError:  # the cluster backward cannot take (d, r) here
+            return False
 
 
 def cluster_cases():
     """Cases of the cluster backward, or none where it does not run (below sm_90, no sm_90 code)."""
-    from reft_kernels import _cuda
-
-    if _cuda.extension().lowrank_edit_bwd_cluster_plan(torch.empty(0, device="cuda"), 64, 8, 0)[0] == 0:
+    if not _plans_cluster(64, 8):
         print("cluster backward: not available on this device or build: skipped", flush=True)
         return []
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
@@ -114,27 +116,26 @@ def main() -> int:
         d, r, dtype, pdtype, terms, tied, act, index_, inplace = case
         print(f"lowrank_edit d={d} r={r} {dtype} params {pdtype} terms={terms} tied={tied} act={act} "
               f"index={'yes' if index_ else 'no'} inplace={inplace}: {'ok' if res else 'MISMATCH'}", flush=True)
-    # The switched kernels on the same cases, with enough rows for several row blocks and a split
+    # The selected kernels on the same cases, with enough rows for several row blocks and a split
     # finish: the 16-byte parameter-gradient kernel and the parallel partial sums.
-    os.environ.update(REFT_KERNELS_CUDA_PARAMS="vector", REFT_KERNELS_CUDA_FINISH="split")
-    for d, dtype, pdtype in [(100, f32, f32), (4096, bf, f32)]:
-        res = run_red(d, dtype, pdtype, n=600)
-        ok &= res
-        print(f"red (split finish) n=600 d={d} {dtype}: {'ok' if res else 'MISMATCH'}", flush=True)
-    for case in cases:
-        res = run_lowrank(*case, n=300 if case[7] is None else 21)
-        ok &= res
-        print(f"lowrank_edit (vector params, split finish) d={case[0]} r={case[1]} {case[2]} tied={case[5]} "
-              f"index={'yes' if case[7] else 'no'}: {'ok' if res else 'MISMATCH'}", flush=True)
-    for var in ("REFT_KERNELS_CUDA_PARAMS", "REFT_KERNELS_CUDA_FINISH"):
-        del os.environ[var]
+    with kernels(cuda_params="vector", cuda_finish="split"):
+        for d, dtype, pdtype in [(100, f32, f32), (4096, bf, f32)]:
+            res = run_red(d, dtype, pdtype, n=600)
+            ok &= res
+            print(f"red (split finish) n=600 d={d} {dtype}: {'ok' if res else 'MISMATCH'}", flush=True)
+        for case in cases:
+            res = run_lowrank(*case, n=300 if case[7] is None else 21)
+            ok &= res
+            print(f"lowrank_edit (vector params, split finish) d={case[0]} r={case[1]} {case[2]} tied={case[5]} "
+                  f"index={'yes' if case[7] else 'no'}: {'ok' if res else 'MISMATCH'}", flush=True)
     for case in cluster_cases():
-        res = run_lowrank(*case[:-1], n=case[-1], bwd="cluster")
-        ok &= res
         d, r, dtype, pdtype, terms, tied, act, index_, inplace, n = case
+        taken = _plans_cluster(d, r)  # a case the cluster kernel does not take would test the split one
+        res = taken and run_lowrank(*case[:-1], n=n, bwd="cluster")
+        ok &= res
+        verdict = "NOT TAKEN (bwd_plan: split)" if not taken else ("ok" if res else "MISMATCH")
         print(f"lowrank_edit cluster bwd n={n} d={d} r={r} {dtype} params {pdtype} terms={terms} tied={tied} "
-              f"act={act} index={'yes' if index_ else 'no'} inplace={inplace}: {'ok' if res else 'MISMATCH'}",
-              flush=True)
+              f"act={act} index={'yes' if index_ else 'no'} inplace={inplace}: {verdict}", flush=True)
     torch.cuda.synchronize()
     print("all ok" if ok else "MISMATCH against the PyTorch path")
     return 0 if ok else 1

@@ -30,11 +30,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_compile_check as tcc  # noqa: E402  (sets up Triton without the interpreter)
 
-from reft_kernels._triton import H100, PROGRAMS_PER_SM, blocks_per_sm, cdiv, split_rows  # noqa: E402
-from reft_kernels.ops.lowrank_edit import triton_fwd_resident as resident  # noqa: E402
-from reft_kernels.ops.lowrank_edit import triton_small_n as small_n  # noqa: E402
-from reft_kernels.ops.lowrank_edit.triton_impl import _FINISH_BLOCK, _tiles  # noqa: E402
-from reft_kernels.ops.red.triton_impl import _red_bwd_tiles, _red_tiles  # noqa: E402
+from reft_kernels._device import H100, blocks_per_sm, cdiv  # noqa: E402
+from reft_kernels.ops.plans import row_split  # noqa: E402
+from reft_kernels.ops.lowrank_edit import plan as lowrank_plan  # noqa: E402
+from reft_kernels.ops.finish import FINISH_BLOCK as _FINISH_BLOCK  # noqa: E402
+from reft_kernels.ops.lowrank_edit.plan import rowblock_tile as _tiles  # noqa: E402
+from reft_kernels.ops.red.plan import bwd_tile as _red_bwd_tiles, fwd_tile as _red_tiles  # noqa: E402
 
 SMS = H100.sms
 N, D, R, R_PAD, N_SMALL = 16384, 4096, 8, 16, 448
@@ -42,12 +43,10 @@ E = 2  # bytes per bf16 element
 
 
 def _row_split_progs(n, block_m, n_col_blocks, per_sm=None):
-    """Programs along rows of ``_triton.row_split`` on the H100: one whole wave of ``per_sm``
+    """Programs along rows of ``ops.plans.row_split`` on the H100: one whole wave of ``per_sm``
     resident blocks when the launcher sizes the grid from the compiled kernel, else the fixed
     ``PROGRAMS_PER_SM``."""
-    if per_sm is None:
-        return split_rows(n, block_m, n_col_blocks, PROGRAMS_PER_SM * SMS, one_wave=False)[0]
-    return split_rows(n, block_m, n_col_blocks, per_sm * SMS, one_wave=True)[0]
+    return row_split(n, block_m, n_col_blocks, H100, per_sm)[0]
 
 
 def rows():
@@ -64,13 +63,13 @@ def rows():
         bm, bd, w = _red_bwd_tiles(D, on_gpu=True, tile2d=tile2d)
         vals = dict(g_ptr=t("bf16"), h_ptr=t("bf16"), s_ptr=t("fp32"), dh_ptr=t("bf16"), ds_part_ptr=t("fp32"),
                     dt_part_ptr=t("fp32"), n_rows=N, d=D, rows_per_prog=1024, stride_g_row=D, stride_g_col=1,
-                    stride_h_row=D, stride_h_col=1, stride_dh_row=D)
+                    stride_h_row=D, stride_h_col=1, stride_dh_row=D, stride_part=2 * D)
         n_cb = cdiv(D, bd)
         out.append((label, tcc._red_bwd_kernel, vals,
                     dict(HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=bm, BLOCK_D=bd,
                          ACC_2D=tile2d),
                     w, lambda per_sm, bm=bm, n_cb=n_cb: _row_split_progs(N, bm, n_cb, per_sm) * n_cb, 3 * E, 3 * E,
-                    "1 + 2 sums"))
+                    "1 + finish"))
     f32 = t("fp32")
     lora = dict(HAS_A=True, HAS_a=True, HAS_C=False, TIED=True, HAS_c=False, ACT=0)
     for label, n, index in [("LoReFT forward", N, False), ("LoReFT forward, f7+l7", N_SMALL, True)]:
@@ -85,17 +84,17 @@ def rows():
         out.append((label, tcc._lowrank_edit_fwd_kernel, vals, consts, w, cdiv(n, bm), exp, low, "1"))
         if index:
             continue
-        # the L2-resident persistent forward (REFT_KERNELS_LOWRANK_FWD=resident): one HBM read of
+        # the L2-resident persistent forward (kernels(lowrank_fwd="resident")): one HBM read of
         # h when its second pass hits L2, as planned
-        blocks = resident.row_blocks(R_PAD, tcc.DTYPES["bf16"])
-        rbm, progs = resident.plan(n, D, E, H100, lambda bm: None, blocks)
-        rbd, rw, stages = resident.gpu_tile(rbm, D, R_PAD, tcc.DTYPES["bf16"])
+        blocks = lowrank_plan.resident_row_blocks(R_PAD, tcc.DTYPES["bf16"])
+        rbm, progs = lowrank_plan.resident_grid(n, D, E, H100, lambda bm: None, blocks)
+        rbd, rw, stages = lowrank_plan.resident_tile(rbm, D, R_PAD, tcc.DTYPES["bf16"])
         rvals = dict(vals, n_progs=progs)
         rconsts = dict(consts, BLOCK_M=rbm, BLOCK_D=rbd, NUM_STAGES=stages)
         out.append(("LoReFT forward, L2-resident (opt-in)", tcc._lowrank_edit_fwd_resident_kernel, rvals, rconsts,
                     rw, progs, 2 * E, 2 * E, "1"))
     # the same f7+l7 forward through the split-d path (ops/lowrank_edit/triton_small_n.py)
-    bm, bd, w = small_n.tiles(N_SMALL, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
+    bm, bd, w = lowrank_plan.split_d_tile(N_SMALL, D, R_PAD, tcc.DTYPES["bf16"], on_gpu=True)
     n_rb, n_cb = cdiv(N_SMALL, bm), cdiv(D, bd)
     s_count = max(1, min(n_cb, cdiv(2 * SMS, n_rb)))  # small_n.splits on a 132-SM GPU
     cols = cdiv(n_cb, s_count) * bd
@@ -137,7 +136,7 @@ def rows():
     # the finish: dA, dB (r x d each) and da summed over the P partial rows, in one launch
     width = 2 * R * D + R  # dA, dB, da
     fvals = dict(part_ptr=f32, out_ptr=f32, n_parts=4, width=width, stride=vals["part_width"])
-    out.append(("LoReFT backward, param finish", tcc._lowrank_param_finish_kernel, fvals, dict(BLOCK=_FINISH_BLOCK),
+    out.append(("LoReFT backward, param finish", tcc._param_finish_kernel, fvals, dict(BLOCK=_FINISH_BLOCK),
                 4, cdiv(width, _FINISH_BLOCK), 0, 0, "(see above)"))
     return out
 

@@ -97,6 +97,7 @@ step install 120 env REFT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isola
 step import 60 python -c "import reft_kernels._C as C; print(C.__file__)"
 companions
 step info 60 reft-kernels info
+step plan 60 reft-kernels plan --reference --device this  # the plans on this card (plan.log)
 step check 180 reft-kernels check --device cuda --backend all
 
 SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)

@@ -2,7 +2,7 @@
 GPU-only constraints that the CPU interpreter cannot see.
 
 For each kernel and a spread of the launch configurations the launchers pick on a GPU (tile
-sizes from ``_red_tiles`` / ``_red_bwd_tiles`` / ``_tiles`` / ``triton_fwd_resident.gpu_tile``, every
+sizes from the ``plan.py`` tile functions of each op, every
 dtype, rank, optional term, index and activation flag that changes the code), Triton compiles to a cubin for sm_80 (A100) and sm_90a (H100/H200);
 ``cuobjdump --dump-resource-usage`` then reports registers, stack and local memory. The check
 fails on a compile error (e.g. a ``tl.dot`` dimension below 16), on any stack frame or local
@@ -43,19 +43,23 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton._C.libtriton import ir  # noqa: E402
 
 from reft_kernels import _activations  # noqa: E402
-from reft_kernels.ops.lowrank_edit.triton_common import STRIDED_TILE, padded_rank, strided  # noqa: E402
-from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
-    _FINISH_BLOCK, _lowrank_bias_partials_kernel, bias_block_m, _lowrank_edit_bwd_kernel,
-    _lowrank_edit_bwd_latent_kernel, _lowrank_edit_fwd_kernel, _lowrank_param_finish_kernel, _tiles,
-    triton_max_rank,
+from reft_kernels.ops.lowrank_edit import plan as lowrank_plan  # noqa: E402
+from reft_kernels.ops.lowrank_edit.plan import (  # noqa: E402
+    STRIDED_TILE, bias_block_m, padded_rank, strided, triton_max_rank,
 )
-from reft_kernels.ops.lowrank_edit import triton_fwd_resident  # noqa: E402
+from reft_kernels.ops.lowrank_edit.plan import rowblock_tile as _tiles  # noqa: E402
+from reft_kernels.ops.lowrank_edit.plan import split_d_tile as small_n_tiles  # noqa: E402
+from reft_kernels.ops.lowrank_edit.triton_impl import (  # noqa: E402
+    _lowrank_bias_partials_kernel, _lowrank_edit_bwd_kernel, _lowrank_edit_bwd_latent_kernel,
+    _lowrank_edit_fwd_kernel,
+)
+from reft_kernels.ops.finish import FINISH_BLOCK as _FINISH_BLOCK, _param_finish_kernel  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_fwd_resident import _lowrank_edit_fwd_resident_kernel  # noqa: E402
 from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
     _lowrank_apply_kernel, _lowrank_latent_part_kernel,
 )
-from reft_kernels.ops.lowrank_edit.triton_small_n import tiles as small_n_tiles  # noqa: E402
-from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_bwd_tiles, _red_fwd_kernel, _red_tiles  # noqa: E402
+from reft_kernels.ops.red.plan import bwd_tile as _red_bwd_tiles, fwd_tile as _red_tiles  # noqa: E402
+from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_fwd_kernel  # noqa: E402
 from reft_kernels._triton import H100, dot_precision  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
@@ -104,11 +108,11 @@ def red_configs(quick, n=16384):
         for scale, bias in [(True, True), (True, False), (False, True)]:
             yield _red_fwd_kernel, vals, dict(
                 HAS_SCALE=scale, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
-        for tile2d in (False, True):  # REFT_KERNELS_RED_BWD=rowsum / tile2d
+        for tile2d in (False, True):  # kernels(red_bwd='rowsum' / 'tile2d')
             block_m, block_d, warps = _red_bwd_tiles(d, on_gpu=True, tile2d=tile2d)
             vals = dict(g_ptr=_t(dt), h_ptr=_t(dt), s_ptr=_t("fp32"), dh_ptr=_t(dt), ds_part_ptr=_t("fp32"),
                         dt_part_ptr=_t("fp32"), n_rows=n, d=d, rows_per_prog=1024, stride_g_row=d,
-                        stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d)
+                        stride_g_col=1, stride_h_row=d, stride_h_col=1, stride_dh_row=d, stride_part=2 * d)
             yield _red_bwd_kernel, vals, dict(
                 HAS_SCALE=True, NEED_DH=True, NEED_DS=True, NEED_DT=True, BLOCK_M=block_m, BLOCK_D=block_d,
                 ACC_2D=tile2d), warps, dt
@@ -160,10 +164,10 @@ def lowrank_configs(quick, d=4096):
         # the L2-resident forward (ops/lowrank_edit/triton_fwd_resident.py): every row block the
         # planner may pick (the one it picks at this shape on an H100 with --quick)
         elem = DTYPES[dt].itemsize
-        blocks = triton_fwd_resident.row_blocks(r_pad, DTYPES[dt])
-        picked = triton_fwd_resident.plan(16384, d, elem, H100, lambda bm: 1, blocks)[0]
+        blocks = lowrank_plan.resident_row_blocks(r_pad, DTYPES[dt])
+        picked = lowrank_plan.resident_grid(16384, d, elem, H100, lambda bm: 1, blocks)[0]
         for bm in [picked] if quick else blocks:
-            block_d, warps, stages = triton_fwd_resident.gpu_tile(bm, d, r_pad, DTYPES[dt])
+            block_d, warps, stages = lowrank_plan.resident_tile(bm, d, r_pad, DTYPES[dt])
             vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64),
                         A_ptr=f32, a_ptr=f32, B_ptr=f32, C_ptr=f32, c_ptr=f32, z_ptr=f32, u_ptr=f32,
                         n_rows=16384, d=d, r=r, n_progs=132, stride_h_row=d, stride_h_col=1, stride_y_row=d,
@@ -196,7 +200,7 @@ def bias_values(d, r, has_A, has_a, has_C, has_c):
 def finish_configs(quick):
     """The one-launch finish of the backward's parameter gradients (LoReFT r = 8, d = 4096)."""
     vals = dict(part_ptr=_t("fp32"), out_ptr=_t("fp32"), n_parts=4, width=2 * 8 * 4096 + 8, stride=2 * 8 * 4096 + 16)
-    yield _lowrank_param_finish_kernel, vals, dict(BLOCK=_FINISH_BLOCK), 4, "fp32"
+    yield _param_finish_kernel, vals, dict(BLOCK=_FINISH_BLOCK), 4, "fp32"
 
 
 def small_n_configs(quick, d=4096, n=448):
@@ -240,7 +244,7 @@ def resource_usage(cubin: bytes) -> dict:
 KERNELS = {k.fn.__name__: k for k in (_red_fwd_kernel, _red_bwd_kernel, _lowrank_edit_fwd_kernel,
                                        _lowrank_edit_fwd_resident_kernel, _lowrank_edit_bwd_latent_kernel,
                                        _lowrank_edit_bwd_kernel, _lowrank_bias_partials_kernel,
-                                       _lowrank_param_finish_kernel,
+                                       _param_finish_kernel,
                                        _lowrank_latent_part_kernel, _lowrank_apply_kernel)}
 
 
@@ -319,8 +323,8 @@ TILE_KEYS = ("BLOCK_M", "BLOCK_D", "NUM_STAGES", "R_PAD", "BLOCK")
 # value (at 1 they would compile code that never runs: e.g. rows_per_prog = 1, a row loop of one
 # iteration, compiled ``_lowrank_edit_bwd_kernel`` for fp32 R_PAD = 64 with a 400-byte stack).
 NEVER_ONE = {
-    "rows_per_prog": "a multiple of BLOCK_M (_triton.row_split)",
-    "cols_per_prog": "a multiple of BLOCK_D (triton_small_n._plan)",
+    "rows_per_prog": "a multiple of BLOCK_M (ops.plans.row_split)",
+    "cols_per_prog": "a multiple of BLOCK_D (plan.split_d_shape)",
     "part_width": "the partial rows' stride, padded to a multiple of 16",
     "stride": "the partial rows' stride, padded to a multiple of 16",
     "n_parts": "at least 2 (one partial row is returned without the finish kernel)",
@@ -381,7 +385,7 @@ def launch_tile(name: str, values: dict, consts: dict, warps: int, dt: str):
         block_m, block_d, warps = small_n_tiles(n, d, consts["R_PAD"], dtype, True, strided(*cols))
     elif name == "_lowrank_edit_fwd_resident_kernel":
         block_m = STRIDED_TILE[0] if strided(*cols) else consts["BLOCK_M"]
-        block_d, warps, consts["NUM_STAGES"] = triton_fwd_resident.gpu_tile(block_m, d, consts["R_PAD"], dtype,
+        block_d, warps, consts["NUM_STAGES"] = lowrank_plan.resident_tile(block_m, d, consts["R_PAD"], dtype,
                                                                            strided(*cols))
     else:  # the bias partials and the finish: tiles that do not depend on the integer arguments
         return consts, warps

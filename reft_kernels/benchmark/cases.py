@@ -30,25 +30,29 @@ from torch import nn
 from .. import interventions as iv
 from .. import reference as ref
 from ..functional import red
+from ..methods import METHODS as _METHODS
+from ..ops.lowrank_edit.plan import cluster_shape_ok
 from ..orthogonal import orthonormal_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-METHODS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
-# Opt-in kernels measured beside the defaults they may replace: provider -> (backend, the
-# environment it runs under). Each switch keeps the previous kernel as the default until a GPU
-# sweep has measured both (README, "Backends").
-# Third item: the ops whose kernels the switches change (the variant is not run on the others).
+METHODS = tuple(_METHODS)
+_LOREFT = _METHODS["loreft"]  # the indexed op's methods (f7+l7, f7+l7+R) are LoReFT
+# Opt-in kernels measured beside the defaults they may replace: provider -> (backend, the kernel
+# variants it runs under, as ``reft_kernels.kernels(**variants)`` takes them; ops.variants.AXES).
+# Each keeps the rule's kernel as the default until a GPU sweep has measured both (README, "What
+# runs"). Third item: the ops whose kernels the variants change (the provider is not run on others).
 LOWRANK_OPS = ("lowrank_edit", "lowrank_edit_index")
 VARIANT_PROVIDERS = {
     # the one-pass backward with thread-block clusters (sm_90; r <= 16, d <= 4096)
-    "cuda-cluster": ("cuda", {"REFT_KERNELS_CUDA_LOWRANK_BWD": "cluster"}, LOWRANK_OPS),
+    "cuda-cluster": ("cuda", {"cuda_lowrank_bwd": "cluster"}, LOWRANK_OPS),
     # the 16-byte parameter-gradient kernel and the parallel fixed-order finish (RED's sums too)
-    "cuda-vector": ("cuda", {"REFT_KERNELS_CUDA_PARAMS": "vector", "REFT_KERNELS_CUDA_FINISH": "split"},
-                    ("red",) + LOWRANK_OPS),
+    "cuda-vector": ("cuda", {"cuda_params": "vector", "cuda_finish": "split"}, ("red",) + LOWRANK_OPS),
     # the persistent L2-resident low-rank forward
-    "triton-resident": ("triton", {"REFT_KERNELS_LOWRANK_FWD": "resident"}, LOWRANK_OPS),
+    "triton-resident": ("triton", {"lowrank_fwd": "resident"}, LOWRANK_OPS),
+    # d split across programs in the forward and the backward's latent, whatever the row count
+    "triton-split-d": ("triton", {"lowrank_fwd": "split-d", "lowrank_bwd": "split-d"}, LOWRANK_OPS),
     # RED's backward with a 2-D fp32 accumulator tile
-    "triton-tile2d": ("triton", {"REFT_KERNELS_RED_BWD": "tile2d"}, ("red",)),
+    "triton-tile2d": ("triton", {"red_bwd": "tile2d"}, ("red",)),
 }
 OUR_PROVIDERS = ("torch", "triton", "cuda") + tuple(VARIANT_PROVIDERS)
 ALL_PROVIDERS = ("eager", "compile") + OUR_PROVIDERS
@@ -109,19 +113,30 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
     X = orthonormal_rows(torch.randn(r, d, generator=gen, device=device))
     if case.op == "orthonormal_rows":
         return {"X": X.requires_grad_()}
-    R = X.clone().requires_grad_()
-    out = {"h": h, "R": R, "W": _param((r, d), d ** -0.5, device, gen), "b": _param((r,), 1.0, device, gen)}
-    if case.method in ("noreft", "nodireft"):
-        out = {"h": h, "W2": _param((r, d), d ** -0.5, device, gen), "W1": out["W"], "b1": out["b"]}
-        if case.method == "noreft":
-            out["b2"] = _param((r,), 1.0, device, gen)
-    elif case.method in ("consreft", "lobireft"):
-        out = {"h": h, "R": R, "b": out["b"]}
-    elif case.method == "f7+l7+R":
+    out = {"h": h, **_method_params(_METHODS.get(case.method, _LOREFT), X, device, gen)}
+    if case.method == "f7+l7+R":
         out = {"h": h, "X": X.requires_grad_(), "W": out["W"], "b": out["b"]}
     if case.op == "lowrank_edit_index":
         out["index"] = f7_l7_index(case.n_rows // case.seq_len, case.seq_len, device=device)
     return out
+
+
+def _method_params(method, X, device, gen) -> dict:
+    """``method``'s parameters by name, in its op's order: R = X (r, d) when orthonormal; the
+    others drawn, A (r, d) and a (r,) first (drawn for every method, so that each gets the same
+    values), then B and c where they are not R."""
+    r, d = X.shape
+    W, b = _param((r, d), d ** -0.5, device, gen), _param((r,), 1.0, device, gen)
+    values = {method.a: b}
+    if method.A is not None:
+        values[method.A] = W
+    if method.orthonormal:
+        values[method.B] = X.clone().requires_grad_()
+    else:
+        values[method.B] = _param((r, d), d ** -0.5, device, gen)
+    if method.c is not None:
+        values[method.c] = _param((r,), 1.0, device, gen)
+    return {p: values[p] for p in method.params}
 
 
 # ----------------------------------------------------------------------------- providers
@@ -170,10 +185,12 @@ def eager_fn(case: Case):
 
 
 def ours_fn(case: Case, provider: str):
-    """Our op on ``provider``'s backend for ``case`` (a variant's environment is set by
+    """Our op on ``provider``'s backend for ``case`` (a variant's kernels are chosen by
     ``runner.provider_context``); None for a variant that does not change this op's kernels."""
     if provider in VARIANT_PROVIDERS and case.op not in VARIANT_PROVIDERS[provider][2]:
         return None
+    if provider == "cuda-cluster" and not cluster_shape_ok(case.d, case.rank):
+        return None  # the cluster backward refuses this shape (ops/lowrank_edit/plan.py)
     backend = provider_backend(provider)
     if case.op == "red":
         return lambda h, scale, bias: red(h, scale, bias, backend=backend)
@@ -211,7 +228,7 @@ def reference64(case: Case):
         return lambda X: orthonormal_rows(X)
     if case.method == "f7+l7+R":
         return lambda h, X, W, b, index: ref.lowrank_edit_reference(
-            h, orthonormal_rows(X), W, b, orthonormal_rows(X), index=index)
+            h, *_LOREFT.terms(orthonormal_rows(X), W, b), index=index)
     if case.op == "lowrank_edit_index":
-        return lambda h, R, W, b, index: ref.lowrank_edit_reference(h, R, W, b, R, index=index)
+        return lambda h, R, W, b, index: ref.lowrank_edit_reference(h, *_LOREFT.terms(R, W, b), index=index)
     return eager_fn(case)

@@ -23,6 +23,7 @@ import torch
 
 from .. import _backend, _triton
 from .._measured import card_slug
+from ..ops import variants
 from ..reference import LOWP_FACTOR
 from . import cases as C
 from .measure import copy_gbps, min_traffic_bytes, peak_mem_mb, time_ms
@@ -186,27 +187,13 @@ def provider_context(provider):
     """Settings a provider is measured under. ``compile``: no donated buffers, which would let a
     compiled backward run only once per forward (the ``bwd`` mode times repeated backward passes
     of one retained forward); it costs the compiled backward some buffer reuse. A variant
-    (``cases.VARIANT_PROVIDERS``): its kernel switches set in the environment, restored after."""
+    (``cases.VARIANT_PROVIDERS``): its kernels chosen with ``reft_kernels.kernels(...)``."""
     cfg = getattr(getattr(torch, "_functorch", None), "config", None)
     if provider == "compile" and cfg is not None and hasattr(cfg, "donated_buffer"):
         return cfg.patch(donated_buffer=False)
     if provider in C.VARIANT_PROVIDERS:
-        return _environment(C.VARIANT_PROVIDERS[provider][1])
+        return variants.kernels(**C.VARIANT_PROVIDERS[provider][1])
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _environment(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_bw=None):

@@ -10,19 +10,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .. import methods as _methods
 from .. import modules as _modules
 from .._activations import ACTIVATION_NAMES
 from .positions import parse_positions
 
-# method name -> (module class, takes ``act``, takes ``add_bias``)
-METHODS = {
-    "loreft": (_modules.LoReFT, True, False),
-    "noreft": (_modules.NoReFT, True, True),
-    "direft": (_modules.DiReFT, True, False),
-    "nodireft": (_modules.NodiReFT, True, False),
-    "consreft": (_modules.ConsReFT, False, False),
-    "lobireft": (_modules.LoBiReFT, False, False),
-}
+# method name -> (module class, takes ``act``, takes ``add_bias``), from ``methods.METHODS``
+METHODS = {m.name: (getattr(_modules, m.module), m.takes_act, m.add_bias) for m in _methods.METHODS.values()}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}

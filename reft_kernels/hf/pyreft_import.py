@@ -28,18 +28,11 @@ columns, so our ``R = U^T``, (r, d), orthonormal rows):
   rebuilt by registering the same parametrization on a (d, r) weight and loading both tensors, so
   torch computes exactly what pyreft's module computes.
 
-Mapping (pyreft's column formula, with R = U^T -> our module; ours compute the same edit in rows):
-
-- LoReFT   ``h + R^T (W h + b - R h)``      -> ``LoReFT``: weight=W, bias=b, R
-- NoReFT   ``h + W2^T (W1 h + b1 - W2 h - b2)`` -> ``NoReFT``: weight=W1, bias=b1, proj_weight=W2,
-  proj_bias=b2 (``add_bias`` = whether the file has ``proj_layer.bias``)
-- DiReFT   ``h + R^T (W h + b)``            -> ``DiReFT``: weight=W, bias=b, R
-- NodiReFT ``h + W2^T (W1 h + b1)``         -> ``NodiReFT``: weight=W1, bias=b1, proj_weight=W2
-  (pyreft saves ``proj_layer.bias`` with ``add_bias`` but never uses it)
-- ConsReFT ``h + R^T (b - R h)``            -> ``ConsReFT``: bias=b, R
-- LoBiReFT ``h + R^T b``                    -> ``LoBiReFT``: bias=b, R
-
-(``act`` wraps the ``W h + b`` term where pyreft has ``act_fn``.)
+Mapping: ``methods.METHODS`` gives, per method, pyreft's class (``pyreft``), the state-dict key of
+each parameter (``pyreft_keys``) and the attribute of our module that takes it (``attrs``); R is
+loaded as U^T with ``load_R_``. NoReFT's ``add_bias`` is whether the file has ``proj_layer.bias``;
+NodiReFT's ``proj_layer.bias`` (saved with ``add_bias``, never used by pyreft) is checked and
+dropped (``pyreft_unused``). ``act`` wraps the ``W h + b`` term where pyreft has ``act_fn``.
 
 Components: pyvene's names that ``ReftConfig(component=...)`` has sites for
 (``config.COMPONENTS``) load as that component: ``block_output`` (the residual stream after layer
@@ -63,23 +56,13 @@ import re
 import torch
 from torch import nn
 
+from ..methods import METHODS, PYREFT_TYPES
 from .attach import get_reft_model
 from .config import COMPONENTS, ReftConfig
 from .sites import REFT_COMPONENT_SITES, find_sites, hidden_size, model_type
 
 CONFIG_NAME = "config.json"
 
-# pyreft class name -> our method name
-PYREFT_TYPES = {
-    "LoreftIntervention": "loreft",
-    "NoreftIntervention": "noreft",
-    "DireftIntervention": "direft",
-    "NodireftIntervention": "nodireft",
-    "ConsreftIntervention": "consreft",
-    "LobireftIntervention": "lobireft",
-}
-
-_ORIG = "rotate_layer.parametrizations.weight.original"
 _BASE = "rotate_layer.parametrizations.weight.0.base"
 _BUFFERS = ("embed_dim", "interchange_dim")
 
@@ -250,37 +233,38 @@ class _Shapes:
 
 
 def _extract(method, state, path, allow_nonfinite=False):
-    """({our parameter name: tensor}, U (d, r) float64 or None, add_bias, r, d) of one file;
-    ValueError for a tensor holding NaN or Inf unless ``allow_nonfinite``."""
+    """({our module's attribute: tensor}, U (d, r) float64 or None, add_bias, r, d) of one file,
+    read as ``methods.METHODS[method]`` lays it out; ValueError for a tensor holding NaN or Inf
+    unless ``allow_nonfinite``."""
+    spec = METHODS[method]
     s = _Shapes(path, state, allow_nonfinite)
     params, used = {}, set()
+    attr = dict(zip(spec.params, spec.attrs))
+    key = dict(zip(spec.params, spec.pyreft_keys))
 
-    def take(ours, theirs, dims, optional=False):
-        t = s.get(theirs, dims, optional)
+    def take(theirs, dims, optional=False):
         used.add(theirs)
-        if t is not None and ours is not None:
-            params[ours] = t
-        return t
+        return s.get(theirs, dims, optional)
 
-    U, add_bias = None, True
-    if method == "loreft":
-        take("weight", "weight", ("r", "d"))
-        take("bias", "bias", ("r",))
-        U = take(None, "rotate_layer", ("d", "r")).to(torch.float64)
-    else:
-        if method in ("consreft", "lobireft"):
-            take("bias", "learned_source", ("r",))
-        else:
-            take("weight", "learned_source.weight", ("r", "d"))
-            take("bias", "learned_source.bias", ("r",))
-        if method in ("noreft", "nodireft"):
-            take("proj_weight", "proj_layer.weight", ("r", "d"))
-            pb = take("proj_bias" if method == "noreft" else None, "proj_layer.bias", ("r",), optional=True)
-            add_bias = pb is not None
-        else:
-            original = take(None, _ORIG, ("d", "r"))
-            base = take(None, _BASE, ("d", "d"), optional=True)
-            U = _rotation_from_parametrization(original, base)
+    U = None
+    for p in (spec.A, spec.a, spec.B, spec.c):  # pyreft's learned source, then its projection
+        if p is None:
+            continue
+        if spec.orthonormal and p == spec.B:  # R, saved as pyreft's U = R^T (d, r)
+            if spec.pyreft_plain_state:
+                U = take(key[p], ("d", "r")).to(torch.float64)
+            else:
+                original = take(key[p], ("d", "r"))
+                base = take(_BASE, ("d", "d"), optional=True)
+                U = _rotation_from_parametrization(original, base)
+            continue
+        t = take(key[p], spec.dims(p), optional=p in spec.optional)
+        if t is not None:
+            params[attr[p]] = t
+    add_bias = not spec.add_bias or attr[spec.c] in params  # NoReFT: whether the file has b2
+    for name in spec.pyreft_unused:
+        take(name, ("r",), optional=True)
+    if not spec.pyreft_plain_state:
         for name in _BUFFERS:
             if name in state:
                 used.add(name)
@@ -294,7 +278,7 @@ def _extract(method, state, path, allow_nonfinite=False):
     if s.r > s.d:
         raise ValueError(f"{path}: rank {s.r} exceeds the hidden size {s.d}")
     if U is not None:
-        _check_orthonormal(U, state.get("rotate_layer", state.get(_ORIG)).dtype, path)
+        _check_orthonormal(U, state[key[spec.B]].dtype, path)
     return params, U, add_bias, s.r, s.d
 
 
@@ -381,8 +365,9 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
         what = ("separate first- and last-position interventions (#1 keys, e.g. "
                 if unshared else "one intervention per layer (no #1 keys, e.g. ")
         raise ValueError(f"{directory!r} holds {what}{example!r}), but share_weights={share_weights} was passed")
-    if method == "consreft" and dropout:
-        raise ValueError("pyreft's ConsreftIntervention applies no dropout; pass dropout=0.0 to reproduce it")
+    spec = METHODS[method]
+    if not spec.pyreft_dropout and dropout:
+        raise ValueError(f"pyreft's {spec.pyreft} applies no dropout; pass dropout=0.0 to reproduce it")
 
     loaded = {}  # (layer, k) -> (params, U, path)
     rank = d = add_bias = None
@@ -394,7 +379,7 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
         elif (r_here, d_here) != (rank, d):
             raise ValueError(f"{path}: rank {r_here}, hidden size {d_here}; the other files have rank {rank}, "
                              f"hidden size {d}")
-        elif method == "noreft" and bias_here != add_bias:
+        elif spec.add_bias and bias_here != add_bias:
             raise ValueError(f"{path}: proj_layer.bias is {'present' if bias_here else 'absent'} here but not in "
                              "the other files (pyreft's add_bias is one setting)")
         loaded[(layer, k)] = (params, U, path)
@@ -416,7 +401,7 @@ def load_pyreft(model, directory, *, positions="f7+l7", share_weights=None, act=
                              f"{min(present)}..{max(present)}, {n_layers} in all)")
     config = ReftConfig(method=method, layers=layers, rank=rank, positions=positions,
                         share_weights=share_weights, act=act, dropout=dropout,
-                        add_bias=add_bias if method == "noreft" else True, backend=backend, component=component)
+                        add_bias=add_bias if spec.add_bias else True, backend=backend, component=component)
 
     # --- attach and load; undo the attach on any failure
     get_reft_model(model, config, verbose=verbose)

@@ -157,16 +157,16 @@ def test_plots_from_the_runner_csv(tmp_path):
 
 
 def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
-    """Each variant provider: its backend with its kernel switches set while it runs (restored
-    after), on the ops whose kernels they change only, checked against float64 like every
-    provider. On a CPU machine the CUDA kernels run through the host emulation and the Triton
-    kernels through the interpreter."""
+    """Each variant provider: its backend with its kernel variants chosen (``reft_kernels.kernels``)
+    while it runs, and none after, on the ops whose kernels they change only, checked against
+    float64 like every provider. On a CPU machine the CUDA kernels run through the host emulation
+    and the Triton kernels through the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("the GPU sweep measures them on the real kernels")
     from reft_kernels import _cuda
+    from reft_kernels.ops import variants
     from tests.cuda.emulation.build import build
 
-    switches = sorted({k for _, env, _ in C.VARIANT_PROVIDERS.values() for k in env})
     seen = {}
     real = C.ours_fn
 
@@ -176,12 +176,10 @@ def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
             return None
 
         def run(**kw):
-            seen.setdefault((case.op, provider), {k: os.environ.get(k) for k in switches})
+            seen.setdefault((case.op, provider), variants.active().chosen())
             return fn(**kw)
         return run
 
-    for k in switches:
-        monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(C, "ours_fn", spy)
     cases = [C.Case("lowrank_edit", "loreft", "fp32", 40, 24, 3), C.Case("red", "red", "bf16", 40, 24)]
     providers = ["cuda", "triton", *C.VARIANT_PROVIDERS]
@@ -192,12 +190,9 @@ def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
             if p not in C.VARIANT_PROVIDERS or c.op in C.VARIANT_PROVIDERS[p][2]}
     assert {(r["op"], r["provider"]) for r in written} == want == set(seen)
     assert ("red", "cuda-cluster") not in want and ("lowrank_edit", "triton-tile2d") not in want
-    for (op, provider), env in seen.items():
-        expect = dict.fromkeys(switches)
-        if provider in C.VARIANT_PROVIDERS:
-            expect.update(C.VARIANT_PROVIDERS[provider][1])
-        assert env == expect, (op, provider)
-    assert all(k not in os.environ for k in switches)  # restored
+    for (op, provider), chosen in seen.items():
+        assert chosen == C.VARIANT_PROVIDERS.get(provider, (None, {}))[1], (op, provider)
+    assert variants.active() == variants.Variants()  # restored
     assert runner.default_providers(CPU) == ["eager", "compile", "torch"]  # variants: GPU sweeps only
 
 

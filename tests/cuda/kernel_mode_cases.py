@@ -1,25 +1,25 @@
-"""Cases for the CUDA kernels that environment switches select, shared by the emulated tests
-(``test_cuda_emulated.py``, CPU tensors) and the GPU tests (``test_cuda_kernel_modes.py``, CUDA
-tensors): the 16-byte parameter-gradient kernel (``REFT_KERNELS_CUDA_PARAMS=vector``) and the
-split finish of the row-block partial sums (``REFT_KERNELS_CUDA_FINISH=split``), against the
-float64 reference, every gradient included.
+"""Cases for the CUDA kernels that ``reft_kernels.kernels(...)`` selects, shared by the emulated
+tests (``test_cuda_emulated.py``, CPU tensors) and the GPU tests (``test_cuda_kernel_modes.py``,
+CUDA tensors): the 16-byte parameter-gradient kernel (``cuda_params="vector"``) and the split
+finish of the row-block partial sums (``cuda_finish="split"``), against the float64 reference,
+every gradient included.
 
-Each case function takes the device; the caller sets the switches (``use_modes``) and, on the CPU,
+Each case function takes the device; the caller selects the kernels (``modes``) and, on the CPU,
 opens the emulated backend.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+import reft_kernels
 from reft_kernels import lowrank_edit, lowrank_edit_, red
 
 from .._helpers import (
     bits, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, make_red_params, padded_index,
     red_ref_fn, run_with_grads,
 )
-
-PARAMS_ENV = "REFT_KERNELS_CUDA_PARAMS"
-FINISH_ENV = "REFT_KERNELS_CUDA_FINISH"
 
 # id: (parameter-gradient kernel, finish)
 MODES = {
@@ -30,10 +30,13 @@ MODES = {
 }
 
 
-def use_modes(monkeypatch, mode: str) -> None:
+@contextlib.contextmanager
+def modes(mode: str):
+    """The kernels of ``MODES[mode]`` for the block: ``reft_kernels.kernels(cuda_params=...,
+    cuda_finish=...)``."""
     params, finish = MODES[mode]
-    monkeypatch.setenv(PARAMS_ENV, params)
-    monkeypatch.setenv(FINISH_ENV, finish)
+    with reft_kernels.kernels(cuda_params=params, cuda_finish=finish) as chosen:
+        yield chosen
 
 
 # Rank chunks of the vector kernel: fp16/bf16 (V = 8) untied 1, 2, 4 and tied 2, 4, 8; fp32

@@ -227,18 +227,15 @@ def test_cuda_rank_limit():
     (1000, 16, torch.float16, torch.float16, "BAaCc", False, "silu", False),
     (257, 3, torch.float32, torch.float32, "BAac", True, None, True),
 ], ids=["loreft_4096_bf16", "noreft_gelu_4096_bf16_fp32p_index", "r16_1000_fp16", "loreft_257_fp32_index"])
-def test_lowrank_cluster_bwd_on_gpu(monkeypatch, d, r, h_dtype, p_dtype, terms, tied, act, with_index):
-    """REFT_KERNELS_CUDA_LOWRANK_BWD=cluster on CUDA tensors against the float64 reference, every
-    gradient; 600 rows = 38 row blocks, several per cluster; bitwise equal over two runs."""
+def test_lowrank_cluster_bwd_on_gpu(d, r, h_dtype, p_dtype, terms, tied, act, with_index):
+    """kernels(cuda_lowrank_bwd="cluster") on CUDA tensors against the float64 reference, every
+    gradient; 600 rows = 38 row blocks, several per cluster; bitwise equal over two runs. That the
+    cluster kernel ran is asked of ``cuda_impl.bwd_plan``, the backward's own decision."""
     from reft_kernels.ops.lowrank_edit import cuda_impl
 
     ext = _cuda.extension()
     if ext.lowrank_edit_bwd_cluster_plan(torch.empty(0, device="cuda"), d, r, 0)[0] == 0:
         pytest.skip("a GPU below sm_90, or a build without sm_90 code: the split kernels run")
-    taken = []
-    use = cuda_impl._use_cluster_bwd
-    monkeypatch.setattr(cuda_impl, "_use_cluster_bwd", lambda *a: taken.append(use(*a)) or taken[-1])
-    monkeypatch.setenv(cuda_impl.LOWRANK_BWD_ENV, "cluster")
     n = 600
     base, view = make_base("contiguous", (n,), d, dtype=h_dtype, device="cuda")
     base.requires_grad_()
@@ -247,11 +244,12 @@ def test_lowrank_cluster_bwd_on_gpu(monkeypatch, d, r, h_dtype, p_dtype, terms, 
     fn = lowrank_edit_ if with_index else lowrank_edit
     vw = (lambda t: view(t) * 1.0) if with_index else view
     kw = dict(act=act, index=index, backend="cuda")
-    check_against_reference(fn, lowrank_ref_fn, base, vw, p, inplace=with_index, kernel_kwargs=kw,
-                            ref_kwargs=dict(act=act, index=index))
-    assert taken == [True]
-    g = torch.randn(n, d, device="cuda").to(h_dtype)
-    (y1, g1), (y2, g2) = (run_with_grads(fn, base, vw, p, g, inplace=with_index, **kw) for _ in range(2))
+    with reft_kernels.kernels(cuda_lowrank_bwd="cluster"):
+        assert cuda_impl.bwd_plan(torch.empty(0, device="cuda"), d, r) == "cluster"
+        check_against_reference(fn, lowrank_ref_fn, base, vw, p, inplace=with_index, kernel_kwargs=kw,
+                                ref_kwargs=dict(act=act, index=index))
+        g = torch.randn(n, d, device="cuda").to(h_dtype)
+        (y1, g1), (y2, g2) = (run_with_grads(fn, base, vw, p, g, inplace=with_index, **kw) for _ in range(2))
     assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 

@@ -1,23 +1,27 @@
 """The one-pass low-rank backward with thread-block clusters (``csrc/lowrank_edit_bwd_cluster.cu``,
-``REFT_KERNELS_CUDA_LOWRANK_BWD=cluster``), run on the CPU through the host-thread emulation of
-``tests/cuda/emulation`` with clusters and distributed shared memory (the CTAs of a cluster run
-together; ``cluster.sync()`` is a barrier over all their threads; ``map_shared_rank`` reads
-another CTA's dynamic shared memory, which starts as NaN bytes), against the float64 reference,
-every gradient included.
+``reft_kernels.kernels(cuda_lowrank_bwd="cluster")``), run on the CPU through the host-thread
+emulation of ``tests/cuda/emulation`` with clusters and distributed shared memory (the CTAs of a
+cluster run together; ``cluster.sync()`` is a barrier over all their threads; ``map_shared_rank``
+reads another CTA's dynamic shared memory, which starts as NaN bytes), against the float64
+reference, every gradient included.
 
-The cluster size and the number of clusters are forced (``cuda_impl._CLUSTER_SHAPE``) so that
-small inputs still reach several CTAs per cluster (some with no columns at all), several
-clusters, and several row blocks per cluster (16 rows per block). A counting wrapper around the
-emulated extension checks which backward kernel ran, so a silent fallback to the split kernels
-fails the tests. Shapes are small: the emulation runs ~1e5x slower than a GPU.
+The cluster size and the number of clusters are forced (``_cuda.on_host(ext, cluster_shape=(C,
+Q))``) so that small inputs still reach several CTAs per cluster (some with no columns at all),
+several clusters, and several row blocks per cluster (16 rows per block). Which backward runs is
+asked of ``cuda_impl.bwd_plan``, the function the op's CUDA kernel decides with, and a counting
+wrapper around the emulated extension checks that the entry point it names was called, so a
+silent fallback to the split kernels fails the tests. Shapes are small: the emulation runs ~1e5x
+slower than a GPU.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
 
+import reft_kernels
 from reft_kernels import _cuda, lowrank_edit, lowrank_edit_
 from reft_kernels.ops.lowrank_edit import cuda_impl
 
@@ -27,7 +31,7 @@ from .._helpers import (
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
 
-ENV = cuda_impl.LOWRANK_BWD_ENV
+CPU = torch.empty(0)  # a tensor on the emulated kernels' device, for bwd_plan and the cluster plan
 
 
 class CountingExtension:
@@ -42,9 +46,9 @@ class CountingExtension:
         if not callable(attr):
             return attr
 
-        def counted(*args):
+        def counted(*args, **kwargs):
             self.calls[name] += 1
-            return attr(*args)
+            return attr(*args, **kwargs)
 
         return counted
 
@@ -59,17 +63,19 @@ def emulated():
 
 
 @pytest.fixture
-def cluster(emulated, monkeypatch):
-    """backend="cuda" on CPU tensors with the cluster backward selected; ``cluster(C, Q)`` forces
-    the cluster size C and the number of clusters Q. Yields the call counter."""
-    monkeypatch.setenv(ENV, "cluster")
+def cluster(emulated):
+    """backend="cuda" on CPU tensors with the cluster backward selected
+    (``kernels(cuda_lowrank_bwd="cluster")``); ``cluster(C, Q)`` forces the cluster size C and the
+    number of clusters Q (``on_host(..., cluster_shape=(C, Q))``). Returns the call counter."""
     emulated.calls.clear()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(reft_kernels.kernels(cuda_lowrank_bwd="cluster"))
 
-    def shape(c=0, q=0):
-        monkeypatch.setattr(cuda_impl, "_CLUSTER_SHAPE", (c, q))
-        return emulated.calls
+        def shape(c=0, q=0):
+            stack.enter_context(_cuda.on_host(emulated, cluster_shape=(c, q)))
+            return emulated.calls
 
-    return shape
+        yield shape
 
 
 def _check(base, view, p, *, act=None, index=None, inplace=False):
@@ -80,7 +86,10 @@ def _check(base, view, p, *, act=None, index=None, inplace=False):
                                    ref_kwargs=dict(act=act, index=index))
 
 
-def _ran_cluster(calls, times=1):
+def _ran_cluster(calls, d, r, times=1):
+    """The backward's own decision for (d, r) under the active selection and cluster shape is the
+    cluster kernel, and only its entry point was called (``times`` backward calls)."""
+    assert cuda_impl.bwd_plan(CPU, d, r) == "cluster", (d, r, _cuda.cluster_shape())
     assert calls["lowrank_edit_bwd_cluster"] == times and calls["lowrank_edit_bwd"] == 0, dict(calls)
 
 
@@ -106,7 +115,7 @@ def test_cluster_widths_and_shapes(cluster, d, csize, q, name):
     base, view = make_base("contiguous", (3, 13), d)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(d, 5, terms=terms, tied=tied), act=act)
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, 5)
 
 
 @pytest.mark.parametrize("r", [1, 4, 8, 9, 16])
@@ -119,7 +128,7 @@ def test_cluster_ranks_and_family(cluster, r, name):
     base, view = make_base("contiguous", (37,), d)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(d, r, terms=terms, tied=tied), act=act)
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, r)
 
 
 def test_cluster_wide_slice_two_column_parts(cluster):
@@ -127,11 +136,11 @@ def test_cluster_wide_slice_two_column_parts(cluster):
     column parts of 8 warps."""
     calls = cluster(0, 2)
     d = 600
-    assert list(cuda_impl._cuda.extension().lowrank_edit_bwd_cluster_plan(torch.empty(0), d, 8, 0)) == [2, 256, 304, 8]
+    assert list(_cuda.extension().lowrank_edit_bwd_cluster_plan(CPU, d, 8, 0)) == [2, 256, 304, 8]
     base, view = make_base("contiguous", (20,), d)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(d, 8, terms="BAaCc"), act="gelu")
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, 8)
 
 
 # ----------------------------------------------------------------------------- dtypes, index, layouts
@@ -148,7 +157,7 @@ def test_cluster_dtypes(cluster, h_dtype, p_dtype, d):
     base, view = make_base("contiguous", (5, 8), d, dtype=h_dtype)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(d, 6, p_dtype, tied=True), act="gelu")
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, 6)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out_index", "inplace_index"])
@@ -163,7 +172,7 @@ def test_cluster_index_with_padding(cluster, inplace, name):
     base.requires_grad_()
     index = padded_index(54, 36, 5)
     _check(base, view, make_lowrank_params(d, 7, terms=terms, tied=tied), act=act, index=index, inplace=inplace)
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, 7)
 
 
 @pytest.mark.parametrize("layout,lead", [("transposed", (5, 6)), ("strided_cols", (4, 5)), ("sliced_cols", (9,))])
@@ -174,7 +183,7 @@ def test_cluster_layouts(cluster, layout, lead):
     base, view = make_base(layout, lead, d)
     base.requires_grad_()
     _check(base, view, make_lowrank_params(d, 5, terms="BAaCc"), act="silu")
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, 5)
 
 
 @pytest.mark.parametrize("wanted", ["h", "B", "A", "a", "C", "c", "AB"])
@@ -188,7 +197,7 @@ def test_cluster_need_flags(cluster, wanted):
     for k in wanted if wanted != "h" else ():
         p[k].requires_grad_()
     _check(base, view, p, act="gelu")
-    _ran_cluster(calls)
+    _ran_cluster(calls, d, r)
 
 
 # ----------------------------------------------------------------------------- determinism, selection
@@ -205,36 +214,55 @@ def test_cluster_bitwise_deterministic(cluster, inplace):
     (y1, g1), (y2, g2) = (run_with_grads(fn, h0.clone().requires_grad_(), lambda t: t, p, g, inplace=inplace,
                                          act="silu", index=index, backend="cuda") for _ in range(2))
     assert torch.equal(bits(y1), bits(y2)) and all(torch.equal(bits(g1[k]), bits(g2[k])) for k in g1)
-    _ran_cluster(calls, times=2)
+    _ran_cluster(calls, d, r, times=2)
 
 
-def test_selection_default_is_split(emulated, monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
-    assert cuda_impl.lowrank_bwd_kernel() == "split"
+def test_selection_default_is_split(emulated):
+    """Outside every kernels(...) block, and with cuda_lowrank_bwd=None inside one, the rule
+    (split) runs."""
+    assert cuda_impl.bwd_kernel() == "split" and cuda_impl.bwd_plan(CPU, 24, 3) == "split"
     emulated.calls.clear()
     base = torch.randn(20, 24, requires_grad=True)
     _check(base, lambda t: t, make_lowrank_params(24, 3, tied=True))
     assert emulated.calls["lowrank_edit_bwd"] == 1 and emulated.calls["lowrank_edit_bwd_cluster"] == 0
-    monkeypatch.setenv(ENV, "split")
-    assert cuda_impl.lowrank_bwd_kernel() == "split"
+    with reft_kernels.kernels(cuda_lowrank_bwd="cluster"):
+        assert cuda_impl.bwd_kernel() == "cluster" and cuda_impl.bwd_plan(CPU, 24, 3) == "cluster"
+        with reft_kernels.kernels(cuda_lowrank_bwd=None):
+            assert cuda_impl.bwd_kernel() == "split" and cuda_impl.bwd_plan(CPU, 24, 3) == "split"
+    with reft_kernels.kernels(cuda_lowrank_bwd="split"):
+        assert cuda_impl.bwd_kernel() == "split"
 
 
-def test_selection_bad_value_raises(emulated, monkeypatch):
-    monkeypatch.setenv(ENV, "clusters")
-    with pytest.raises(ValueError, match=f"{ENV}.*'split', 'cluster'"):
-        cuda_impl.lowrank_bwd_kernel()
-    y = lowrank_edit(torch.randn(5, 16, requires_grad=True), torch.randn(2, 16), backend="cuda")
-    with pytest.raises(ValueError, match=ENV):
-        y.sum().backward()
+def test_selection_bad_value_raises(emulated):
+    """An unknown backward is refused where it is chosen, naming the accepted ones; the selection
+    in force is unchanged."""
+    with pytest.raises(ValueError, match=r"cuda_lowrank_bwd must be one of \('split', 'cluster'\)"):
+        with reft_kernels.kernels(cuda_lowrank_bwd="clusters"):
+            pass
+    assert cuda_impl.bwd_kernel() == "split"
 
 
-def test_cluster_selected_but_rank_too_large_runs_split(cluster):
-    """r = 17 is past the cluster kernel's register budget: the split kernels run."""
+def test_cluster_selected_but_rank_too_large_raises(cluster):
+    """r = 17 is past the cluster kernel's register budget: the requested variant is refused,
+    naming the one that takes the call, before any kernel runs (no quiet fallback)."""
     calls = cluster()
     d = 24
+    with pytest.raises(ValueError, match=r"cannot take d=24, r=17 here.*use cuda_lowrank_bwd='split'"):
+        cuda_impl.bwd_plan(CPU, d, 17)
     base = torch.randn(18, d, requires_grad=True)
-    _check(base, lambda t: t, make_lowrank_params(d, 17, tied=True))
-    assert calls["lowrank_edit_bwd"] == 1 and calls["lowrank_edit_bwd_cluster"] == 0
+    p = make_lowrank_params(d, 17, tied=True)
+    y = lowrank_edit(base, p["B"], p["A"], p["a"], p["C"], p["c"], backend="cuda")
+    with pytest.raises(ValueError, match="cuda_lowrank_bwd='split'"):
+        y.sum().backward()
+    assert calls["lowrank_edit_bwd"] == 0 and calls["lowrank_edit_bwd_cluster"] == 0
+
+
+def test_cluster_size_that_does_not_fit_raises(cluster):
+    """A forced cluster size whose CTAs would take more than 512 columns (d = 1100 over 2) is not
+    taken either: refused, naming the split kernels."""
+    cluster(2, 2)
+    with pytest.raises(ValueError, match="cannot take d=1100, r=4"):
+        cuda_impl.bwd_plan(CPU, 1100, 4)
 
 
 def test_cluster_plan(emulated):
@@ -254,5 +282,6 @@ def test_cluster_refuses_shapes_outside_its_plan(emulated):
     g, x = torch.randn(n, d), torch.randn(n, d)
     B, z = torch.randn(r, d), torch.randn(n, r)
     with pytest.raises(ValueError, match="r <= 16"):
-        emulated.lowrank_edit_bwd_cluster(g, None, None, n, d, d, 1, d, 1, x, None, B, None, z, None, 0, False,
-                                          False, True, False, 0, 0)
+        emulated.lowrank_edit_bwd_cluster(g, None, None, x, weights=[None, B, None], z=z, u=None,
+                                          rows=[n, d, d, 1, d, 1], flags=[0, 0, 0, 0, 1, 0, 0, 0, 0],
+                                          cluster=[0, 0])

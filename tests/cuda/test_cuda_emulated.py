@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import reft_kernels
 from reft_kernels import _cuda, lowrank_edit, lowrank_edit_, red
 
 from .._helpers import (
@@ -192,6 +193,36 @@ def test_lowrank_untied_C_sharing_B_memory():
         _check_lowrank(base, lambda t: t, p, mode=mode, act="gelu", index=index)
 
 
+def test_binding_records_checked():
+    """The low-rank entry points take their arguments as records (weights, rows, flags, cluster;
+    csrc/bindings.cpp): a well-formed call runs, a record of the wrong length, a missing B or an
+    unknown activation raises ValueError naming the record before any launch."""
+    ext = _cuda.extension()
+    n, d, r = 5, 8, 2
+    g, B = torch.randn(n, d), torch.randn(r, d)
+    y = torch.empty(n, d)
+    fwd = dict(weights=[None, None, B, None, None], rows=[n, d, d, 1, d, 1], flags=[0, 0, 0])
+    z, _, _ = ext.lowrank_edit_fwd(g, y, None, **fwd)
+    torch.testing.assert_close(y, g)  # no A, C, a, c: the latent is 0 and y = h
+    for bad, match in [({"rows": [n, d, d, 1, d]}, "rows must be"), ({"flags": [0, 0]}, "flags must be"),
+                       ({"weights": [None, None, B, None]}, "weights must be"),
+                       ({"weights": [None] * 5}, "must include B"), ({"flags": [99, 0, 0]}, "unknown activation")]:
+        with pytest.raises(ValueError, match=match):
+            ext.lowrank_edit_fwd(g, y, None, **{**fwd, **bad})
+    # identity activation, need_da, need_dB, need_dc: da = sum gz and dc = -sum gz in one order
+    bwd = dict(weights=[None, B, None], z=z, u=None, rows=[n, d, d, 1, d, 1], flags=[0, 0, 0, 1, 1, 0, 1, 0, 0])
+    dA, da, dB, dC, dc = ext.lowrank_edit_bwd(g, None, None, g, **bwd)
+    assert dA.numel() == 0 and dC.numel() == 0 and dB.shape == (r, d) and da.shape == dc.shape == (r,)
+    torch.testing.assert_close(da, (g.double() @ B.double().T).sum(0).float())
+    assert torch.equal(dc, -da)
+    for bad, match in [({"flags": [0] * 8}, "flags must be"), ({"weights": [None, B]}, "weights must be"),
+                       ({"rows": [n, d]}, "rows must be")]:
+        with pytest.raises(ValueError, match=match):
+            ext.lowrank_edit_bwd(g, None, None, g, **{**bwd, **bad})
+    with pytest.raises(ValueError, match="cluster must be"):
+        ext.lowrank_edit_bwd_cluster(g, None, None, g, **bwd, cluster=[2])
+
+
 # ----------------------------------------------------------------------------- the core's policies
 
 from ..ops import test_autocast, test_double_backward, test_index_sync_free, test_inplace_safety  # noqa: E402
@@ -240,9 +271,9 @@ def test_red_single_column_or_no_rows_any_column_stride(layout, lead, d):
     check_against_reference(red, red_ref_fn, base, view, make_red_params(d), kernel_kwargs={"backend": "cuda"})
 
 
-# ----------------------------------------------------------------------------- switched kernels
-# The 16-byte parameter-gradient kernel (REFT_KERNELS_CUDA_PARAMS=vector) and the split finish of
-# the partial sums (REFT_KERNELS_CUDA_FINISH=split); the cases are shared with the GPU tests of
+# ----------------------------------------------------------------------------- selected kernels
+# The 16-byte parameter-gradient kernel (kernels(cuda_params="vector")) and the split finish of
+# the partial sums (kernels(cuda_finish="split")); the cases are shared with the GPU tests of
 # test_cuda_kernel_modes.py. The emulated device reports 2 SMs of 16 resident 128-thread blocks
 # (8 of 256), so the reductions below take up to 32 (16) row blocks.
 
@@ -251,32 +282,32 @@ from . import kernel_mode_cases as km  # noqa: E402
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("r", km.RANKS)
-def test_params_vector_ranks_fp32(monkeypatch, r, tied):
+def test_params_vector_ranks_fp32(r, tied):
     """Every rank chunk of the fp32 vector kernel (4, 8, 16 tied; 2, 4, 8 untied) with its ragged
     last chunk; d = 257 in rows 264 apart: 64 whole 4-column packs per row in the vector loop and
     a 1-column tail in the scalar loop."""
-    km.use_modes(monkeypatch, "vector_split")
-    km.check_lowrank(CPU, 257, r, km.LOREFT if tied else km.NOREFT_GELU, layout="padded", g_layout="padded")
+    with km.modes("vector_split"):
+        km.check_lowrank(CPU, 257, r, km.LOREFT if tied else km.NOREFT_GELU, layout="padded", g_layout="padded")
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("r", [1, 3, 4, 5, 8, 9, 17])
-def test_params_vector_ranks_bf16(monkeypatch, r, tied):
+def test_params_vector_ranks_bf16(r, tied):
     """fp16/bf16 chunks (2, 4, 8 tied; 1, 2, 4 untied); d = 100 in rows 104 apart: 12 packs of 8
     and a 4-column tail."""
-    km.use_modes(monkeypatch, "vector_split")
-    km.check_lowrank(CPU, 100, r, km.LOREFT if tied else km.NOREFT_GELU, dtype=torch.bfloat16, lead=(2, 5),
-                     layout="padded", g_layout="padded")
+    with km.modes("vector_split"):
+        km.check_lowrank(CPU, 100, r, km.LOREFT if tied else km.NOREFT_GELU, dtype=torch.bfloat16, lead=(2, 5),
+                         layout="padded", g_layout="padded")
 
 
 @pytest.mark.parametrize("dtype,p_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
                                            (torch.float32, torch.bfloat16)],
                          ids=["fp16", "bf16_h_fp32_p", "fp32_h_bf16_p"])
 @pytest.mark.parametrize("d", [64, 7])
-def test_params_vector_dtypes(monkeypatch, dtype, p_dtype, d):
+def test_params_vector_dtypes(dtype, p_dtype, d):
     """d = 64: whole packs only; d = 7: no whole fp16/bf16 pack, every lane in the scalar loop."""
-    km.use_modes(monkeypatch, "vector")
-    km.check_lowrank(CPU, d, 6, km.NOREFT_GELU, dtype=dtype, p_dtype=p_dtype, lead=(4, 5))
+    with km.modes("vector"):
+        km.check_lowrank(CPU, d, 6, km.NOREFT_GELU, dtype=dtype, p_dtype=p_dtype, lead=(4, 5))
 
 
 @pytest.mark.parametrize("layout,lead,g_layout", [
@@ -288,53 +319,96 @@ def test_params_vector_dtypes(monkeypatch, dtype, p_dtype, d):
     ("transposed", (3, 5), None),            # rows copied by as_rows: x packs again
 ], ids=["g_unaligned", "g_strided", "x_sliced", "x_strided", "x_col_major", "transposed"])
 @pytest.mark.parametrize("family", ["loreft", "noreft_gelu"])
-def test_params_vector_scalar_paths(monkeypatch, layout, lead, g_layout, family):
+def test_params_vector_scalar_paths(layout, lead, g_layout, family):
     """Rows that cannot be read as 16-byte packs take the vector kernel's scalar loop."""
-    km.use_modes(monkeypatch, "vector_split")
-    km.check_lowrank(CPU, 40, 5, km.LOREFT if family == "loreft" else km.NOREFT_GELU, layout=layout, lead=lead,
-                     g_layout=g_layout)
+    with km.modes("vector_split"):
+        km.check_lowrank(CPU, 40, 5, km.LOREFT if family == "loreft" else km.NOREFT_GELU, layout=layout, lead=lead,
+                         g_layout=g_layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["loreft", "noreft_gelu"])
-def test_params_vector_index_with_padding(monkeypatch, dtype, family):
+def test_params_vector_index_with_padding(dtype, family):
     """In place through an index with -1 entries: padding rows are masked in the stage."""
-    km.use_modes(monkeypatch, "vector_split")
-    km.check_lowrank(CPU, 72, 9, km.LOREFT if family == "loreft" else km.NOREFT_GELU, dtype=dtype, lead=(5, 9),
-                     mode="inplace_index")
+    with km.modes("vector_split"):
+        km.check_lowrank(CPU, 72, 9, km.LOREFT if family == "loreft" else km.NOREFT_GELU, dtype=dtype, lead=(5, 9),
+                         mode="inplace_index")
 
 
 @pytest.mark.parametrize("wanted", ["B", "A", "C", "h"])
-def test_params_vector_partial_requires_grad(monkeypatch, wanted):
+def test_params_vector_partial_requires_grad(wanted):
     """One matrix gradient at a time (B alone reads g only, A and C read x only), or none."""
-    km.use_modes(monkeypatch, "vector")
-    km.check_lowrank(CPU, 48, 5, km.NOREFT_GELU, lead=(20,), wanted=wanted)
+    with km.modes("vector"):
+        km.check_lowrank(CPU, 48, 5, km.NOREFT_GELU, lead=(20,), wanted=wanted)
 
 
 @pytest.mark.parametrize("mode,inplace", [("vector_split", False), ("vector_split", True), ("split", False)],
                          ids=["vector_split-out", "vector_split-inplace_index", "split-out"])
-def test_params_many_row_blocks_deterministic(monkeypatch, mode, inplace):
+def test_params_many_row_blocks_deterministic(mode, inplace):
     """Vector kernel, out of place: 17 row blocks of 16 rows, finished over r d = 288 columns in 8
     ranges of 3 row blocks (the sixth ragged, the last two empty); in place: 13 row blocks in 4
     ranges. Scalar kernel: 5 row blocks in 2 ranges. Bitwise equal across two runs, and right."""
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank_deterministic(CPU, inplace=inplace)
+    with km.modes(mode):
+        km.check_lowrank_deterministic(CPU, inplace=inplace)
 
 
 @pytest.mark.parametrize("n,d", [(600, 48), (97, 1024), (1000, 7)])
-def test_red_split_finish_deterministic(monkeypatch, n, d):
+def test_red_split_finish_deterministic(n, d):
     """RED's ds, dt split-finished: 13 row blocks in 4 ranges of 4 (600 x 48); 4 row blocks of
     tiles 256 columns wide with 4 thread rows (97 x 1024); 8 row blocks of 128 thread rows over a
     row of 2 vectors, one of them ragged (1000 x 7)."""
-    km.use_modes(monkeypatch, "split")
-    km.check_red_deterministic(CPU, n=n, d=d)
+    with km.modes("split"):
+        km.check_red_deterministic(CPU, n=n, d=d)
 
 
-@pytest.mark.parametrize("var", [km.PARAMS_ENV, km.FINISH_ENV])
-def test_unknown_kernel_switch_refused(monkeypatch, var):
-    monkeypatch.setenv(var, "fastest")
+@pytest.mark.parametrize("axis", ["cuda_params", "cuda_finish", "cuda_lowrank_bwd"])
+def test_unknown_kernel_variant_refused(axis):
+    """An unknown variant is refused when it is chosen, naming the axis and what it accepts."""
+    with pytest.raises(ValueError, match=f"{axis} must be one of"):
+        with reft_kernels.kernels(**{axis: "fastest"}):
+            pass
+
+
+class RecordingExtension:
+    """The emulated extension, keeping each call: (entry point, args, keyword args, result)."""
+
+    def __init__(self, ext):
+        self._ext = ext
+        self.records = []
+
+    def __getattr__(self, name):
+        attr = getattr(self._ext, name)
+        if not callable(attr):
+            return attr
+
+        def recorded(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            self.records.append((name, args, kwargs, out))
+            return out
+
+        return recorded
+
+
+@pytest.mark.parametrize("mode", list(km.MODES))
+def test_selected_kernels_reach_the_extension(mode):
+    """What kernels(...) selects is what the extension is told at the call: the low-rank
+    backward's flags end with [params_vector, finish_split] and RED's backward gets finish_split.
+    The bias gradients are the extension's own outputs (finished by its fixed-order sum), handed
+    to autograd unchanged."""
+    params, finish = km.MODES[mode]
+    rec = RecordingExtension(_cuda.extension())
     base = torch.randn(40, 16, requires_grad=True)
     p = make_lowrank_params(16, 3, tied=True)
-    y = lowrank_edit(base, p["B"], p["A"], p["a"], p["C"], backend="cuda")
-    with pytest.raises(ValueError, match=var):
-        y.sum().backward()
+    s, t = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    with _cuda.on_host(rec), km.modes(mode):
+        lowrank_edit(base, p["B"], p["A"], p["a"], p["C"], p["c"], backend="cuda").sum().backward()
+        red(base, s, t, backend="cuda").sum().backward()
+    calls = {name: (args, kwargs, out) for name, args, kwargs, out in rec.records}
+    _, kwargs, (dA, da, dB, dC, dc) = calls["lowrank_edit_bwd"]
+    flags = kwargs["flags"]
+    assert flags[-2:] == [int(params == "vector"), int(finish == "split")], flags
+    assert flags[3] == 1 and flags[6] == 1, flags  # need_da, need_dc
+    assert torch.equal(p["a"].grad, da) and torch.equal(p["c"].grad, dc)
+    args, _, (_, ds, dt) = calls["red_bwd"]
+    assert args[-1] is (finish == "split")
+    assert torch.equal(s.grad, ds) and torch.equal(t.grad, dt)

@@ -1,8 +1,8 @@
-"""The CUDA kernels that environment switches select, on a GPU (skipped without one or without the
-built extension; on the CPU, test_cuda_emulated.py runs the same cases through the emulation):
-the 16-byte parameter-gradient kernel (``REFT_KERNELS_CUDA_PARAMS=vector``) and the split finish
-of the partial sums (``REFT_KERNELS_CUDA_FINISH=split``), each against the float64 reference with
-every gradient, beside the previous kernels (mode "previous"). Shapes up to a few thousand rows,
+"""The CUDA kernels that ``reft_kernels.kernels(...)`` selects, on a GPU (skipped without one or
+without the built extension; on the CPU, test_cuda_emulated.py runs the same cases through the
+emulation): the 16-byte parameter-gradient kernel (``cuda_params="vector"``) and the split finish
+of the partial sums (``cuda_finish="split"``), each against the float64 reference with every
+gradient, beside the previous kernels (mode "previous"). Shapes up to a few thousand rows,
 so that a real GPU plans many row blocks (and the split finish its longest trees).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ ALL_MODES = list(km.MODES)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("r", km.RANKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ranks(monkeypatch, mode, tied, r, dtype):
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank(DEV, 257 if dtype == torch.float32 else 100, r, km.LOREFT if tied else km.NOREFT_GELU,
-                     dtype=dtype, lead=(8, 33), layout="padded", g_layout="padded")
+def test_ranks(mode, tied, r, dtype):
+    with km.modes(mode):
+        km.check_lowrank(DEV, 257 if dtype == torch.float32 else 100, r, km.LOREFT if tied else km.NOREFT_GELU,
+                         dtype=dtype, lead=(8, 33), layout="padded", g_layout="padded")
 
 
 @pytest.mark.parametrize("mode", ["previous", "vector_split"])
@@ -36,9 +36,9 @@ def test_ranks(monkeypatch, mode, tied, r, dtype):
                                            (torch.float32, torch.bfloat16)],
                          ids=["fp16", "bf16_h_fp32_p", "fp32_h_bf16_p"])
 @pytest.mark.parametrize("d", [64, 7, 4096])
-def test_dtypes(monkeypatch, mode, dtype, p_dtype, d):
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank(DEV, d, 8, km.LOREFT, dtype=dtype, p_dtype=p_dtype, lead=(16, 64))
+def test_dtypes(mode, dtype, p_dtype, d):
+    with km.modes(mode):
+        km.check_lowrank(DEV, d, 8, km.LOREFT, dtype=dtype, p_dtype=p_dtype, lead=(16, 64))
 
 
 @pytest.mark.parametrize("mode", ["previous", "vector_split"])
@@ -47,35 +47,35 @@ def test_dtypes(monkeypatch, mode, dtype, p_dtype, d):
     ("strided_cols", (4, 4), None), ("col_major", (13,), None), ("transposed", (3, 5), None),
 ], ids=["g_unaligned", "g_strided", "x_sliced", "x_strided", "x_col_major", "transposed"])
 @pytest.mark.parametrize("family", ["loreft", "noreft_gelu"])
-def test_scalar_paths(monkeypatch, mode, layout, lead, g_layout, family):
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank(DEV, 40, 5, km.LOREFT if family == "loreft" else km.NOREFT_GELU, layout=layout, lead=lead,
-                     g_layout=g_layout)
+def test_scalar_paths(mode, layout, lead, g_layout, family):
+    with km.modes(mode):
+        km.check_lowrank(DEV, 40, 5, km.LOREFT if family == "loreft" else km.NOREFT_GELU, layout=layout, lead=lead,
+                         g_layout=g_layout)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_index_with_padding(monkeypatch, mode, dtype):
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank(DEV, 1000, 9, km.NOREFT_GELU, dtype=dtype, lead=(32, 40), mode="inplace_index")
+def test_index_with_padding(mode, dtype):
+    with km.modes(mode):
+        km.check_lowrank(DEV, 1000, 9, km.NOREFT_GELU, dtype=dtype, lead=(32, 40), mode="inplace_index")
 
 
 @pytest.mark.parametrize("wanted", ["B", "A", "C", "h"])
-def test_partial_requires_grad(monkeypatch, wanted):
-    km.use_modes(monkeypatch, "vector_split")
-    km.check_lowrank(DEV, 48, 5, km.NOREFT_GELU, lead=(20,), wanted=wanted)
+def test_partial_requires_grad(wanted):
+    with km.modes("vector_split"):
+        km.check_lowrank(DEV, 48, 5, km.NOREFT_GELU, lead=(20,), wanted=wanted)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace_index"])
-def test_many_row_blocks_deterministic(monkeypatch, mode, inplace):
-    km.use_modes(monkeypatch, mode)
-    km.check_lowrank_deterministic(DEV, n=8192, d=256, r=8, inplace=inplace)
+def test_many_row_blocks_deterministic(mode, inplace):
+    with km.modes(mode):
+        km.check_lowrank_deterministic(DEV, n=8192, d=256, r=8, inplace=inplace)
 
 
 @pytest.mark.parametrize("mode", ["previous", "split"])
 @pytest.mark.parametrize("n,d,dtype", [(16384, 512, torch.bfloat16), (8192, 48, torch.float32),
                                        (3000, 4100, torch.float32)])
-def test_red_deterministic(monkeypatch, mode, n, d, dtype):
-    km.use_modes(monkeypatch, mode)
-    km.check_red_deterministic(DEV, n=n, d=d, dtype=dtype)
+def test_red_deterministic(mode, n, d, dtype):
+    with km.modes(mode):
+        km.check_red_deterministic(DEV, n=n, d=d, dtype=dtype)

@@ -8,7 +8,7 @@ import torch
 
 import reft_kernels
 from reft_kernels import ACTIVATION_NAMES, lowrank_edit, lowrank_edit_
-from reft_kernels.ops.lowrank_edit.triton_impl import triton_max_rank
+from reft_kernels.ops.lowrank_edit.plan import triton_max_rank
 from reft_kernels.reference import lowrank_edit_reference
 
 from .._helpers import (

@@ -1,17 +1,17 @@
 """The L2-resident one-pass forward (``ops/lowrank_edit/triton_fwd_resident.py``), forced with
-``REFT_KERNELS_LOWRANK_FWD=resident``: forward and every gradient (its saved latents feed the
-backward) against the float64 reference with programs looping over several row blocks, over the
-layouts, index modes, terms, activations and dtypes; the launch planner with the H100's figures
-and at the small-d / large-d edges; and the mode switch."""
+``reft_kernels.kernels(lowrank_fwd="resident")``: forward and every gradient (its saved latents feed
+the backward) against the float64 reference with programs looping over several row blocks, over
+the layouts, index modes, terms, activations and dtypes; and its grid planner
+(``plan.resident_grid``) with the H100's figures and at the small-d / large-d edges."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reft_kernels import lowrank_edit, lowrank_edit_
+from reft_kernels import kernels, lowrank_edit, lowrank_edit_
 from reft_kernels._backend import available_backends
-from reft_kernels._triton import H100, SmLimits
-from reft_kernels.ops.lowrank_edit import triton_fwd_resident as resident
+from reft_kernels._device import H100, SmLimits
+from reft_kernels.ops.lowrank_edit import plan as P
 
 from .._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, padded_index
 
@@ -19,10 +19,11 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def forced(monkeypatch, device):
+def forced(device):
     if "triton" not in available_backends(device):
         pytest.skip("Triton does not run here")
-    monkeypatch.setenv(resident.ENV_VAR, "resident")
+    with kernels(lowrank_fwd="resident"):
+        yield
 
 
 def _check(base, view, params, *, inplace=False, act=None, index=None):
@@ -32,24 +33,13 @@ def _check(base, view, params, *, inplace=False, act=None, index=None):
                                    ref_kwargs=dict(act=act, index=index))
 
 
-def test_resident_path_runs_with_several_row_blocks_per_program(forced, device, monkeypatch):
-    """The cases below really take this kernel, and on the interpreter a program loops over more
-    than one row block (150 rows: 3 blocks of 64 over 2 programs)."""
-    grids = []
-    real = resident._lowrank_edit_fwd_resident_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: grids.append((grid, k["BLOCK_M"])) or real[grid](*a, **k)
-
-    monkeypatch.setattr(resident, "_lowrank_edit_fwd_resident_kernel", Spy())
-    base, view = make_base("contiguous", (150,), 40, device=device)
-    base.requires_grad_()
-    _check(base, view, make_lowrank_params(40, 3, device=device))
-    assert len(grids) == 1
-    (progs,), block_m = grids[0]
-    if device.type == "cpu":
-        assert (progs, block_m) == (2, 64)
+def test_resident_path_loops_over_several_row_blocks_per_program(forced, device):
+    """On the interpreter a program of the resident grid loops over more than one row block (150
+    rows: 3 blocks of 64 over 2 programs), the plan the launcher follows."""
+    if device.type != "cpu":
+        pytest.skip("the interpreter's plan")
+    (launch,) = P.plan(P.Call(150, 40, 3, torch.float32, has_C=True, tied=False, has_c=True)).fwd_launches
+    assert (launch.kernel, launch.grid, launch.block_m) == ("_lowrank_edit_fwd_resident_kernel", (2,), 64)
 
 
 @pytest.mark.parametrize("d,r", [(1, 1), (100, 3), (257, 16), (300, 33)], ids=lambda v: str(v))
@@ -83,15 +73,15 @@ def test_resident_low_precision(forced, device, dtype):
     _check(base, view, make_lowrank_params(96, 8, device=device, tied=True, terms="BAa"), act="gelu")
 
 
-def test_resident_matches_rowblock_and_is_deterministic(forced, device, monkeypatch):
+def test_resident_matches_rowblock_and_is_deterministic(forced, device):
     """Same latent and output as the previous kernel up to rounding, bitwise the same twice."""
     h = torch.randn(200, 130, device=device)
     p = make_lowrank_params(130, 6, device=device, requires_grad=False)
     a = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
     b = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
     assert torch.equal(a, b)
-    monkeypatch.setenv(resident.ENV_VAR, "rowblock")
-    c = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
+    with kernels(lowrank_fwd="rowblock"):
+        c = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
@@ -109,7 +99,7 @@ def test_resident_empty_and_all_padding(forced, device):
 
 def test_plan_h100_reference_shape():
     """bf16, N = 16384, d = 4096: 16-row blocks, one program per SM, 17 MB held of a 50 MB L2."""
-    block_m, progs = resident.plan(16384, 4096, 2, H100, lambda bm: 2)
+    block_m, progs = P.resident_grid(16384, 4096, 2, H100, lambda bm: 2)
     assert (block_m, progs) == (16, 132)
     assert progs * block_m * 4096 * 2 <= H100.l2_bytes // 2
     # the previous kernel's footprint at this shape, for the record: 264 programs x 512 KB
@@ -118,31 +108,31 @@ def test_plan_h100_reference_shape():
 
 def test_plan_taller_blocks_when_they_fit():
     # d = 2048 bf16: 132 x 32 rows x 4 KB = 17 MB fits, 64 rows would not
-    assert resident.plan(16384, 2048, 2, H100, lambda bm: 4) == (32, 132)
+    assert P.resident_grid(16384, 2048, 2, H100, lambda bm: 4) == (32, 132)
     # fp32 d = 4096 is as wide as bf16 d = 8192: back to 16 rows
-    assert resident.plan(16384, 4096, 4, H100, lambda bm: 4)[0] == 16
+    assert P.resident_grid(16384, 4096, 4, H100, lambda bm: 4)[0] == 16
 
 
 def test_plan_small_d_uses_the_occupancy():
     """d = 256 bf16: 64-row blocks leave room for 6 programs per SM; the occupancy decides."""
     seen = []
-    assert resident.plan(65536, 256, 2, H100, lambda bm: seen.append(bm) or 3) == (64, 3 * 132)
+    assert P.resident_grid(65536, 256, 2, H100, lambda bm: seen.append(bm) or 3) == (64, 3 * 132)
     assert seen == [64]
-    assert resident.plan(65536, 256, 2, H100, lambda bm: 20) == (64, 6 * 132)  # the L2 budget caps it
-    assert resident.plan(65536, 256, 2, H100, lambda bm: None) == (64, 132)  # unknown occupancy: one
+    assert P.resident_grid(65536, 256, 2, H100, lambda bm: 20) == (64, 6 * 132)  # the L2 budget caps it
+    assert P.resident_grid(65536, 256, 2, H100, lambda bm: None) == (64, 132)  # unknown occupancy: one
 
 
 def test_plan_large_d_falls_back_to_one_program_per_sm():
     """d = 65536 fp32: even 16 rows per SM overflow half the L2 (553 MB): keep every SM busy."""
-    assert resident.plan(16384, 65536, 4, H100, lambda bm: 1) == (16, 132)
-    assert resident.plan(40, 65536, 4, H100, lambda bm: 1) == (16, 3)
+    assert P.resident_grid(16384, 65536, 4, H100, lambda bm: 1) == (16, 132)
+    assert P.resident_grid(40, 65536, 4, H100, lambda bm: 1) == (16, 3)
 
 
 def test_plan_never_more_programs_than_row_blocks_and_reads_the_card():
-    assert resident.plan(100, 4096, 2, H100, lambda bm: 1) == (16, 7)
-    assert resident.plan(1, 8, 2, H100, lambda bm: 8) == (64, 1)
+    assert P.resident_grid(100, 4096, 2, H100, lambda bm: 1) == (16, 7)
+    assert P.resident_grid(1, 8, 2, H100, lambda bm: 8) == (64, 1)
     small_l2 = SmLimits(sms=108, l2_bytes=40 * MB)  # an A100: 108 SMs, 40 MB
-    block_m, progs = resident.plan(16384, 4096, 2, small_l2, lambda bm: 1)
+    block_m, progs = P.resident_grid(16384, 4096, 2, small_l2, lambda bm: 1)
     assert (block_m, progs) == (16, 108) and progs * block_m * 4096 * 2 <= 20 * MB
 
 
@@ -150,20 +140,8 @@ def test_gpu_tiles_cover_every_rank_and_dtype():
     for fp32, ranks in ((True, (16, 32, 64)), (False, (16, 32, 64, 128))):
         dtype = torch.float32 if fp32 else torch.bfloat16
         for r_pad in ranks:
-            assert 16 in resident.row_blocks(r_pad, dtype)  # the planner's last resort
-            for bm in resident.row_blocks(r_pad, dtype):
-                block_d, warps, stages = resident.gpu_tile(bm, 4096, r_pad, dtype)
+            assert 16 in P.resident_row_blocks(r_pad, dtype)  # the planner's last resort
+            for bm in P.resident_row_blocks(r_pad, dtype):
+                block_d, warps, stages = P.resident_tile(bm, 4096, r_pad, dtype)
                 assert block_d >= 16 and warps in (4, 8) and stages >= 2
-                assert resident.gpu_tile(bm, 20, r_pad, dtype)[0] == min(block_d, 32)  # shrunk to d
-
-
-def test_mode_switch(monkeypatch):
-    monkeypatch.delenv(resident.ENV_VAR, raising=False)
-    assert not resident.use_resident()  # the previous kernel stays the default until measured
-    monkeypatch.setenv(resident.ENV_VAR, "resident")
-    assert resident.use_resident()
-    monkeypatch.setenv(resident.ENV_VAR, "rowblock")
-    assert not resident.use_resident()
-    monkeypatch.setenv(resident.ENV_VAR, "l2")
-    with pytest.raises(ValueError, match="REFT_KERNELS_LOWRANK_FWD must be one of"):
-        resident.use_resident()
+                assert P.resident_tile(bm, 20, r_pad, dtype)[0] == min(block_d, 32)  # shrunk to d

@@ -1,24 +1,27 @@
 """The split-d forward (and backward latent) for few rows (``ops/lowrank_edit/triton_small_n.py``), forced with
-``REFT_KERNELS_SMALL_N=split``: forward and every gradient (its saved latents feed the backward)
-against the float64 reference, over the layouts, index modes, terms, activations and dtypes it
-must handle, with several column ranges (S > 1) and ragged edges; and the mode switch itself."""
+``reft_kernels.kernels(lowrank_fwd="split-d", lowrank_bwd="split-d")``: forward and every gradient
+(its saved latents feed the backward) against the float64 reference, over the layouts, index
+modes, terms, activations and dtypes it must handle, with several column ranges (S > 1) and
+ragged edges. Which kernels a call launches: tests/ops/test_plans.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reft_kernels import lowrank_edit, lowrank_edit_
+from reft_kernels import kernels, lowrank_edit, lowrank_edit_
 from reft_kernels._backend import available_backends
-from reft_kernels.ops.lowrank_edit import triton_small_n
+from reft_kernels._device import device_limits
+from reft_kernels.ops.lowrank_edit import plan as P
 
 from .._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, padded_index
 
 
 @pytest.fixture
-def split(monkeypatch, device):
+def split(device):
     if "triton" not in available_backends(device):
         pytest.skip("Triton does not run here")
-    monkeypatch.setenv(triton_small_n.ENV_VAR, "split")
+    with kernels(lowrank_fwd="split-d", lowrank_bwd="split-d"):
+        yield
 
 
 def _check(base, view, params, *, inplace=False, act=None, index=None):
@@ -28,20 +31,12 @@ def _check(base, view, params, *, inplace=False, act=None, index=None):
                                    ref_kwargs=dict(act=act, index=index))
 
 
-def test_split_path_runs_with_several_column_ranges(split, device, monkeypatch):
-    """The cases below really take the split path with S > 1 (not the one-pass kernel)."""
-    calls, bwd_calls = [], []
-    real, real_bwd = triton_small_n.fwd_split, triton_small_n.bwd_latent_split
-    monkeypatch.setattr(triton_small_n, "fwd_split", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    monkeypatch.setattr(triton_small_n, "bwd_latent_split",
-                        lambda *a, **k: bwd_calls.append(a[6]) or real_bwd(*a, **k))
-    base, view = make_base("contiguous", (9,), 300, device=device)
-    base.requires_grad_()
-    _check(base, view, make_lowrank_params(300, 5, device=device))
-    assert calls == [9] and bwd_calls == [9]
-    block_d = triton_small_n.tiles(9, 300, 16, torch.float32, device.type == "cuda")[1]
-    n_rb, n_cb = 1, -(-300 // block_d)
-    assert n_cb > 1 and triton_small_n.splits(n_rb, n_cb, device) > 1
+def test_split_path_has_several_column_ranges(split, device):
+    """The shapes below really take the split path with S > 1 (the plan the launchers follow)."""
+    limits = device_limits(device) if device.type == "cuda" else None
+    plan = P.plan(P.Call(9, 300, 5, torch.float32, has_C=True, tied=False, has_c=True), limits)
+    assert (plan.fwd, plan.bwd) == ("split-d", "split-d")
+    assert plan.fwd_launches[0].grid[1] > 1 and plan.bwd_launches[0].grid[1] > 1
 
 
 @pytest.mark.parametrize("d,r", [(1, 1), (100, 3), (257, 16), (300, 33)], ids=lambda v: str(v))
@@ -80,15 +75,3 @@ def test_split_is_deterministic(split, device):
     a = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
     b = lowrank_edit(h, p["B"], p["A"], p["a"], p["C"], p["c"], backend="triton")
     assert torch.equal(a, b)
-
-
-def test_mode_switch(monkeypatch):
-    monkeypatch.setenv(triton_small_n.ENV_VAR, "one-pass")
-    assert not triton_small_n.use_split(10, 64, torch.device("cpu"))
-    monkeypatch.setenv(triton_small_n.ENV_VAR, "split")
-    assert triton_small_n.use_split(10 ** 6, 64, torch.device("cpu"))
-    monkeypatch.delenv(triton_small_n.ENV_VAR)
-    assert not triton_small_n.use_split(10, 64, torch.device("cpu"))  # auto: GPU only
-    monkeypatch.setenv(triton_small_n.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="REFT_KERNELS_SMALL_N must be one of"):
-        triton_small_n.use_split(10, 64, torch.device("cpu"))

@@ -1,25 +1,24 @@
-"""RED's Triton backward with 2-D fp32 accumulators (``REFT_KERNELS_RED_BWD=tile2d``, opt-in,
+"""RED's Triton backward with 2-D fp32 accumulators (``reft_kernels.kernels(red_bwd="tile2d")``, opt-in,
 ``ops/red/triton_impl.py``): every gradient against the float64 reference over d, terms, layouts,
-dtypes and several row-split programs, bitwise determinism, and the mode switch."""
+dtypes and several row-split programs, bitwise determinism, and its tile."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reft_kernels import _triton, red
+from reft_kernels import kernels, red
 from reft_kernels._backend import available_backends
-from reft_kernels.ops.red import triton_impl
+from reft_kernels.ops.red import plan as RP
 
 from .._helpers import DTYPES, bits, check_against_reference, make_base, make_red_params, red_ref_fn, run_with_grads
 
 
 @pytest.fixture
-def tile2d(monkeypatch, device):
+def tile2d(device):
     if "triton" not in available_backends(device):
         pytest.skip("Triton does not run here")
-    monkeypatch.setenv(triton_impl.RED_BWD_ENV_VAR, "tile2d")
-    if device.type == "cpu":  # five row-split programs instead of the interpreter's two
-        monkeypatch.setattr(_triton, "target_programs", lambda dev, per_sm=None: 5)
+    with kernels(red_bwd="tile2d"):  # two row-split programs on the interpreter: one finish
+        yield
 
 
 def _check(base, view, params):
@@ -57,13 +56,6 @@ def test_tile2d_deterministic(tile2d, device):
         assert torch.equal(bits(runs[0][k]), bits(runs[1][k])), k
 
 
-def test_red_bwd_mode_switch(monkeypatch):
-    monkeypatch.delenv(triton_impl.RED_BWD_ENV_VAR, raising=False)
-    assert triton_impl.red_bwd_mode() == "rowsum"  # the previous accumulation stays the default
-    monkeypatch.setenv(triton_impl.RED_BWD_ENV_VAR, "TILE2D")
-    assert triton_impl.red_bwd_mode() == "tile2d"
-    monkeypatch.setenv(triton_impl.RED_BWD_ENV_VAR, "2d")
-    with pytest.raises(ValueError, match="REFT_KERNELS_RED_BWD must be one of"):
-        triton_impl.red_bwd_mode()
-    assert triton_impl._red_bwd_tiles(4096, True, tile2d=True) == (16, 128, 4)
-    assert triton_impl._red_bwd_tiles(4096, True) == (16, 256, 4)
+def test_tile2d_tile():
+    assert RP.bwd_tile(4096, True, tile2d=True) == (16, 128, 4)
+    assert RP.bwd_tile(4096, True) == (16, 256, 4)

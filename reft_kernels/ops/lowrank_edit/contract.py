@@ -42,3 +42,27 @@ class Spec:
     backend: str
     act: int
     tied: bool
+
+
+@dataclass(frozen=True)
+class FwdParams:
+    """One forward launch's tensors and addressing, as the Triton launchers take them (the fields
+    of ``csrc/reft_params.h``'s ``LowrankFwdParams``): rows ``src`` (read) and ``dst`` (written;
+    ``dst is src`` in place), ``hsave`` the (n, d) copy of the edited rows or None, ``idx`` the
+    (n,) index (any tensor when ``indexed`` is False), ``n`` rows of width ``d`` and rank ``r``,
+    row and column strides of ``src`` (``s_h``, ``s_hc``) and ``dst`` (``s_y``, ``s_yc``), the
+    parameters (``C`` None when tied), ``spec``, and the fp32 (n, r) outputs ``z`` and ``u``
+    (None unless saved)."""
+    src: object
+    dst: object
+    hsave: object
+    idx: object
+    indexed: bool
+    n: int
+    d: int
+    r: int
+    strides: tuple  # (s_h, s_hc, s_y, s_yc)
+    params: tuple   # (A, a, B, C, c)
+    spec: Spec
+    z: object
+    u: object

@@ -10,38 +10,51 @@ PyTorch path keeps the same saved layout, so the fallback converts nothing. Late
 parameter gradients are in the accumulation dtype (float32; float64 for float64 h); an output
 that was not asked for is an empty tensor.
 
-Backward kernel, chosen by the environment variable ``REFT_KERNELS_CUDA_LOWRANK_BWD`` (read at
-every backward call):
+Kernel variants, chosen with ``reft_kernels.kernels(...)`` (``ops/variants.py``) and read when the
+CUDA kernels below are called (with torch.compile, at run time: the ops are opaque to the trace),
+then passed to the extension with the call; nothing here or in ``csrc/`` reads the environment.
+None on an axis (outside every ``kernels`` block) is the rule, the first variant:
 
-- ``"split"`` (default): ``csrc/lowrank_edit_bwd.cu``, a kernel for gz and dh and a kernel for the
-  parameter-gradient partials; g is read from HBM twice (about 8 bytes per element in bf16).
-- ``"cluster"``: ``csrc/lowrank_edit_bwd_cluster.cu``, one pass with thread-block clusters (sm_90
-  and newer): the CTAs of a cluster split d, sum the latent gradient through distributed shared
-  memory in a fixed order and keep the parameter-gradient partials in registers across the row
-  blocks of a persistent grid (g, h read once and dh written once: about 6 bytes per element in
-  bf16, plus (clusters, r, d) fp32 partials). It takes r <= 16 and d <= 4096; other shapes, GPUs
-  below sm_90 and builds without sm_90 code run the split kernels. Deterministic for a given GPU
-  (the cluster count follows the SM count); its sums run in another order than the split
-  kernels', so the two differ in the last bits. Opt-in until a GPU run has measured both.
+- ``cuda_lowrank_bwd``: ``"split"`` (the rule): ``csrc/lowrank_edit_bwd.cu``, a kernel for gz and
+  dh and a kernel for the parameter-gradient partials; g is read from HBM twice (about 8 bytes
+  per element in bf16). ``"cluster"``: ``csrc/lowrank_edit_bwd_cluster.cu``, one pass with
+  thread-block clusters (sm_90 and newer): the CTAs of a cluster split d, sum the latent gradient
+  through distributed shared memory in a fixed order and keep the parameter-gradient partials in
+  registers across the row blocks of a persistent grid (g, h read once and dh written once: about
+  6 bytes per element in bf16, plus (clusters, r, d) fp32 partials). It takes r <= 16 and
+  d <= 4096, an sm_90 GPU and a build with sm_90 code; asked for where it cannot run, it raises
+  ValueError naming ``"split"`` (``bwd_plan``, which also says which runs). Deterministic for a given GPU (the cluster count follows the SM
+  count); its sums run in another order than the split kernels', so the two differ in the last
+  bits.
+- ``cuda_params`` (split backward): ``"scalar"`` (the rule; one column per thread) or
+  ``"vector"`` (16-byte loads, several rows' loads in flight).
+- ``cuda_finish``: ``"serial"`` (the rule; one thread per column) or ``"split"`` (several threads
+  per column and a fixed tree) for the fixed-order sums of the partials (RED's too;
+  ``_cuda.finish_kernel``).
 
-Any other value raises ValueError.
+The variants that are not the rule stay opt-in until a GPU run has measured them; the
+benchmark's ``cuda-cluster`` and ``cuda-vector`` providers do. An unknown axis or variant raises
+ValueError from ``kernels(...)`` itself.
 
-Two more switches, read by the extension at every launch (``csrc/launch.h``), choose inside the
-split backward: ``REFT_KERNELS_CUDA_PARAMS`` = ``"scalar"`` (default, one column per thread) or
-``"vector"`` (16-byte loads, several rows' loads in flight), and ``REFT_KERNELS_CUDA_FINISH`` =
-``"serial"`` (default, one thread per column) or ``"split"`` (several threads per column and a
-fixed tree) for the fixed-order sums of the partials (RED's too). Both stay opt-in until a GPU
-run has measured them; the benchmark's ``cuda-cluster`` and ``cuda-vector`` providers do.
+Parameter gradients: every one, the biases da and dc included, is finished inside the extension
+from fp32 partials per row block (fixed row ranges) by its fixed-order sum kernel: no torch
+reduction, no atomics.
+
+The extension's low-rank entry points take records that mirror ``csrc/reft_params.h`` (see
+``csrc/bindings.cpp``): ``weights`` [A, a, B, P, c] (forward) or [A, B, P] (backward), P being C
+or B itself when tied; ``rows`` [n, d, row stride in, column stride in, row stride out, column
+stride out]; ``flags`` [act, save_h, save_u] (forward) or [act, tied, need_dA, need_da, need_dB,
+need_dC, need_dc, params_vector, finish_split] (backward); ``_fwd_record``/``_bwd_record`` build
+them.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ... import _cuda
 from ..._constants import IDENTITY
 from ..._rows import acc_dtype, as_rows, rows_addressing
+from .. import variants
 from . import torch_impl
 from .contract import Spec
 
@@ -65,13 +78,21 @@ def lowrank_edit_fwd_op(h2, A, a, B, C, c, act, tied, save_u):
     return y, z.to(acc, copy=True), (u.to(acc, copy=True) if save_u else _cuda.empty(h2, acc))
 
 
+def _fwd_record(A, a, B, C, c, tied, rows, act, save_h, save_u) -> dict:
+    """The forward entry point's records (``csrc/bindings.cpp``): weights [A, a, B, P, c], rows
+    [n, d, h row stride, h column stride, y row stride, y column stride], flags [act, save_h,
+    save_u]."""
+    return dict(weights=[A, a, B, (B if tied else C), c], rows=[int(v) for v in rows],
+                flags=[int(act), int(save_h), int(save_u)])
+
+
 @lowrank_edit_fwd_op.register_kernel("cuda")
 def lowrank_edit_fwd_kernel(h2, A, a, B, C, c, act, tied, save_u):
     n, d = h2.shape
     y = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
-    z, u, _ = _cuda.extension().lowrank_edit_fwd(
-        h2, y, None, n, d, h2.stride(0), h2.stride(1), d, 1,
-        A, a, B, (B if tied else C), c, act, False, save_u)
+    record = _fwd_record(A, a, B, C, c, tied, (n, d, h2.stride(0), h2.stride(1), d, 1), act, save_h=False,
+                         save_u=save_u)
+    z, u, _ = _cuda.extension().lowrank_edit_fwd(h2, y, None, **record)
     return y, z, u
 
 
@@ -95,9 +116,9 @@ def lowrank_edit_fwd_inplace_op(h, index, A, a, B, C, c, act, tied, save_u):
 def lowrank_edit_fwd_inplace_kernel(h, index, A, a, B, C, c, act, tied, save_u):
     d = h.shape[-1]
     idx, s_row, s_col = rows_addressing(h, index)
-    z, u, hsave = _cuda.extension().lowrank_edit_fwd(
-        h, h, idx, index.shape[0], d, s_row, s_col, s_row, s_col,
-        A, a, B, (B if tied else C), c, act, True, save_u)
+    record = _fwd_record(A, a, B, C, c, tied, (index.shape[0], d, s_row, s_col, s_row, s_col), act, save_h=True,
+                         save_u=save_u)
+    z, u, hsave = _cuda.extension().lowrank_edit_fwd(h, h, idx, **record)
     return z, u, hsave
 
 
@@ -109,22 +130,21 @@ def _lowrank_edit_fwd_inplace_fake(h, index, A, a, B, C, c, act, tied, save_u):
 
 # ----------------------------------------------------------------------------- backward
 
-LOWRANK_BWD_ENV = "REFT_KERNELS_CUDA_LOWRANK_BWD"
-LOWRANK_BWD_KERNELS = ("split", "cluster")
-
-# (cluster size, clusters) for the cluster backward; 0 = chosen by the extension (from d, and from
-# the GPU's co-resident clusters). Set by the emulated tests to reach several cluster sizes and
-# several clusters with small inputs; not a user setting.
-_CLUSTER_SHAPE = (0, 0)
+BWD_KERNELS = variants.AXES["cuda_lowrank_bwd"][1]  # ("split", "cluster"): the first is the rule's
+PARAMS_KERNELS = variants.AXES["cuda_params"][1]
 
 
-def lowrank_bwd_kernel() -> str:
-    """The backward kernel selected by ``REFT_KERNELS_CUDA_LOWRANK_BWD`` ("split" when unset)."""
-    value = os.environ.get(LOWRANK_BWD_ENV, "").strip().lower() or LOWRANK_BWD_KERNELS[0]
-    if value not in LOWRANK_BWD_KERNELS:
-        raise ValueError(f"{LOWRANK_BWD_ENV}={os.environ[LOWRANK_BWD_ENV]!r}: expected one of "
-                         f"{', '.join(repr(k) for k in LOWRANK_BWD_KERNELS)}")
-    return value
+def bwd_kernel() -> str:
+    """The low-rank backward requested by ``reft_kernels.kernels(cuda_lowrank_bwd=...)``:
+    ``"split"`` (the rule, also outside every ``kernels`` block) or ``"cluster"``. What a call
+    runs is ``bwd_plan``'s answer."""
+    return variants.active().cuda_lowrank_bwd or BWD_KERNELS[0]
+
+
+def params_kernel() -> str:
+    """The split backward's parameter-gradient kernel requested by
+    ``reft_kernels.kernels(cuda_params=...)``: ``"scalar"`` (the rule) or ``"vector"``."""
+    return variants.active().cuda_params or PARAMS_KERNELS[0]
 
 
 # (extension, device, d, r, cluster size) -> the cluster kernel takes it: the plan asks the device
@@ -133,14 +153,37 @@ def lowrank_bwd_kernel() -> str:
 _CLUSTER_TAKES: dict = {}
 
 
-def _use_cluster_bwd(ext, like, d, r) -> bool:
-    """The cluster backward is selected and takes this shape on this device and build."""
-    if lowrank_bwd_kernel() != "cluster":
-        return False
-    key = (id(ext), like.device, d, r, _CLUSTER_SHAPE[0])
+def bwd_plan(like: torch.Tensor, d: int, r: int) -> str:
+    """The backward kernel that a call of width ``d`` and rank ``r`` on ``like``'s device runs
+    now: ``"cluster"`` where ``bwd_kernel()`` requests it, ``"split"`` otherwise. A requested
+    cluster backward that cannot take the call (it needs r <= 16, d <= 4096 and a cluster size
+    that fits d, an sm_90 or newer GPU and a build with sm_90 code) raises ValueError naming
+    ``"split"``: a variant asked for never quietly turns into another. The CUDA kernel of
+    ``reft_kernels::lowrank_edit_bwd`` decides with this function, so it is also how tests and
+    tools learn what ran."""
+    if bwd_kernel() != "cluster":
+        return "split"
+    ext = _cuda.extension()
+    size = _cuda.cluster_shape()[0]
+    key = (id(ext), like.device, d, r, size)
     if key not in _CLUSTER_TAKES:
-        _CLUSTER_TAKES[key] = ext.lowrank_edit_bwd_cluster_plan(like, d, r, _CLUSTER_SHAPE[0])[0] > 0
-    return _CLUSTER_TAKES[key]
+        _CLUSTER_TAKES[key] = ext.lowrank_edit_bwd_cluster_plan(like, d, r, size)[0] > 0
+    if not _CLUSTER_TAKES[key]:
+        raise ValueError(
+            f"kernels(cuda_lowrank_bwd='cluster') cannot take d={d}, r={r} here: the cluster backward needs "
+            f"r <= 16, d <= 4096 (and a cluster size that fits d), a GPU of compute capability 9.0 or newer "
+            f"and an extension built with sm_90 code; use cuda_lowrank_bwd='split'")
+    return "cluster"
+
+
+def _bwd_record(A, B, C, z, u, tied, rows, act, need) -> dict:
+    """The backward entry points' records (``csrc/bindings.cpp``) for the variants active now:
+    weights [A, B, P], rows [n, d, g row stride, g column stride, dh row stride, dh column
+    stride], flags [act, tied, need_dA, need_da, need_dB, need_dC, need_dc, params_vector,
+    finish_split]; ``need`` = (need_dA, need_da, need_dB, need_dC, need_dc)."""
+    choices = (params_kernel() == "vector", _cuda.finish_kernel() == "split")
+    return dict(weights=[A, B, (B if tied else C)], z=z, u=(u if act != IDENTITY else None),
+                rows=[int(v) for v in rows], flags=[int(v) for v in (act, tied, *need, *choices)])
 
 
 @torch.library.custom_op(
@@ -170,18 +213,15 @@ def lowrank_edit_bwd_kernel(g, x, index, A, B, C, z, u, act, tied, need_dh, need
     if need_dh:
         dh = g2.clone(memory_format=torch.contiguous_format) if index is not None else torch.empty_like(
             g2, memory_format=torch.contiguous_format)
-    need_dc_w = need_dC and C is not None
+    need = (need_dA, need_da, need_dB, need_dC and C is not None, need_dc)
+    record = _bwd_record(A, B, C, z, u, tied, (n, d, g2.stride(0), g2.stride(1), d, 1), act, need)
     ext = _cuda.extension()
-    args = (g2, dh, index, n, d, g2.stride(0), g2.stride(1), d, 1, x, A, B, (B if tied else C), z,
-            (u if act != IDENTITY else None), act, tied, need_dA, need_dB, need_dc_w)
-    if _use_cluster_bwd(ext, g2, d, B.shape[0]):
-        gz, ga, dA, dB, dC = ext.lowrank_edit_bwd_cluster(*args, *_CLUSTER_SHAPE)
+    if bwd_plan(g2, d, B.shape[0]) == "cluster":
+        grads = ext.lowrank_edit_bwd_cluster(g2, dh, index, x, **record, cluster=list(_cuda.cluster_shape()))
     else:
-        gz, ga, dA, dB, dC = ext.lowrank_edit_bwd(*args)
-    lat = ga if act != IDENTITY else gz
-    empty = _cuda.empty(g, torch.float32)
-    return (dh.view(g.shape) if need_dh else _cuda.empty(g), dA, lat.sum(0) if need_da else empty,
-            dB, dC if need_dc_w else empty.clone(), gz.sum(0).neg_() if need_dc else empty.clone())
+        grads = ext.lowrank_edit_bwd(g2, dh, index, x, **record)
+    # (dA, da, dB, dC, dc): fp32, each finished by the extension's fixed-order sum, or empty
+    return (dh.view(g.shape) if need_dh else _cuda.empty(g), *grads)
 
 
 @lowrank_edit_bwd_op.register_fake

@@ -1,6 +1,6 @@
 """The Triton code every low-rank kernel file shares: the ``@triton.jit`` steps of the forward
-(``row_source``, ``latent_step``, ``latent_finish``, ``apply_step``) and the host helpers that
-pick their shapes (``padded_rank``, ``STRIDED_TILE``, ``strided``).
+(``row_source``, ``latent_step``, ``latent_finish``, ``apply_step``, ``bias_vec``). The shapes they
+run with (tiles, grids, the padded rank) come from ``plan.py``.
 
 The kernels live in ``triton_impl.py`` (the one-pass forward, the backward), ``triton_fwd_resident.py``
 (the L2-resident forward) and ``triton_small_n.py`` (the split-d forward for few rows); each takes
@@ -14,32 +14,7 @@ once to its dtype.
 from __future__ import annotations
 
 from ..._activations import act_fwd_tl
-from ..._triton import gpu_dot, next_pow2, tl, triton
-
-# ----------------------------------------------------------------------------- host helpers
-
-
-def padded_rank(r: int) -> int:
-    """``R_PAD`` of the kernels for rank ``r``: the next power of two, at least 16 (``tl.dot``
-    needs every dimension >= 16 on NVIDIA GPUs; ranks past ``r`` are masked to zero)."""
-    return max(16, next_pow2(r))
-
-
-# The GPU tile of every low-rank kernel (BLOCK_M, BLOCK_D, warps) when a column stride of the
-# activations it reads or writes is not 1 (h.mT, h[..., ::2]): each element then needs its own
-# 64-bit address, and the contiguous tiles spilled (tools/triton_compile_check.py's sweep at column
-# stride 16, sm_80 / sm_90a: the fp32 R_PAD = 64 backward at (16, 32) 112-184 bytes with Triton
-# 3.6 and 40-72 with 3.9, the fp32 R_PAD = 32 split-d latent at (32, 64) 200-224 bytes with 3.9,
-# the bf16 R_PAD = 16 backward at (32, 128) 24-56 bytes on sm_90 with 3.6). (16, 16) with 8 warps
-# fits every kernel on both Tritons (its worst case, that backward, 250-254 registers, no stack);
-# such loads are uncoalesced anyway, so a narrow tile costs little beside them.
-STRIDED_TILE = (16, 16, 8)
-
-
-def strided(*col_strides: int) -> bool:
-    """Whether the launch takes ``STRIDED_TILE``: some column stride is not 1."""
-    return any(s != 1 for s in col_strides)
-
+from ..._triton import gpu_dot, tl, triton
 
 # ----------------------------------------------------------------------------- jit steps
 

@@ -6,7 +6,7 @@ fp32 activations, TF32 for fp16/bf16, see ``_triton.dot_precision``), the (rows,
 in registers between the two passes over ``h`` and is saved in fp32 for the backward, and ``y``
 is rounded once to ``h``'s dtype. Parameter gradients are reduced deterministically: fp32
 partials per program over a fixed row range, then one fixed-order sum over the programs in one
-launch (``_lowrank_param_finish_kernel``; no atomics, no torch reductions).
+launch (``ops/finish.py``; no atomics, no torch reductions).
 
 Memory: the forward saves ``h`` by reference (out of place) or a copy of the listed rows only
 (in place), plus the (rows, r) latent; the backward allocates ``dh`` and one (P, width) fp32
@@ -14,10 +14,11 @@ partial buffer (width = r x d per needed weight gradient + r per needed bias), P
 the compiled kernel's resident blocks / number of column blocks on a GPU, never another (N, d)
 temporary.
 
-Forward kernels: ``_lowrank_edit_fwd_kernel`` below (64-row blocks, two passes over ``h``; the
-default), ``triton_fwd_resident`` (L2-resident persistent one-pass, ``REFT_KERNELS_LOWRANK_FWD=
-resident``) and ``triton_small_n`` (d split across programs for few rows), all three built from
-the jit steps of ``triton_common``.
+Forward kernels, one per variant of ``plan.fwd_variant``: ``_lowrank_edit_fwd_kernel`` below
+(``rowblock``: 64-row blocks, two passes over ``h``), ``triton_small_n`` (``split-d``: d split
+across programs for few rows) and ``triton_fwd_resident`` (``resident``: L2-resident persistent
+one pass, opt-in), all three built from the jit steps of ``triton_common``. Every tile and grid
+comes from ``plan.py`` (``reft-kernels plan`` prints them).
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ import torch
 from ... import _triton
 from ..._activations import IDENTITY, act_grad_tl
 from ..._rows import as_rows, rows_addressing
-from ..._triton import cdiv, gpu_dot, next_pow2, tl, triton
+from ..._triton import gpu_dot, tl, triton
+from .. import variants
+from ..finish import finish
+from . import plan as P
 from . import triton_fwd_resident, triton_small_n
-from .triton_common import (
-    STRIDED_TILE, apply_step, latent_finish, latent_step, padded_rank, row_source, strided,
-)
+from .contract import FwdParams
+from .triton_common import apply_step, latent_finish, latent_step, row_source
 
 # ----------------------------------------------------------------------------- Triton kernels
 
@@ -176,7 +179,7 @@ def _lowrank_edit_bwd_kernel(
     ``ga^T h``, ``z^T g`` (minus ``gz^T h`` when TIED) and ``-gz^T h``, stored as (r, d) blocks
     to row p of the (P, part_width) partial buffer (``d*_part_ptr`` point at each block's column
     offset in row 0); ``_lowrank_bias_partials_kernel`` fills the bias columns of the same rows, so that
-    one fixed-order sum over P (``_lowrank_param_finish_kernel``) finishes every parameter
+    one fixed-order sum over P (``ops/finish.py``) finishes every parameter
     gradient.
     ``h`` rows are always the dense rows 0..n_rows-1 (the saved copy when HAS_INDEX); ``g``/``dh``
     rows follow ``idx`` when HAS_INDEX (``dh`` may alias ``g``).
@@ -241,109 +244,69 @@ def _lowrank_edit_bwd_kernel(
         tl.store(dC_part_ptr + part_off, -acc_c, mask=wmask)
 
 
-@triton.jit
-def _lowrank_param_finish_kernel(part_ptr, out_ptr, n_parts, width, stride, BLOCK: tl.constexpr):
-    """``out[j] = part[0, j] + part[1, j] + ... + part[n_parts-1, j]`` in that order, fp32: the
-    deterministic finish of the backward's parameter gradients (every needed dA, dB, dC, da, dc
-    side by side in one row of ``part``, rows ``stride`` apart), one launch; grid (cdiv(width, BLOCK),)."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < width
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = part_ptr + cols
-    for _ in range(0, n_parts):
-        acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += stride  # pointer steps: no int32 product of p and the stride
-    tl.store(out_ptr + cols, acc, mask=ok)
-
-
 # ----------------------------------------------------------------------------- launchers
-
-# GPU tiles (BLOCK_M, BLOCK_D, num_warps) per kernel, activation class and padded rank. Each was
-# compiled ahead of time for sm_80 and sm_90a with Triton 3.9 at d = 4096 with the heaviest flags
-# (NoReFT's terms, gelu, an index): among the tiles that used no local memory (no register
-# spills) on both, the largest with some register headroom, BLOCK_M preferred (each program
-# reads the whole weight matrices, so taller tiles amortise them). Larger tiles spilled, e.g. a
-# (32, 128) fp32 forward tile at 255 registers. tools/triton_compile_check.py re-checks them all,
-# under Triton 3.6 (the GPU machine's) as well: none spills there either (at most the 8-16 byte
-# stack frames it allows, e.g. 128 registers + 8 bytes for the bf16 R_PAD = 16 backward on sm_90).
-# Speed on a GPU is not yet measured.
-_GPU_TILES = {
-    # kernel, fp32?: {r_pad: (BLOCK_M, BLOCK_D, warps)}
-    ("fwd", True): {16: (64, 32, 4), 32: (64, 16, 8), 64: (32, 32, 8)},
-    ("fwd", False): {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
-    ("lat", True): {16: (64, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8)},
-    ("lat", False): {16: (64, 128, 8), 32: (64, 128, 8), 64: (32, 128, 8), 128: (32, 64, 8)},
-    ("bwd", True): {16: (16, 128, 8), 32: (16, 64, 8), 64: (16, 32, 8)},
-    ("bwd", False): {16: (32, 128, 8), 32: (32, 64, 8), 64: (64, 16, 8), 128: (32, 16, 8)},
-}
-
-
-def triton_max_rank(h_dtype: torch.dtype) -> int:
-    """Largest rank the Triton kernels take for activations of ``h_dtype``: the (rows, r) latents
-    and (r, BLOCK_D) accumulators live in registers, and no tile fits beyond these without
-    spilling (fp32 needs more registers per dot, see ``_triton.dot_precision``)."""
-    return 64 if h_dtype == torch.float32 else 128
-
-
-def _tiles(kind: str, n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
-    """(BLOCK_M, BLOCK_D, num_warps) for kernel ``kind`` ("fwd", "lat" or "bwd").
-
-    GPU: from ``_GPU_TILES`` (``STRIDED_TILE`` with ``strided_cols``), shrunk to the problem
-    (BLOCK_M to the rows, BLOCK_D to d, never below 16, which ``tl.dot`` needs). Interpreter: big
-    tiles, since every program costs a fixed Python overhead there.
-    """
-    d_pow, n_pow = max(16, next_pow2(d)), max(16, next_pow2(n))
-    if not on_gpu:
-        return min(64, n_pow), min(d_pow, 128), 4
-    block_m, block_d, warps = STRIDED_TILE if strided_cols else _GPU_TILES[(kind, h_dtype == torch.float32)][r_pad]
-    return min(block_m, n_pow), min(block_d, d_pow), warps
 
 
 def _dummy(*ts):
     return next(t for t in ts if t is not None)
 
 
+def _limits(device):
+    """The device's ``SmLimits`` for the planner; None through the interpreter."""
+    return _triton.device_limits(device) if device.type == "cuda" else None
+
+
+def _call(n, d, r, dtype, index, A, a, C, c, spec, col_strides) -> P.Call:
+    return P.Call(n, d, r, dtype, index is not None, P.strided(*col_strides), A is not None, a is not None,
+                  C is not None, spec.tied, c is not None, spec.act)
+
+
 def fwd(h, index, A, a, B, C, c, spec, save_u):
-    """Forward; see ``contract.py``. ``hsave`` rows of -1 entries are left
-    unwritten."""
+    """Forward; see ``contract.py``. ``hsave`` rows of -1 entries are left unwritten. The kernel
+    and its tiles: ``plan.fwd_variant`` and ``plan.fwd_launches``."""
     d = h.shape[-1]
     r = B.shape[0]
-    r_pad = padded_rank(r)
     dev = h.device
     if index is None:
         x = as_rows(h)
         n = x.shape[0]
         y = torch.empty((n, d), dtype=h.dtype, device=dev)
-        idx, s_h, s_hc, s_y, s_yc, hsave = x, x.stride(0), x.stride(1), d, 1, None
-        src, dst = x, y
+        idx, strides, hsave, src, dst = x, (x.stride(0), x.stride(1), d, 1), None, x, y
     else:
         n = index.shape[0]
         idx, s_h, s_hc = rows_addressing(h, index)
-        s_y, s_yc = s_h, s_hc
+        strides = (s_h, s_hc, s_h, s_hc)
         hsave = torch.empty((n, d), dtype=h.dtype, device=dev)
         src = dst = h
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
-    block_m, block_d, warps = _tiles("fwd", max(n, 1), d, r_pad, h.dtype, h.is_cuda, strided(s_hc, s_yc))
-    if n > 0 and triton_small_n.use_split(n, block_m, dev):
-        triton_small_n.fwd_split(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
-                                 A, a, B, C, c, spec, z, u)
-    elif n > 0 and triton_fwd_resident.use_resident():
-        triton_fwd_resident.launch(src, dst, hsave, idx, index is not None, n, d, r, s_h, s_hc, s_y, s_yc,
-                                   A, a, B, C, c, spec, z, u)
-    elif n > 0:
-        _lowrank_edit_fwd_kernel[(cdiv(n, block_m),)](
-            src, dst, _dummy(hsave, z), idx,
-            _dummy(A, B), _dummy(a, B), B, _dummy(C, B), _dummy(c, B),
-            z, _dummy(u, z),
-            n, d, r, s_h, s_hc, s_y, s_yc,
-            HAS_INDEX=index is not None, HAS_A=A is not None, HAS_a=a is not None,
-            HAS_C=C is not None, TIED=spec.tied, HAS_c=c is not None, ACT=spec.act,
-            SAVE_H=hsave is not None, SAVE_U=save_u,
-            R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d,
-            DOT_PREC=_triton.dot_precision(h.dtype), num_warps=warps,
-        )
+    if n > 0:
+        limits = _limits(dev)
+        call = _call(n, d, r, h.dtype, index, A, a, C, c, spec, strides[1::2])
+        p = FwdParams(src, dst, hsave, idx, index is not None, n, d, r, strides, (A, a, B, C, c), spec, z, u)
+        variant, _ = P.fwd_variant(call, limits, variants.active().lowrank_fwd)
+        if variant == "split-d":
+            triton_small_n.fwd_split(P.fwd_launches(call, variant, limits), p)
+        elif variant == "resident":
+            triton_fwd_resident.launch(call, limits, p)
+        else:
+            _launch_rowblock_fwd(P.fwd_launches(call, variant, limits)[0], p)
     return (dst if index is not None else y), z, u, hsave
+
+
+def _launch_rowblock_fwd(launch, p):
+    """``_lowrank_edit_fwd_kernel`` with ``launch``'s grid and tile over ``p`` (``FwdParams``)."""
+    A, a, B, C, c = p.params
+    _lowrank_edit_fwd_kernel[launch.grid](
+        p.src, p.dst, _dummy(p.hsave, p.z), p.idx,
+        _dummy(A, B), _dummy(a, B), B, _dummy(C, B), _dummy(c, B),
+        p.z, _dummy(p.u, p.z), p.n, p.d, p.r, *p.strides,
+        HAS_INDEX=p.indexed, HAS_A=A is not None, HAS_a=a is not None,
+        HAS_C=C is not None, TIED=p.spec.tied, HAS_c=c is not None, ACT=p.spec.act,
+        SAVE_H=p.hsave is not None, SAVE_U=p.u is not None,
+        R_PAD=P.padded_rank(p.r), BLOCK_M=launch.block_m, BLOCK_D=launch.block_d,
+        DOT_PREC=_triton.dot_precision(p.src.dtype), num_warps=launch.warps,
+    )
 
 
 def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
@@ -353,11 +316,11 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     ``index`` is None, the saved listed rows otherwise); ``dh``: output buffer, (N, d), may be
     ``g2`` itself when indexed (the listed rows are overwritten in place); ``need`` = flags for
     (dh, dA, da, dB, dC, dc). Returns fp32 (dA, da, dB, dC, dc), each None when not needed.
+    Kernels, tiles and grids: ``plan.bwd_variant`` and ``plan.bwd_launches``.
     """
     need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
     n, d = x.shape
     r = B.shape[0]
-    r_pad = padded_rank(r)
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     if n == 0:
@@ -365,40 +328,36 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
         return (zero(r, d) if need_da_w else None, zero(r) if need_da_b else None,
                 zero(r, d) if need_db else None, zero(r, d) if need_dc_w else None,
                 zero(r) if need_dc_b else None)
+    limits = _limits(dev)
+    col_strides = (g2.stride(1), x.stride(1), dh.stride(1) if dh is not None else 1)
+    call = _call(n, d, r, x.dtype, index, A, None, C, None, spec, col_strides)
+    variant, _ = P.bwd_variant(call, limits, variants.active().lowrank_bwd)
+    layout, width = P.grad_layout(call, need)
     prec = _triton.dot_precision(x.dtype)
     has_act = spec.act != IDENTITY
-    gz = torch.empty((n, r), **f32)
-    ga = torch.empty((n, r), **f32) if has_act else None
-    idx = index if index is not None else gz
-    block_m, block_d, warps = _tiles("lat", n, d, r_pad, x.dtype, x.is_cuda, strided(g2.stride(1)))
-    if triton_small_n.use_split(n, block_m, dev):
-        # few rows: gz = g B^T with d split across programs, as the small-n forward does
-        gz, ga = triton_small_n.bwd_latent_split(g2, idx, index is not None, B, u, spec, n, d, r)
+    idx = index if index is not None else z
+    launches = P.bwd_launches(call, variant, limits, need)
+    if variant == "split-d":
+        gz, ga = triton_small_n.bwd_latent_split(launches[0], g2, idx, index is not None, B, u, spec)
     else:
-        _lowrank_edit_bwd_latent_kernel[(cdiv(n, block_m),)](
+        lat = launches[0]
+        gz = torch.empty((n, r), **f32)
+        ga = torch.empty((n, r), **f32) if has_act else None
+        _lowrank_edit_bwd_latent_kernel[lat.grid](
             g2, idx, B, _dummy(u, gz), gz, _dummy(ga, gz),
             n, d, r, g2.stride(0), g2.stride(1),
             HAS_INDEX=index is not None, ACT=spec.act,
-            R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+            R_PAD=P.padded_rank(r), BLOCK_M=lat.block_m, BLOCK_D=lat.block_d, DOT_PREC=prec, num_warps=lat.warps,
         )
-    need_dc = need_dc_w and C is not None
-    block_m, block_d, warps = _tiles("bwd", n, d, r_pad, x.dtype, x.is_cuda,
-                                     strided(g2.stride(1), x.stride(1), dh.stride(1) if dh is not None else 1))
-    n_dblocks = cdiv(d, block_d)
-    # every needed parameter gradient side by side in one fp32 row per program: dA, dB, dC as
-    # (r, d) blocks, then da, dc (r values each)
-    layout, width = {}, 0
-    for name, needed, size in (("dA", need_da_w, r * d), ("dB", need_db, r * d), ("dC", need_dc, r * d),
-                               ("da", need_da_b, r), ("dc", need_dc_b, r)):
-        if needed:
-            layout[name], width = (width, size), width + size
+    main = launches[1]
+    block_m, block_d, warps = main.block_m, main.block_d, main.warps
     off = lambda name: layout.get(name, (0, 0))[0]  # noqa: E731
     # rows padded to 16 floats: a row stride divisible by 16 lets the compiler vectorise the
     # partial stores (an odd stride cost the fp32 r = 1 tile a 24-byte spill on sm_90a)
-    stride = cdiv(width, 16) * 16
+    stride = -(-width // 16) * 16
     consts = dict(HAS_INDEX=index is not None, HAS_A=A is not None, HAS_C=C is not None, TIED=spec.tied,
-                  ACT=spec.act, NEED_DH=need_dh, NEED_DA=need_da_w, NEED_DB=need_db, NEED_DC=need_dc,
-                  R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec)
+                  ACT=spec.act, NEED_DH=need_dh, NEED_DA=need_da_w, NEED_DB=need_db, NEED_DC="dC" in layout,
+                  R_PAD=P.padded_rank(r), BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec)
 
     def args(part, rows_per_prog):
         blocks = [part.view(-1)[off(name):] if name in layout else gz for name in ("dA", "dB", "dC")]
@@ -407,50 +366,32 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
                 g2.stride(0), g2.stride(1), x.stride(0), x.stride(1),
                 dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0)
 
-    # one wave of the blocks the compiled kernel fits per SM (None off a GPU: the fixed plan). The
-    # probe's one-row partial buffer is allocated like the real one (same offsets of dA, dB, dC,
-    # so the same pointer alignment) and rows_per_prog = block_m is specialised like any multiple
-    # of it: the kernel compiled for the query is the one the launch below runs, not an extra one.
-    probe = torch.empty((1, stride), **f32) if (width and x.is_cuda) else gz
-    per_sm = _triton.resident_blocks(_lowrank_edit_bwd_kernel, args(probe, block_m), consts, warps, dev)
-    progs, rows_per_prog = _triton.row_split(n, block_m, n_dblocks, dev, per_sm)
+    # On a GPU the grid is one wave of the blocks the compiled kernel fits per SM (the plan
+    # above assumed the fixed PROGRAMS_PER_SM). The probe's one-row partial buffer is allocated
+    # like the real one (same offsets of dA, dB, dC, so the same pointer alignment) and
+    # rows_per_prog = block_m is specialised like any multiple of it: the kernel compiled for the
+    # query is the one the launch below runs, not an extra one.
+    per_sm = None
+    if limits is not None:
+        probe = torch.empty((1, stride), **f32) if width else gz
+        per_sm = _triton.resident_blocks(_lowrank_edit_bwd_kernel, args(probe, block_m), consts, warps, dev)
+        if per_sm is not None:
+            launches = P.bwd_launches(call, variant, limits, need, per_sm)
+            main = launches[1]
+    progs = main.grid[0]
+    rows_per_prog = P.row_split(n, block_m, main.grid[1], limits, per_sm)[1]
     part = torch.empty((progs, stride), **f32) if width else gz
-    _lowrank_edit_bwd_kernel[(progs, n_dblocks)](*args(part, rows_per_prog), **consts, num_warps=warps)
-    if need_da_b or need_dc_b:
-        _lowrank_bias_partials_kernel[(progs,)](
-            gz, _dummy(ga, gz), part, n, r, rows_per_prog, stride, off("da"), off("dc"),
-            ACT=spec.act, NEED_DA_VEC=need_da_b, NEED_DC_VEC=need_dc_b, R_PAD=r_pad,
-            BLOCK_M=bias_block_m(r_pad) if x.is_cuda else block_m, NUM_STAGES=3, num_warps=8)
-    out = _finish_param_grads(part, progs, width)
+    _lowrank_edit_bwd_kernel[main.grid](*args(part, rows_per_prog), **consts, num_warps=warps)
+    for launch in launches[2:]:
+        if launch.kernel == "_lowrank_bias_partials_kernel":
+            _lowrank_bias_partials_kernel[launch.grid](
+                gz, _dummy(ga, gz), part, n, r, rows_per_prog, stride, off("da"), off("dc"),
+                ACT=spec.act, NEED_DA_VEC=need_da_b, NEED_DC_VEC=need_dc_b, R_PAD=P.padded_rank(r),
+                BLOCK_M=launch.block_m, NUM_STAGES=launch.stages, num_warps=launch.warps)
+    out = finish(part, progs, width) if width else part.new_empty(0)  # plan's _param_finish_kernel
     grads = {name: out[o:o + size] for name, (o, size) in layout.items()}
     mat = lambda name: grads[name].view(r, d) if name in grads else None  # noqa: E731
     return mat("dA"), grads.get("da"), mat("dB"), mat("dC"), grads.get("dc")
-
-
-def bias_block_m(r_pad: int) -> int:
-    """Rows per step of ``_lowrank_bias_partials_kernel`` on a GPU: 16 KB fp32 tiles (256 rows at
-    R_PAD = 16), pipelined 3 deep, since only P programs (4 at the reference shape) share the
-    (n, r) latents: 0.5 MB each at the reference shape, 16 steps per program (estimated a few
-    microseconds, not measured)."""
-    return max(16, 4096 // r_pad)
-
-
-# Finish: 512 columns per program, 4 warps, so each thread moves one 16-byte vector per partial
-# row. At the reference shape (LoReFT r = 8, d = 4096: 65,544 columns, P <= 32 rows) that is
-# 129 programs and at most 8.4 MB read: a few microseconds (estimated, not measured).
-_FINISH_BLOCK = 512
-
-
-def _finish_param_grads(part: torch.Tensor, progs: int, width: int) -> torch.Tensor:
-    """The (width,) fp32 sum over the ``progs`` rows of ``part[:, :width]``, in row order: one
-    launch of ``_lowrank_param_finish_kernel``, or ``part[0]`` itself when there is one row."""
-    if progs == 1 or width == 0:
-        return part[0, :width] if width else part.new_empty(0)
-    out = torch.empty(width, dtype=torch.float32, device=part.device)
-    block = _FINISH_BLOCK if part.is_cuda else min(4096, next_pow2(width))
-    _lowrank_param_finish_kernel[(cdiv(width, block),)](part, out, progs, width, part.stride(0), BLOCK=block,
-                                                         num_warps=4)
-    return out
 
 
 def bwd(g, x, index, A, B, C, z, u, spec, need):

@@ -21,26 +21,20 @@ The backward's latent ``gz = g B^T`` (``bwd_latent_split``) takes the same split
 the partial kernel on ``g`` with ``B``, a fixed-order sum over the ranges, then ``ga = gz *
 act'(u)`` with PyTorch ops on the small (n, r) latent.
 
-Selection (``use_split``): on a GPU when the one-pass grid would fill fewer than half the SMs;
-``REFT_KERNELS_SMALL_N=one-pass`` keeps the one-pass kernel everywhere (the previous behaviour,
-kept selectable until a GPU has measured both), ``=split`` forces this path (benchmarks, tests).
-Not yet measured on a GPU.
+Selection (``plan.fwd_variant`` / ``bwd_variant``, variant ``split-d``): the rule takes it on a
+GPU when the row-block grid would fill fewer than half the SMs; ``reft_kernels.kernels(lowrank_fwd=
+"split-d", lowrank_bwd="split-d")`` forces it, ``"rowblock"`` keeps the row-block kernels. Tiles
+and grids: ``plan.split_d_shape``. Not yet measured on a GPU.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ... import _triton
 from ..._activations import IDENTITY, act_grad_torch
-from ..._triton import cdiv, next_pow2, tl, triton
-from .triton_common import (
-    STRIDED_TILE, apply_step, latent_finish, latent_step, padded_rank, row_source, strided,
-)
-
-ENV_VAR = "REFT_KERNELS_SMALL_N"
-MODES = ("auto", "one-pass", "split")
+from ..._triton import tl, triton
+from .plan import padded_rank
+from .triton_common import apply_step, latent_finish, latent_step, row_source
 
 
 @triton.jit
@@ -118,105 +112,50 @@ def _lowrank_apply_kernel(
                stride_y_col, d, k, k_ok, B_ptr, z, SAVE_H, DOT_PREC)
 
 
-def mode() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {value!r}")
-    return value
-
-
-def use_split(n: int, one_pass_block_m: int, device: torch.device) -> bool:
-    """Whether the forward of ``n`` rows takes this path (see the module docstring)."""
-    m = mode()
-    if m != "auto":
-        return m == "split"
-    if device.type != "cuda":
-        return False  # the interpreter runs programs one by one: more programs only cost time
-    return 2 * cdiv(n, one_pass_block_m) < _triton.target_programs(device) // 4
-
-
-# GPU tiles (BLOCK_M, BLOCK_D, warps) by (fp32 activations?, padded rank), shared by both kernels:
-# compiled ahead of time for sm_80 and sm_90a at d = 4096 with the heaviest flags, the largest row
-# block without register spills (tools/triton_compile_check.py, Triton 3.6 and 3.9; e.g. (64, 64)
-# with 4 warps spilled at R_PAD = 64 and above, and for fp32 activations already at R_PAD = 16).
-# fp32 R_PAD = 32 (first compiled when the check took a rank of 17-32): (32, 64) spilled 32 bytes
-# in the latent kernel on sm_90 with Triton 3.9 (40 with 3.6 at integer arguments 1); (32, 32):
-# latent 172/190 registers (sm_80/sm_90) with 3.9, 248/174 with 3.6, apply 119, no stack.
-_GPU_TILES = {
-    True: {16: (64, 64, 8), 32: (32, 32, 8), 64: (16, 64, 8)},
-    False: {16: (64, 64, 4), 32: (64, 64, 8), 64: (32, 64, 8), 128: (16, 64, 8)},
-}
-
-
-def tiles(n: int, d: int, r_pad: int, h_dtype: torch.dtype, on_gpu: bool, strided_cols: bool = False):
-    """(BLOCK_M, BLOCK_D, warps) of both kernels: ``_GPU_TILES`` (``triton_common.STRIDED_TILE`` when
-    a column stride is not 1) shrunk to the rows and to d on a GPU, wide tiles through the
-    interpreter (each program costs a fixed Python overhead there)."""
-    n_pow = max(16, next_pow2(n))
-    if not on_gpu:
-        return min(64, n_pow), min(128, max(16, next_pow2(d))), 4
-    block_m, block_d, warps = STRIDED_TILE if strided_cols else _GPU_TILES[h_dtype == torch.float32][r_pad]
-    # BLOCK_D shrunk to d as the other launchers do (d = 1 with the bf16 R_PAD = 128 tile of 64
-    # columns compiled the latent kernel to 255 registers and a 16-24 byte stack on sm_90 with
-    # Triton 3.9; at 16 columns it fits)
-    return min(block_m, n_pow), min(block_d, max(16, next_pow2(d))), warps
-
-
-def splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
-    """Column ranges S: enough programs for about two per SM (two on the interpreter)."""
-    target = 2 * _triton.target_programs(device) // 4 if device.type == "cuda" else 2
-    return max(1, min(n_col_blocks, cdiv(target, n_row_blocks)))
-
-
-def _plan(n, d, r_pad, h_dtype, device, strided_cols=False):
-    """(BLOCK_M, BLOCK_D, warps, row blocks, column blocks, S, columns per range) of one launch
-    pair: S column ranges, each a whole number of column blocks."""
-    block_m, block_d, warps = tiles(n, d, r_pad, h_dtype, device.type == "cuda", strided_cols)
-    n_rb, n_cb = cdiv(n, block_m), cdiv(d, block_d)
-    cols_per_prog = cdiv(n_cb, splits(n_rb, n_cb, device)) * block_d
-    return block_m, block_d, warps, n_rb, n_cb, cdiv(d, cols_per_prog), cols_per_prog
-
-
-def fwd_split(src, dst, hsave, idx, index_given, n, d, r, s_h, s_hc, s_y, s_yc, A, a, B, C, c, spec, z, u):
-    """Launch both kernels; arguments as prepared by ``triton_impl.fwd``."""
-    dev = z.device
-    r_pad = padded_rank(r)
-    block_m, block_d, warps, n_rb, n_cb, s_count, cols_per_prog = _plan(n, d, r_pad, src.dtype, dev,
-                                                                        strided(s_hc, s_yc))
-    has_cp = C is not None or spec.tied
-    f32 = dict(dtype=torch.float32, device=dev)
-    up = torch.empty((s_count, n, r), **f32) if A is not None else None
-    pp = torch.empty((s_count, n, r), **f32) if has_cp else None
-    dummy = z
-    prec = _triton.dot_precision(src.dtype)
-    _lowrank_latent_part_kernel[(n_rb, s_count)](
-        src, idx, A if A is not None else B, C if C is not None else B,
+def fwd_split(launches, p):
+    """Launch both kernels: ``launches`` from ``plan.fwd_launches`` (the partial kernel, then the
+    apply kernel), ``p`` a ``contract.FwdParams`` as ``triton_impl.fwd`` prepares it."""
+    part, apply = launches
+    n_rb, s_count = part.grid
+    A, a, B, C, c = p.params
+    s_h, s_hc, s_y, s_yc = p.strides
+    has_cp = C is not None or p.spec.tied
+    f32 = dict(dtype=torch.float32, device=p.z.device)
+    up = torch.empty((s_count, p.n, p.r), **f32) if A is not None else None
+    pp = torch.empty((s_count, p.n, p.r), **f32) if has_cp else None
+    dummy = p.z
+    prec = _triton.dot_precision(p.src.dtype)
+    cols_per_prog = part.cols
+    _lowrank_latent_part_kernel[part.grid](
+        p.src, p.idx, A if A is not None else B, C if C is not None else B,
         up if up is not None else dummy, pp if pp is not None else dummy,
-        n, d, r, cols_per_prog, s_h, s_hc,
-        HAS_INDEX=index_given, HAS_A=A is not None, HAS_CP=has_cp,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+        p.n, p.d, p.r, cols_per_prog, s_h, s_hc,
+        HAS_INDEX=p.indexed, HAS_A=A is not None, HAS_CP=has_cp,
+        R_PAD=padded_rank(p.r), BLOCK_M=part.block_m, BLOCK_D=part.block_d, DOT_PREC=prec, num_warps=part.warps,
     )
-    _lowrank_apply_kernel[(n_rb, n_cb)](
-        src, dst, hsave if hsave is not None else dummy, idx,
+    _lowrank_apply_kernel[apply.grid](
+        p.src, p.dst, p.hsave if p.hsave is not None else dummy, p.idx,
         a if a is not None else B, B, c if c is not None else B,
-        up if up is not None else dummy, pp if pp is not None else dummy, z, u if u is not None else dummy,
-        n, d, r, s_count, s_h, s_hc, s_y, s_yc,
-        HAS_INDEX=index_given, HAS_A=A is not None, HAS_a=a is not None, HAS_CP=has_cp,
-        HAS_c=c is not None, ACT=spec.act, SAVE_H=hsave is not None, SAVE_U=u is not None,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+        up if up is not None else dummy, pp if pp is not None else dummy, p.z, p.u if p.u is not None else dummy,
+        p.n, p.d, p.r, s_count, s_h, s_hc, s_y, s_yc,
+        HAS_INDEX=p.indexed, HAS_A=A is not None, HAS_a=a is not None, HAS_CP=has_cp,
+        HAS_c=c is not None, ACT=p.spec.act, SAVE_H=p.hsave is not None, SAVE_U=p.u is not None,
+        R_PAD=padded_rank(p.r), BLOCK_M=apply.block_m, BLOCK_D=apply.block_d, DOT_PREC=prec, num_warps=apply.warps,
     )
 
 
-def bwd_latent_split(g2, idx, index_given, B, u, spec, n, d, r):
+def bwd_latent_split(launch, g2, idx, index_given, B, u, spec):
     """The backward's latent for few rows: ``gz = g B^T`` from the partial kernel (column ranges
-    of ``g`` times ``B^T``) summed over the ranges in a fixed order, and ``ga = gz * act'(u)``
-    (zero on padding rows, whose ``u`` is unspecified). Returns fp32 (gz, ga or None), (n, r)."""
-    dev = g2.device
+    of ``g`` times ``B^T``; ``launch`` from ``plan.bwd_launches``) summed over the ranges in a
+    fixed order, and ``ga = gz * act'(u)`` (zero on padding rows, whose ``u`` is unspecified).
+    Returns fp32 (gz, ga or None), (n, r)."""
+    n, d, r = idx.shape[0] if index_given else g2.shape[0], g2.shape[1], B.shape[0]
+    block_m, block_d, warps = launch.block_m, launch.block_d, launch.warps
+    s_count = launch.grid[1]
+    cols_per_prog = launch.cols
     r_pad = padded_rank(r)
-    block_m, block_d, warps, n_rb, _, s_count, cols_per_prog = _plan(n, d, r_pad, g2.dtype, dev,
-                                                                     strided(g2.stride(1)))
-    pp = torch.empty((s_count, n, r), dtype=torch.float32, device=dev)
-    _lowrank_latent_part_kernel[(n_rb, s_count)](
+    pp = torch.empty((s_count, n, r), dtype=torch.float32, device=g2.device)
+    _lowrank_latent_part_kernel[launch.grid](
         g2, idx, B, B, pp, pp, n, d, r, cols_per_prog, g2.stride(0), g2.stride(1),
         HAS_INDEX=index_given, HAS_A=False, HAS_CP=True,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=_triton.dot_precision(g2.dtype), num_warps=warps,

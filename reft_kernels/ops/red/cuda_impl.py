@@ -6,6 +6,12 @@ and ``reft_kernels::red_bwd`` over (n, d) row matrices.
 The ops run ``reft_kernels._C`` on CUDA tensors and the PyTorch path (``torch_impl``) on other
 devices, so their registration and fake implementations are testable anywhere. Outputs that
 were not asked for are empty tensors; ds/dt are in the accumulation dtype.
+
+The backward's ds and dt are fp32 partial column sums per row block, finished by the extension's
+fixed-order sum (no torch reduction, no atomics), whose kernel ``reft_kernels.kernels(cuda_finish=
+"serial" | "split")`` chooses (``_cuda.finish_kernel``): read when the CUDA kernel is called (with
+torch.compile, at run time: the op is opaque to the trace) and passed to the extension, which
+reads no environment.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ def red_bwd_op(g2, h2, scale, need_dh, need_ds, need_dt):
 
 @red_bwd_op.register_kernel("cuda")
 def red_bwd_kernel(g2, h2, scale, need_dh, need_ds, need_dt):
-    return tuple(_cuda.extension().red_bwd(g2, h2, scale, need_dh, need_ds, need_dt))
+    finish_split = _cuda.finish_kernel() == "split"
+    return tuple(_cuda.extension().red_bwd(g2, h2, scale, need_dh, need_ds, need_dt, finish_split))
 
 
 @red_bwd_op.register_fake
