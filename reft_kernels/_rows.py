@@ -38,20 +38,28 @@ def as_2d_plus(t: torch.Tensor) -> torch.Tensor:
 # and pass. Keyed by id, checked against a weak reference and the version counter (an in-place
 # write re-derives); not kept under torch.compile (it traces the ops), during CUDA-graph capture,
 # or for inference tensors (no version counter).
-_FACTS: dict = {}  # (id(index), lead shape) -> (weakref, version, facts)
+_FACTS: dict = {}  # (kind, id(index), lead shape) -> (weakref, version, facts)
 _FACTS_SIZE = 64
 
 
-def _index_facts(index: torch.Tensor, lead: tuple):
-    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed (),
-    position of the first real entry (1,); 0 when there is none)."""
+def _cached(kind: str, index: torch.Tensor, lead: tuple, compute):
+    """``compute(index, lead)``, kept per index tensor, version and ``kind`` (see ``_FACTS``)."""
     cache = not (torch.compiler.is_compiling() or torch.is_inference(index)
                  or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
     if cache:  # (id() only outside torch.compile: the Dynamo of torch 2.11 cannot trace it)
-        key = (id(index), tuple(lead))
+        key = (kind, id(index), tuple(lead))
         hit = _FACTS.get(key)
         if hit is not None and hit[0]() is index and hit[1] == index._version:
             return hit[2]
+    facts = compute(index, lead)
+    if cache:
+        if len(_FACTS) >= _FACTS_SIZE:
+            _FACTS.clear()
+        _FACTS[key] = (weakref.ref(index), index._version, facts)
+    return facts
+
+
+def _derive_facts(index: torch.Tensor, lead: tuple):
     valid = index >= 0
     safe = index.clamp_min(0)
     sel = (safe,) if len(lead) == 1 else torch.unravel_index(safe, lead)
@@ -62,12 +70,34 @@ def _index_facts(index: torch.Tensor, lead: tuple):
         first = valid.to(torch.uint8).argmax().reshape(1)
     else:
         pos0 = first = index.new_zeros(1)
-    facts = (valid, sel, pos0, hit0.any(), first)
-    if cache:
-        if len(_FACTS) >= _FACTS_SIZE:
-            _FACTS.clear()
-        _FACTS[key] = (weakref.ref(index), index._version, facts)
-    return facts
+    return valid, sel, pos0, hit0.any(), first
+
+
+def _index_facts(index: torch.Tensor, lead: tuple):
+    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed (),
+    position of the first real entry (1,); 0 when there is none)."""
+    return _cached("facts", index, lead, _derive_facts)
+
+
+def _derive_put_plan(index: torch.Tensor, lead: tuple):
+    valid, sel, _, _, first = _index_facts(index, lead)
+    remap = torch.where(valid, torch.arange(index.shape[0], device=index.device), first)
+    return remap, tuple(s.index_select(0, remap) for s in sel)
+
+
+def put_selector(t: torch.Tensor, index: torch.Tensor):
+    """Advanced-indexing selector of one row of ``t.reshape(-1, d)`` per index entry, like
+    ``row_selector``'s, but each padding entry points at the first real entry's row (at row 0
+    when none is real): rows gathered with it are real rows of ``t``, and ``put_rows_`` writes
+    back to the same places. Derived once per index tensor."""
+    return _put_plan(index, tuple(as_2d_plus(t).shape[:-1]))[1]
+
+
+def _put_plan(index: torch.Tensor, lead: tuple):
+    """(remap (n,), selector) of ``put_rows_``: entry i writes row ``remap[i]`` of its rows to
+    selector[i]; a padding entry repeats the first real entry (its row and its value), or, when
+    no entry is real, writes entry 0's value to row 0. Derived once per index tensor."""
+    return _cached("put", index, lead, _derive_put_plan)
 
 
 def first_real_entry(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -88,18 +118,19 @@ def row_selector(t: torch.Tensor, index: torch.Tensor):
     return sel, valid
 
 
-def put_rows_(dst: torch.Tensor, sel, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``dst[sel] = rows`` for the real entries of ``index`` only (``sel`` from ``row_selector``,
-    ``dst`` an ``as_2d_plus`` view), in place, deterministic, with no host synchronisation.
+def put_rows_(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Row ``index[i]`` of ``dst`` (an ``as_2d_plus`` view) set to ``rows[i]`` for the real entries
+    of ``index`` only, in place, deterministic, with no host synchronisation: two
+    launches (``_put_plan``: each padding entry repeats the first real entry's write, so every
+    write to a row agrees).
 
-    Padding entries point at row 0; they write row 0's final value (its new value when row 0
-    is listed, its current value otherwise), so every write that reaches row 0 agrees and the
-    result does not depend on the order of the writes.
+    Precondition: ``rows`` at padding entries hold ``dst``'s current row 0 when no entry of
+    ``index`` is real (they are written, to row 0, only then): what a row-wise edit that leaves its
+    padding rows unchanged gives on rows gathered with ``put_selector`` or ``row_selector``.
 
     Not differentiable: autograd through these writes would send row 0's gradient once more for
-    every padding entry (each padding write copies row 0's value). Called with grad mode on and a
-    tensor that requires grad it raises; code that needs gradients calls ``put_rows``, whose
-    backward is exact for any index.
+    every padding entry. Called with grad mode on and a tensor that requires grad it raises; code
+    that needs gradients calls ``put_rows``, whose backward is exact for any index.
     """
     if torch.is_grad_enabled() and (dst.requires_grad or rows.requires_grad):
         raise RuntimeError(
@@ -108,7 +139,8 @@ def put_rows_(dst: torch.Tensor, sel, index: torch.Tensor, rows: torch.Tensor) -
         )
     if index.numel() == 0 or dst.numel() == 0:
         return dst
-    return dst.index_put_(sel, _agreeing_rows(dst, index, rows))
+    remap, target = _put_plan(index, tuple(dst.shape[:-1]))
+    return dst.index_put_(target, rows.index_select(0, remap))
 
 
 def _agreeing_rows(dst, index, rows):

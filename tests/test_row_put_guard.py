@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reft_kernels as rk
-from reft_kernels._rows import put_rows, put_rows_, row_selector
+from reft_kernels._rows import put_rows, put_rows_
 
 D = 8
 
@@ -42,14 +42,34 @@ def test_raw_put_refuses_autograd():
     h = torch.randn(3, D, requires_grad=True)
     index = torch.tensor([0, -1])
     dst = h * 1
-    sel, _ = row_selector(dst, index)
     with pytest.raises(RuntimeError, match="put_rows_ is not differentiable"):
-        put_rows_(dst, sel, index, torch.randn(2, D))
+        put_rows_(dst, index, torch.randn(2, D))
     with pytest.raises(RuntimeError, match="put_rows_ is not differentiable"):
-        put_rows_(torch.zeros(3, D), sel, index, torch.randn(2, D, requires_grad=True))
-    with torch.no_grad():  # outside autograd it writes, padding entries included, row 0 once
-        out = put_rows_(torch.zeros(3, D), sel, index, torch.ones(2, D))
+        put_rows_(torch.zeros(3, D), index, torch.randn(2, D, requires_grad=True))
+    with torch.no_grad():  # outside autograd it writes the real entries (padding repeats them)
+        out = put_rows_(torch.zeros(3, D), index, torch.tensor([[1.0], [2.0]]).expand(2, D))
     assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, D))
+
+
+@pytest.mark.parametrize("index", [[2, -1, 0, -1], [-1, -1, 1], [0, -1], [-1, 0]])
+def test_raw_put_padding_repeats_the_first_real_write(index):
+    """Padding entries repeat the first real entry's write (same row, same value), whatever their
+    rows hold, so the writes agree and row 0 keeps its value unless it is listed."""
+    index = torch.tensor(index)
+    dst = torch.arange(3.0)[:, None].expand(3, D).clone()
+    rows = torch.randn(len(index), D)
+    want = dst.clone()
+    for i, row in enumerate(index.tolist()):
+        if row >= 0:
+            want[row] = rows[i]
+    assert torch.equal(put_rows_(dst, index, rows), want)
+
+
+def test_raw_put_all_padding_writes_row_zero_back():
+    """No real entry: the write of entry 0 reaches row 0, which the precondition makes a no-op."""
+    dst = torch.randn(3, D)
+    rows = dst[0].expand(2, D).clone()  # what the callers' padding rows hold: row 0
+    assert torch.equal(put_rows_(dst.clone(), torch.tensor([-1, -1]), rows), dst)
 
 
 @pytest.mark.parametrize("index", [[0, -1, -1], [-1, 2, 0], [-1, -1, -1], [1, -1, -1]])

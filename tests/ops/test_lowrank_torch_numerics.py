@@ -153,3 +153,32 @@ def test_row_independent_latent_rounds_once(h_dtype):
     assert ((y.double() - y64.detach()).abs() <= _ulp(y64.detach(), h_dtype)).all()
     torch.testing.assert_close(dB.double(), dB64, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(da.double(), da64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("index", [[5, -1, 7, -1], [-1, 0, 3], [2, -1, -1, 0]])
+def test_padding_entries_never_read_unlisted_rows(act, index):
+    """Padding entries gather a listed row (put_selector), so a non-finite row that is not listed
+    (a hidden state nobody edits, here row 0 or row 1) cannot reach the parameter gradients as
+    0 x inf; everything matches the float64 reference on the finite rows."""
+    torch.manual_seed(0)
+    d, r = 16, 3
+    h = torch.randn(8, d, dtype=F64)
+    listed = [i for i in index if i >= 0]
+    bad = next(i for i in range(8) if i not in listed)
+    h[bad] = float("inf")
+    p = {k: torch.randn(*s, dtype=F64, requires_grad=True) for k, s in (("B", (r, d)), ("A", (r, d)), ("a", (r,)))}
+    idx = torch.tensor(index)
+    x = h.clone().requires_grad_()
+    y = rk.lowrank_edit_(x * 1.0, p["B"], p["A"], p["a"], p["B"], act=act, index=idx, backend="torch")
+    g = torch.randn(8, d, dtype=F64)
+    grads = torch.autograd.grad(y, [x, *p.values()], g)
+    assert all(torch.isfinite(gr).all() for gr in grads[1:])
+    # the reference, from the listed rows only
+    rows = h[listed]
+    act_fn = (lambda u: torch.nn.functional.gelu(u)) if act else (lambda u: u)
+    pr = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    yr = rows + (act_fn(rows @ pr["A"].t() + pr["a"]) - rows @ pr["B"].t()) @ pr["B"]
+    want = torch.autograd.grad(yr, list(pr.values()), g[listed])
+    for got, ref in zip(grads[1:], want):
+        torch.testing.assert_close(got, ref)

@@ -24,7 +24,7 @@ LOREFT = ReftConfig(method="loreft", layers="all", rank=8, positions="f7+l7", sh
 RED = REDConfig(layers="all")
 # (config, backend) -> (ceiling per layer, target per layer, ceiling per step)
 BUDGET = {
-    ("loreft_f7l7", "torch"): (29, 16, 80),
+    ("loreft_f7l7", "torch"): (18, 16, 80),
     ("loreft_f7l7", "triton"): (5, 6, 80),
     ("red", "torch"): (5, 6, 10),
     ("red", "triton"): (3, 3, 10),  # 2 here: one program per column block needs no finishing sum

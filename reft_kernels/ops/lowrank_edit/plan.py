@@ -260,24 +260,25 @@ def few_rows(row_blocks: int, limits: Optional[SmLimits]) -> bool:
     return limits is not None and 2 * row_blocks < target_programs(limits) // PROGRAMS_PER_SM
 
 
-def fwd_variant(call: Call, limits: Optional[SmLimits], requested: Optional[str]) -> tuple[str, str]:
-    """(variant of the Triton forward, "requested" or "rule")."""
+def _variant(axis: str, kind: str, call: Call, limits: Optional[SmLimits], requested: Optional[str]):
+    """(variant of ``axis``, "requested" or "rule"): the request, else split-d for few rows of
+    row-block kernel ``kind``'s tile, else rowblock."""
     if requested is not None:
-        V.check("lowrank_fwd", requested)
+        V.check(axis, requested)
         return requested, "requested"
-    block_m = rowblock_tile("fwd", max(call.n, 1), call.d, padded_rank(call.r), call.dtype, limits is not None,
+    block_m = rowblock_tile(kind, max(call.n, 1), call.d, padded_rank(call.r), call.dtype, limits is not None,
                             call.strided_cols)[0]
     return ("split-d" if call.n > 0 and few_rows(cdiv(call.n, block_m), limits) else "rowblock"), "rule"
+
+
+def fwd_variant(call: Call, limits: Optional[SmLimits], requested: Optional[str]) -> tuple[str, str]:
+    """(variant of the Triton forward, "requested" or "rule")."""
+    return _variant("lowrank_fwd", "fwd", call, limits, requested)
 
 
 def bwd_variant(call: Call, limits: Optional[SmLimits], requested: Optional[str]) -> tuple[str, str]:
     """(variant of the Triton backward's latent pass, "requested" or "rule")."""
-    if requested is not None:
-        V.check("lowrank_bwd", requested)
-        return requested, "requested"
-    block_m = rowblock_tile("lat", max(call.n, 1), call.d, padded_rank(call.r), call.dtype, limits is not None,
-                            call.strided_cols)[0]
-    return ("split-d" if call.n > 0 and few_rows(cdiv(call.n, block_m), limits) else "rowblock"), "rule"
+    return _variant("lowrank_bwd", "lat", call, limits, requested)
 
 
 def fwd_launches(call: Call, variant: str, limits: Optional[SmLimits],

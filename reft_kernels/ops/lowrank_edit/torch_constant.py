@@ -29,8 +29,8 @@ def applies(A, B, C, spec) -> bool:
 
 def fwd_rows(x, a, B, c, spec, save_u, valid=None):
     """(y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None) for rows ``x`` (n, d); parameters
-    in the accumulation dtype. ``valid``: z is zero where it is False (y there is unspecified:
-    the caller's put drops those rows)."""
+    in the accumulation dtype. ``valid``: z is zero and y is x where it is False (padding rows
+    edit nothing, ``put_rows_``'s precondition)."""
     acc = acc_dtype(x.dtype)
     n, r = x.shape[0], B.shape[0]
     u_row = a if a is not None else B.new_zeros(r)
@@ -42,6 +42,7 @@ def fwd_rows(x, a, B, c, spec, save_u, valid=None):
     z = z_row.expand(n, r)
     if valid is not None:
         z = torch.where(valid[:, None], z, 0)
+        y = torch.where(valid[:, None], y, x)
     return y, z, (u_row.expand(n, r) if save_u else None)
 
 

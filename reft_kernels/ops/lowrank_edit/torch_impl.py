@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._activations import IDENTITY, act_grad_torch, act_torch
-from ..._rows import acc_dtype, as_2d_plus, as_rows, first_real_entry, put_rows_, row_selector
+from ..._rows import acc_dtype, as_2d_plus, as_rows, first_real_entry, put_rows_, put_selector, row_selector
 from . import torch_constant
 
 _BLOCK_ELEMS = 1 << 22
@@ -46,7 +46,8 @@ def _blocks(n: int, d: int, dtype: torch.dtype):
 
 
 def _latent(x, A, a, B, C, c, spec):
-    """(z, u) for rows ``x`` (n, d); ``x`` and the parameters in one dtype. Plain ops only."""
+    """(z, u) for rows ``x`` (n, d); ``x`` and the parameters in one dtype. Plain ops only; the
+    ``- x C^T`` term folds into one ``addmm`` when there is no ``c`` (one launch less per call)."""
     n, r = x.shape[0], B.shape[0]
     if A is not None:
         u = F.linear(x, A, a)
@@ -56,7 +57,9 @@ def _latent(x, A, a, B, C, c, spec):
         u = x.new_zeros(n, r)
     z = act_torch(u, spec.act)
     cm = B if spec.tied else C
-    if cm is not None:
+    if cm is not None and c is None:
+        z = torch.addmm(z, x, cm.t(), alpha=-1)
+    elif cm is not None:
         z = z - F.linear(x, cm, c)
     elif c is not None:
         z = z - c
@@ -93,11 +96,21 @@ def _fwd_rows(x, A, a, B, C, c, spec, save_u, valid=None):
     return y, z, u
 
 
-def _bwd_rows(g, x, z, u, A, B, C, spec, need):
+def _add(total, part):
+    """``part`` for the first row block, else ``total += part`` (in place)."""
+    return part if total is None else total.add_(part)
+
+
+def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None):
     """Backward on row matrices ``g``, ``x`` (n, d) in h's dtype; ``z``, ``u`` and the parameters
     in the accumulation dtype. Returns (dh (n, d) in g's dtype or None, dA, da, dB, dC, dc in
     the accumulation dtype or None), the parameter gradients summed block by block in a fixed
-    order."""
+    order. ``valid`` (n,) bool: the latent gradient is zero where it is False (padding entries),
+    so those rows add nothing to the parameters and their ``dh`` rows are ``g``'s.
+
+    Launches: the latent ``gz = g B^T``, one product per weight gradient, one sum per bias and
+    two products for ``dh``; with the identity, ``ga`` is ``gz``, so ``dB``'s ``- gz^T x`` (tied)
+    reuses ``dA = gz^T x`` and ``dc = -da``."""
     need_dh, need_da_w, need_da_b, need_db, need_dc_w, need_dc_b = need
     acc = acc_dtype(x.dtype)
     n, d = g.shape
@@ -106,32 +119,34 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need):
     need_dc_w = need_dc_w and C is not None
     need_x = need_da_w or need_dc_w or (need_db and spec.tied)
     own = g.dtype != acc  # g's blocks are converted copies, free to overwrite
-    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=g.device)  # noqa: E731
-    da_w = zeros(r, d) if need_da_w else None
-    da_b = zeros(r) if need_da_b else None
-    db = zeros(r, d) if need_db else None
-    dc_w = zeros(r, d) if need_dc_w else None
-    dc_b = zeros(r) if need_dc_b else None
+    identity = spec.act == IDENTITY
+    da_w = da_b = db = dc_w = dc_b = None
     dh = g.new_empty((n, d)) if need_dh and own else None
     for i, j in _blocks(n, d, g.dtype):
         gc = g[i:j].to(acc)
         xc = x[i:j].to(acc) if need_x else None
         gz = gc @ B.t()
-        ga = gz
-        if spec.act != IDENTITY:
-            ga = gz * act_grad_torch(u[i:j], spec.act)
+        if valid is not None:
+            gz = torch.where(valid[i:j, None], gz, 0)
+        ga = gz if identity else gz * act_grad_torch(u[i:j], spec.act)
+        da_wk = ga.t() @ xc if (need_da_w or (need_db and spec.tied and identity)) else None
         if need_da_w:
-            da_w.addmm_(ga.t(), xc)
-        if need_da_b:
-            da_b += ga.sum(0)
+            da_w = _add(da_w, da_wk)
+        if need_da_b or (need_dc_b and identity):
+            da_bk = ga.sum(0)
+            if need_da_b:
+                da_b = _add(da_b, da_bk)
         if need_db:
-            db.addmm_(z[i:j].t(), gc)
-            if spec.tied:
-                db.addmm_(gz.t(), xc, alpha=-1)
+            if spec.tied and identity:  # z^T g - gz^T x, gz^T x being da_wk
+                db = _add(db, torch.addmm(da_wk, z[i:j].t(), gc, beta=-1))
+            elif spec.tied:
+                db = _add(db, torch.addmm(z[i:j].t() @ gc, gz.t(), xc, alpha=-1))
+            else:
+                db = _add(db, z[i:j].t() @ gc)
         if need_dc_w:
-            dc_w.addmm_(gz.t(), xc, alpha=-1)
+            dc_w = _add(dc_w, (gz.t() @ xc).neg_())
         if need_dc_b:
-            dc_b -= gz.sum(0)
+            dc_b = _add(dc_b, da_bk.neg() if identity else gz.sum(0).neg_())
         if need_dh and own:  # g + ga A - gz C into the converted block of g, last (it overwrites it)
             if A is not None:
                 gc.addmm_(ga, A)
@@ -142,6 +157,11 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need):
             dh = torch.addmm(gc, ga, A) if A is not None else gc
             if cm is not None:
                 dh = dh.addmm_(gz, cm, alpha=-1) if A is not None else torch.addmm(gc, gz, cm, alpha=-1)
+    if n == 0:  # no rows: zero gradients
+        zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=g.device)  # noqa: E731
+        da_w, da_b, db = (zeros(r, d) if need_da_w else None), (zeros(r) if need_da_b else None), \
+            (zeros(r, d) if need_db else None)
+        dc_w, dc_b = (zeros(r, d) if need_dc_w else None), (zeros(r) if need_dc_b else None)
     if need_dh and dh is None:  # no rows
         dh = g.new_empty((n, d))
     return dh, da_w, da_b, db, dc_w, dc_b
@@ -159,10 +179,12 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     if hv.numel() == 0:  # no rows to edit: every entry is padding
         zeros = h.new_zeros((n, r), dtype=acc)
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
-    sel, valid = row_selector(h, index)
-    x = hv[sel]  # one row per entry; padding entries read row 0
+    _, valid = row_selector(h, index)
+    # one row per entry; a padding entry reads the first real entry's row (a real, finite row),
+    # and y = x there (z is 0): put_rows_ writes the first real entry's value in its place
+    x = hv[put_selector(h, index)]
     y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, valid)
-    put_rows_(hv, sel, index, y)
+    put_rows_(hv, index, y)
     u = torch.where(valid[:, None], u, 0) if save_u else None
     return h, z, u, x
 
@@ -186,17 +208,18 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         return (g.clone() if need[0] else None), out[1:]
     sel, valid = row_selector(g, index)
     keep = valid[:, None]
-    # padding entries gathered row 0: zero them (and their saved rows) so that they add nothing
-    gr = torch.where(keep, as_2d_plus(g)[sel], 0)
     if constant:  # dh = g: the edit does not depend on h
+        gr = torch.where(keep, as_2d_plus(g)[sel], 0)
         return (g if need[0] else None), torch_constant.param_grads(gr, z, u, B, spec, need,
                                                                     first_real_entry(g, index))
-    x = torch.where(keep, x, 0)
-    out = _bwd_rows(gr, x, z, u, A, B, C, spec, need)
+    # Padding entries read the first real entry's row of g (and their saved rows are that row of
+    # h): real rows, so their masked latent gradient (``valid``) and zero z make them add nothing
+    # to the parameters. (With no real entry at all they read row 0, whatever it holds.)
+    out = _bwd_rows(as_2d_plus(g)[put_selector(g, index)], x, z, u, A, B, C, spec, need, valid)
     dh = None
     if need[0]:
         dh = g.clone(memory_format=torch.contiguous_format)
-        put_rows_(as_2d_plus(dh), sel, index, out[0])
+        put_rows_(as_2d_plus(dh), index, out[0])
     return dh, out[1:]
 
 
