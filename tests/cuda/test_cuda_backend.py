@@ -81,9 +81,9 @@ def test_lowrank_ops_opcheck(act, tied, terms):
     g = torch.randn(n, d, device=DEVICE)
     for need in [(True,) * 6, (False, A is not None, False, True, False, False), (True, False, False, False, False, False)]:
         torch.library.opcheck(lowrank_edit_bwd_op,
-                              (g, h, None, A, B, C, z, u if save_u else None, act, tied, *need))
+                              (g, h, None, A, B, C, z, u if save_u else None, act, tied, list(need)))
         torch.library.opcheck(lowrank_edit_bwd_op,
-                              (g, hsave, idx, A, B, C, z2, u2 if save_u else None, act, tied, *need))
+                              (g, hsave, idx, A, B, C, z2, u2 if save_u else None, act, tied, list(need)))
 
 
 # ----------------------------------------------------------------------------- through the Functions

@@ -189,15 +189,15 @@ def _bwd_record(A, B, C, z, u, tied, rows, act, need) -> dict:
 @torch.library.custom_op(
     "reft_kernels::lowrank_edit_bwd", mutates_args=(),
     schema="(Tensor g, Tensor x, Tensor? index, Tensor? A, Tensor B, Tensor? C, Tensor z, Tensor? u, int act, "
-           "bool tied, bool need_dh, bool need_dA, bool need_da, bool need_dB, bool need_dC, bool need_dc) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+           "bool tied, bool[] need) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def lowrank_edit_bwd_op(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB, need_dC,
-                        need_dc):
+def lowrank_edit_bwd_op(g, x, index, A, B, C, z, u, act, tied, need):
     """Backward: (dh shaped like g, dA, da, dB, dC, dc). ``x`` (n, d): the input rows (with an
-    index, the forward's hsave); z, u (n, r) from the forward."""
+    index, the forward's hsave); z, u (n, r) from the forward; ``need``: six flags for (dh, dA,
+    da, dB, dC, dc)."""
     acc = acc_dtype(x.dtype)
-    need = (need_dh, need_dA, need_da, need_dB, need_dC, need_dc)
+    need = tuple(need)
+    need_dh = need[0]
     u = u if u is not None and u.numel() else None
     dh, grads = torch_impl.bwd(g, x, index, A, B, C, z, u, Spec("torch", act, tied), need)
     dh = dh.contiguous().clone() if need_dh else _cuda.empty(g)
@@ -205,8 +205,8 @@ def lowrank_edit_bwd_op(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA,
 
 
 @lowrank_edit_bwd_op.register_kernel("cuda")
-def lowrank_edit_bwd_kernel(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB, need_dC,
-                            need_dc):
+def lowrank_edit_bwd_kernel(g, x, index, A, B, C, z, u, act, tied, need):
+    need_dh, need_dA, need_da, need_dB, need_dC, need_dc = need
     n, d = x.shape
     g2 = as_rows(g)  # one index serves g and dh: g needs a single row stride (a copy otherwise)
     dh = None
@@ -225,8 +225,8 @@ def lowrank_edit_bwd_kernel(g, x, index, A, B, C, z, u, act, tied, need_dh, need
 
 
 @lowrank_edit_bwd_op.register_fake
-def _lowrank_edit_bwd_fake(g, x, index, A, B, C, z, u, act, tied, need_dh, need_dA, need_da, need_dB,
-                           need_dC, need_dc):
+def _lowrank_edit_bwd_fake(g, x, index, A, B, C, z, u, act, tied, need):
+    need_dh, need_dA, need_da, need_dB, need_dC, need_dc = need
     acc = acc_dtype(x.dtype)
     r, d = B.shape
 
@@ -254,6 +254,6 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
     """Backward; see ``contract.py``."""
     x2 = as_rows(x) if index is None else x
     dh, *grads = _cuda.call_op(lowrank_edit_bwd_op, lowrank_edit_bwd_kernel, g, x2, index, A, B, C, z, u, spec.act,
-                       spec.tied, *need)
+                               spec.tied, list(need))
     need_grads = (need[1], need[2], need[3], need[4] and C is not None, need[5])
     return (dh if need[0] else None), tuple(_cuda.if_needed(gr, nd) for gr, nd in zip(grads, need_grads))
