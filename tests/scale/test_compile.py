@@ -228,3 +228,24 @@ def test_cuda_graph_captures_a_training_step(op_backend):
     for name, p in trainable(model).items():
         torch.testing.assert_close(p.detach(), trained[name].detach(), rtol=1e-4, atol=1e-5,
                                    msg=lambda m, n=name: f"{n} after 6 steps: {m}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton launchers are traced on a GPU only (not through the interpreter)")
+def test_a_kernel_variant_chosen_after_compiling_recompiles():
+    """The Triton launchers read ``reft_kernels.kernels(...)`` at trace time: a graph compiled with
+    the rule's forward must not serve a call made under another variant (Dynamo guards on the
+    active variants), and both graphs compute the same edit."""
+    import reft_kernels as rk
+
+    h = torch.randn(64, 256, device=DEVICE)
+    B, A = (torch.randn(8, 256, device=DEVICE) / 16 for _ in range(2))
+    a = torch.randn(8, device=DEVICE)
+    counter = CompileCounterWithBackend(COMPILER)
+    f = torch.compile(lambda x: rk.lowrank_edit(x, B, A, a, B, backend="triton"), fullgraph=True, backend=counter)
+    y_rule = f(h)
+    f(h)
+    assert counter.frame_count == 1
+    with rk.kernels(lowrank_fwd="resident"):
+        y_resident = f(h)
+    assert counter.frame_count == 2, "a variant chosen after compiling reused the graph of the rule's kernel"
+    torch.testing.assert_close(y_resident, y_rule, rtol=1e-5, atol=1e-5)
