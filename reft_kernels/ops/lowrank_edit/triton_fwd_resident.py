@@ -36,8 +36,6 @@ until a GPU run has measured both (``plan.fwd_variant``). Tiles: ``plan.RESIDENT
 """
 from __future__ import annotations
 
-import torch
-
 from ... import _triton
 from ..._triton import tl, triton
 from . import plan as P
