@@ -109,7 +109,7 @@ def finish_kernel() -> str:
     thread per column) or ``"split"`` (several threads per column and a fixed tree), as requested
     by ``reft_kernels.kernels(cuda_finish=...)`` when a kernel is called. Both are bitwise
     deterministic for a given shape; their summation orders differ."""
-    return variants.active().cuda_finish or variants.AXES["cuda_finish"][1][0]
+    return variants.active().choice("cuda_finish")
 
 
 def host_mode() -> bool:

@@ -35,8 +35,9 @@ def row_split(n: int, block_m: int, n_col_blocks: int, limits: Optional[SmLimits
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: the kernel's name, its grid, its tile, and for the split-d partial
-    kernel the columns of each range (``cols``)."""
+    """One kernel launch: the kernel's name, its grid, its tile; for the split-d partial kernel
+    the columns of each range (``cols``), for a grid that reduces over rows the rows of each
+    program (``rows``, from ``row_split``)."""
     kernel: str
     grid: tuple
     block_m: Optional[int] = None
@@ -45,6 +46,7 @@ class Launch:
     stages: Optional[int] = None
     note: str = ""
     cols: Optional[int] = None
+    rows: Optional[int] = None
 
     def __str__(self):
         tile = ", ".join(f"{k}={v}" for k, v in (("BLOCK_M", self.block_m), ("BLOCK_D", self.block_d),

@@ -74,6 +74,11 @@ class Variants:
             raise ValueError(f"unknown kernel axis {unknown[0]!r}: the axes are {', '.join(AXES)}")
         return dataclasses.replace(self, **choices)
 
+    def choice(self, axis: str) -> str:
+        """The variant requested on ``axis``, else the axis's first (the rule's usual pick; the
+        only pick for the CUDA axes, whose rule has no shape to read)."""
+        return getattr(self, axis) or AXES[axis][1][0]
+
     def chosen(self) -> dict:
         """The axes with an explicit request, {axis: name}."""
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}

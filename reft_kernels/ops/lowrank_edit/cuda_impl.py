@@ -130,21 +130,17 @@ def _lowrank_edit_fwd_inplace_fake(h, index, A, a, B, C, c, act, tied, save_u):
 
 # ----------------------------------------------------------------------------- backward
 
-BWD_KERNELS = variants.AXES["cuda_lowrank_bwd"][1]  # ("split", "cluster"): the first is the rule's
-PARAMS_KERNELS = variants.AXES["cuda_params"][1]
-
-
 def bwd_kernel() -> str:
     """The low-rank backward requested by ``reft_kernels.kernels(cuda_lowrank_bwd=...)``:
     ``"split"`` (the rule, also outside every ``kernels`` block) or ``"cluster"``. What a call
     runs is ``bwd_plan``'s answer."""
-    return variants.active().cuda_lowrank_bwd or BWD_KERNELS[0]
+    return variants.active().choice("cuda_lowrank_bwd")
 
 
 def params_kernel() -> str:
     """The split backward's parameter-gradient kernel requested by
     ``reft_kernels.kernels(cuda_params=...)``: ``"scalar"`` (the rule) or ``"vector"``."""
-    return variants.active().cuda_params or PARAMS_KERNELS[0]
+    return variants.active().choice("cuda_params")
 
 
 # (extension, device, d, r, cluster size) -> the cluster kernel takes it: the plan asks the device

@@ -26,7 +26,7 @@ import torch
 
 from ..._device import PROGRAMS_PER_SM, SmLimits, cdiv, next_pow2
 from .. import variants as V
-from ..plans import Launch, Plan, row_split, target_programs  # noqa: F401  (re-exported)
+from ..plans import Launch, Plan, row_split, target_programs
 from ..finish import FINISH_WARPS, finish_block
 
 # ----------------------------------------------------------------------------- shapes
@@ -343,7 +343,8 @@ def bwd_launches(call: Call, variant: str, limits: Optional[SmLimits], need: Opt
     progs, rows = row_split(n, bm, n_db, limits, per_sm)
     sized = ("about two programs through the interpreter" if not gpu else "one wave of the compiled kernel"
              if per_sm is not None else f"{PROGRAMS_PER_SM} per SM; one wave of the compiled kernel on a GPU")
-    out.append(Launch("_lowrank_edit_bwd_kernel", (progs, n_db), bm, bd, w, note=f"{rows} rows per program ({sized})"))
+    out.append(Launch("_lowrank_edit_bwd_kernel", (progs, n_db), bm, bd, w, note=f"{rows} rows per program ({sized})",
+                      rows=rows))
     layout, width = grad_layout(call, need)
     if "da" in layout or "dc" in layout:
         out.append(Launch("_lowrank_bias_partials_kernel", (progs,), bias_block_m(r_pad) if gpu else bm, None, 8, 3))
@@ -366,13 +367,13 @@ def plan(call: Call, limits: Optional[SmLimits] = None, variants: Optional[V.Var
         return Plan("torch", device, "torch", "torch", finish="torch matmuls and sums (deterministic per device)",
                     measured=False)
     if backend == "cuda":
-        bwd = variants.cuda_lowrank_bwd or "split"
+        bwd = variants.choice("cuda_lowrank_bwd")
         if bwd == "cluster" and not (limits is not None and limits.clusters and cluster_shape_ok(call.d, call.r)):
             raise ValueError(f"kernels(cuda_lowrank_bwd='cluster') takes r <= 16 and d <= 4096 on a GPU with "
                              f"thread-block clusters (sm_90), got r={call.r}, d={call.d} on {device}; use 'split'")
-        finish = f"extension partial sums, {variants.cuda_finish or 'serial'} finish"
+        finish = f"extension partial sums, {variants.choice('cuda_finish')} finish"
         if bwd == "split":
-            finish += f", {variants.cuda_params or 'scalar'} parameter kernel"
+            finish += f", {variants.choice('cuda_params')} parameter kernel"
         return Plan("cuda", device, "cuda", bwd, finish=finish,
                     measured=False, chosen_by=("rule", "requested" if variants.cuda_lowrank_bwd else "rule"))
     if backend != "triton":

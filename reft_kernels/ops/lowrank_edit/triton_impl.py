@@ -371,15 +371,13 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
     # like the real one (same offsets of dA, dB, dC, so the same pointer alignment) and
     # rows_per_prog = block_m is specialised like any multiple of it: the kernel compiled for the
     # query is the one the launch below runs, not an extra one.
-    per_sm = None
     if limits is not None:
         probe = torch.empty((1, stride), **f32) if width else gz
         per_sm = _triton.resident_blocks(_lowrank_edit_bwd_kernel, args(probe, block_m), consts, warps, dev)
         if per_sm is not None:
             launches = P.bwd_launches(call, variant, limits, need, per_sm)
             main = launches[1]
-    progs = main.grid[0]
-    rows_per_prog = P.row_split(n, block_m, main.grid[1], limits, per_sm)[1]
+    progs, rows_per_prog = main.grid[0], main.rows
     part = torch.empty((progs, stride), **f32) if width else gz
     _lowrank_edit_bwd_kernel[main.grid](*args(part, rows_per_prog), **consts, num_warps=warps)
     for launch in launches[2:]:

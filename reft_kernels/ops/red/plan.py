@@ -84,7 +84,7 @@ def bwd_launches(n: int, d: int, variant: str, limits: Optional[SmLimits], sums:
     bm, bd, w = bwd_tile(d, gpu, variant == "tile2d", strided_cols)
     n_db = cdiv(d, bd)
     progs, rows = row_split(n, bm, n_db, limits, per_sm)
-    out = [Launch("_red_bwd_kernel", (progs, n_db), bm, bd, w, note=f"{rows} rows per program")]
+    out = [Launch("_red_bwd_kernel", (progs, n_db), bm, bd, w, note=f"{rows} rows per program", rows=rows)]
     if progs > 1 and sums:
         block = finish_block(sums * d, gpu)
         out.append(Launch("_param_finish_kernel", (cdiv(sums * d, block),), None, block, FINISH_WARPS,
@@ -102,7 +102,7 @@ def plan(n: int, d: int, limits: Optional[SmLimits] = None, variants: Optional[V
         return Plan("torch", device, "torch", "torch", finish="torch sums (deterministic per device)")
     if backend == "cuda":
         return Plan("cuda", device, "cuda", "cuda",
-                    finish=f"extension partial sums, {variants.cuda_finish or 'serial'} finish")
+                    finish=f"extension partial sums, {variants.choice('cuda_finish')} finish")
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'cuda' or 'torch', got {backend!r}")
     bwd, by = bwd_variant(variants.red_bwd)

@@ -14,7 +14,6 @@ from ... import _triton
 from ..._triton import tl, triton
 from .. import variants
 from ..finish import finish
-from ..plans import row_split
 from . import plan as P
 
 
@@ -159,14 +158,14 @@ def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
     # On a GPU the grid is one wave of the blocks the compiled kernel fits per SM (the plan above
     # assumed the fixed PROGRAMS_PER_SM); the probe's one-row fp32 partials specialise like the
     # real ones, so the query compiles the very kernel the launch runs.
-    per_sm = None
+    # (no sums asked for: no partial buffer, g2 stands in for it)
     if limits is not None:
-        probe = torch.empty((1, max(width, 1)), dtype=torch.float32, device=dev)
+        probe = torch.empty((1, width), dtype=torch.float32, device=dev) if n_sums else g2
         per_sm = _triton.resident_blocks(_red_bwd_kernel, args(probe, launch.block_m), consts, launch.warps, dev)
         if per_sm is not None:
             launch = P.bwd_launches(n, d, variant, limits, n_sums, strided_cols, per_sm)[0]
-    progs, rows_per_prog = row_split(n, launch.block_m, launch.grid[1], limits, per_sm)
-    part = torch.empty((progs, max(width, 1)), dtype=torch.float32, device=dev)
+    progs, rows_per_prog = launch.grid[0], launch.rows
+    part = torch.empty((progs, width), dtype=torch.float32, device=dev) if n_sums else g2
     _red_bwd_kernel[launch.grid](*args(part, rows_per_prog), **consts, num_warps=launch.warps)
     if not n_sums:
         return dh, None, None
