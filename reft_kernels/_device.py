@@ -69,6 +69,12 @@ def device_limits(device: torch.device) -> SmLimits:
     return _read(_device_index(device))
 
 
+def plan_limits(device: torch.device):
+    """What the launch planners take for tensors on ``device``: the CUDA device's ``SmLimits``,
+    None for any other (Triton's CPU interpreter)."""
+    return device_limits(device) if device.type == "cuda" else None
+
+
 def blocks_per_sm(regs: int, smem: int, warps: int, limits: SmLimits = H100) -> int:
     """Resident blocks per SM of a kernel compiled to ``regs`` registers per thread, ``smem``
     bytes of shared memory and ``warps`` warps: the smallest of the register, thread, shared

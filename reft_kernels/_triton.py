@@ -14,9 +14,7 @@ import os
 
 import torch
 
-from ._device import (  # noqa: F401  (re-exported for the kernel files)
-    H100, PROGRAMS_PER_SM, SmLimits, _device_index, blocks_per_sm, cdiv, device_limits, next_pow2,
-)
+from ._device import _device_index, blocks_per_sm, device_limits
 
 try:
     import triton

@@ -16,9 +16,9 @@ with scale and bias, and the f7+l7 regime (448 indexed rows of a 16384-row batch
 element count the (N, d) streams only (the (N, r) latents and fp32 partials add under 2% here);
 "expected" is what the kernel's loops read and write, "min" what any implementation must. A GPU
 run measures the real figures (``reft-kernels bench``'s ``gbps`` column); until then these are
-estimates. Occupancy uses the H100's limits (``reft_kernels._triton.H100``: 65536 registers, 2048
+estimates. Occupancy uses the H100's limits (``reft_kernels._device.H100``: 65536 registers, 2048
 threads, 32 blocks and 228 KiB of shared memory per SM, 132 SMs, 50 MB of L2, registers allocated
-per warp in units of 256) through ``_triton.blocks_per_sm``, the function the launchers use on a
+per warp in units of 256) through ``_device.blocks_per_sm``, the function the launchers use on a
 GPU with the compiled kernel's own figures; grids that the launchers size from the occupancy are
 sized here the same way.
 """

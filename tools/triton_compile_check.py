@@ -60,7 +60,8 @@ from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
 )
 from reft_kernels.ops.red.plan import bwd_tile as _red_bwd_tiles, fwd_tile as _red_tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_fwd_kernel  # noqa: E402
-from reft_kernels._triton import H100, dot_precision  # noqa: E402
+from reft_kernels._device import H100  # noqa: E402
+from reft_kernels._triton import dot_precision  # noqa: E402
 
 # Largest dynamic shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
 SHARED_LIMIT = {80: 166912, 90: 232448}

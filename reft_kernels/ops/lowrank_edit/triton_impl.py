@@ -26,6 +26,7 @@ import torch
 
 from ... import _triton
 from ..._activations import IDENTITY, act_grad_tl
+from ..._device import plan_limits
 from ..._rows import as_rows, rows_addressing
 from ..._triton import gpu_dot, tl, triton
 from .. import variants
@@ -251,11 +252,6 @@ def _dummy(*ts):
     return next(t for t in ts if t is not None)
 
 
-def _limits(device):
-    """The device's ``SmLimits`` for the planner; None through the interpreter."""
-    return _triton.device_limits(device) if device.type == "cuda" else None
-
-
 def _call(n, d, r, dtype, index, A, a, C, c, spec, col_strides) -> P.Call:
     return P.Call(n, d, r, dtype, index is not None, P.strided(*col_strides), A is not None, a is not None,
                   C is not None, spec.tied, c is not None, spec.act)
@@ -281,7 +277,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
     if n > 0:
-        limits = _limits(dev)
+        limits = plan_limits(dev)
         call = _call(n, d, r, h.dtype, index, A, a, C, c, spec, strides[1::2])
         p = FwdParams(src, dst, hsave, idx, index is not None, n, d, r, strides, (A, a, B, C, c), spec, z, u)
         variant, _ = P.fwd_variant(call, limits, variants.active().lowrank_fwd)
@@ -328,7 +324,7 @@ def _launch_bwd_triton(g2, x, dh, index, A, B, C, z, u, spec, need):
         return (zero(r, d) if need_da_w else None, zero(r) if need_da_b else None,
                 zero(r, d) if need_db else None, zero(r, d) if need_dc_w else None,
                 zero(r) if need_dc_b else None)
-    limits = _limits(dev)
+    limits = plan_limits(dev)
     col_strides = (g2.stride(1), x.stride(1), dh.stride(1) if dh is not None else 1)
     call = _call(n, d, r, x.dtype, index, A, None, C, None, spec, col_strides)
     variant, _ = P.bwd_variant(call, limits, variants.active().lowrank_bwd)

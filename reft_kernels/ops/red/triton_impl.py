@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _triton
+from ..._device import plan_limits
 from ..._triton import tl, triton
 from .. import variants
 from ..finish import finish
@@ -110,15 +111,11 @@ def _red_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _limits(device):
-    return _triton.device_limits(device) if device.type == "cuda" else None
-
-
 def fwd(h2, scale, bias):
     """(n, d) rows -> y (n, d) in h2's dtype; tile and grid from ``plan.fwd_launches``."""
     n, d = h2.shape
     y = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
-    for launch in P.fwd_launches(n, d, _limits(h2.device)):
+    for launch in P.fwd_launches(n, d, plan_limits(h2.device)):
         _red_fwd_kernel[launch.grid](
             h2, scale if scale is not None else h2, bias if bias is not None else h2, y,
             n, d, h2.stride(0), h2.stride(1), y.stride(0),
@@ -139,7 +136,7 @@ def bwd(g2, h2, scale, need_dh, need_ds, need_dt):
         zeros = torch.zeros(d, dtype=torch.float32, device=dev)
         return dh, (zeros if need_ds else None), (zeros.clone() if need_dt else None)
     h2 = h2 if h2 is not None else g2  # only read when need_ds
-    limits = _limits(dev)
+    limits = plan_limits(dev)
     variant, _ = P.bwd_variant(variants.active().red_bwd)
     strided_cols = g2.stride(1) != 1 or h2.stride(1) != 1
     n_sums = need_ds + need_dt
