@@ -70,6 +70,9 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_unsuppo
     by the default dispatch on CUDA tensors; a measured backend that cannot take the call (CUDA
     without the extension, or an unsupported call) gives way to the fixed rule.
     """
+    if backend == "torch":  # runs everywhere, nothing to check: 0.11 us against 0.22 us
+        # through the generic checks (2-core CPU)
+        return backend
     source = "backend"
     if backend is None:
         env = env_backend()

@@ -63,24 +63,34 @@ def _derive_facts(index: torch.Tensor, lead: tuple):
     valid = index >= 0
     safe = index.clamp_min(0)
     sel = (safe,) if len(lead) == 1 else torch.unravel_index(safe, lead)
-    hit0 = index == 0
     # no .item(): sync-free (an empty index has no argmax: position 0, never used)
     if index.numel():
-        pos0 = hit0.to(torch.uint8).argmax().reshape(1)
         first = valid.to(torch.uint8).argmax().reshape(1)
     else:
-        pos0 = first = index.new_zeros(1)
-    return valid, sel, pos0, hit0.any(), first
+        first = index.new_zeros(1)
+    return valid, sel, first
 
 
 def _index_facts(index: torch.Tensor, lead: tuple):
-    """(valid (n,) bool, selector, position of the first 0 entry (1,), whether 0 is listed (),
-    position of the first real entry (1,); 0 when there is none)."""
+    """(valid (n,) bool, selector, position of the first real entry (1,); 0 when there is none)."""
     return _cached("facts", index, lead, _derive_facts)
 
 
+def _derive_row0(index: torch.Tensor, lead: tuple):
+    hit0 = index == 0
+    pos0 = hit0.to(torch.uint8).argmax().reshape(1) if index.numel() else index.new_zeros(1)
+    return pos0, hit0.any()
+
+
+def _row0_facts(index: torch.Tensor, lead: tuple):
+    """(position of the first 0 entry (1,), whether 0 is listed ()): only ``put_rows`` needs them,
+    so they are derived apart (four launches per index that the low-rank edit's hooks never
+    pay)."""
+    return _cached("row0", index, lead, _derive_row0)
+
+
 def _derive_put_plan(index: torch.Tensor, lead: tuple):
-    valid, sel, _, _, first = _index_facts(index, lead)
+    valid, sel, first = _index_facts(index, lead)
     remap = torch.where(valid, torch.arange(index.shape[0], device=index.device), first)
     return remap, tuple(s.index_select(0, remap) for s in sel)
 
@@ -100,10 +110,41 @@ def _put_plan(index: torch.Tensor, lead: tuple):
     return _cached("put", index, lead, _derive_put_plan)
 
 
+def _derive_edit_plan(index: torch.Tensor, lead: tuple):
+    valid = _index_facts(index, lead)[0]
+    remap, target = _put_plan(index, lead)
+    return valid[:, None], remap, target
+
+
+def edit_plan(rows: torch.Tensor, index: torch.Tensor):
+    """(keep (n, 1) bool, remap (n,), selector) for editing the rows ``index`` of ``rows`` (an
+    ``as_2d_plus`` view): ``keep`` marks the real entries, ``rows[selector]`` gathers one row per
+    entry as ``put_selector`` does, and ``rows.index_put_(selector, new.index_select(0, remap))``
+    writes them back as ``put_rows_`` does. One cached lookup for the three (no launch of its
+    own: views of ``_index_facts`` and ``_put_plan``)."""
+    return _cached("plan", index, tuple(rows.shape[:-1]), _derive_edit_plan)
+
+
 def first_real_entry(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(1,) int64: the position in ``index`` of its first non-negative entry (0 when there is
     none), without a host synchronisation; derived once per index tensor."""
-    return _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))[4]
+    return _index_facts(index, tuple(as_2d_plus(t).shape[:-1]))[2]
+
+
+def _derive_scratch(index: torch.Tensor, lead: tuple):
+    n_rows = 1
+    for size in lead:
+        n_rows *= size
+    return torch.where(_index_facts(index, lead)[0], index, n_rows)
+
+
+def scratch_selector(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(n,) int64: ``index`` into the N rows of ``t.reshape(-1, d)``, with every padding entry
+    replaced by N, the row one past the end: rows of an (N + 1, d) buffer whose last row is a
+    scratch row, which padding entries read (it holds what the caller put there, e.g. zeros) and
+    write (any of their values may land there; the caller drops that row). Derived once per
+    index tensor, from its validity mask (one launch)."""
+    return _cached("scratch", index, tuple(as_2d_plus(t).shape[:-1]), _derive_scratch)
 
 
 def row_selector(t: torch.Tensor, index: torch.Tensor):
@@ -147,7 +188,9 @@ def _agreeing_rows(dst, index, rows):
     """``rows`` with each padding entry replaced by row 0's final value (its new value when row 0
     is listed, its current value otherwise), so that every write reaching row 0 agrees."""
     row0 = dst[(0,) * (dst.dim() - 1)]
-    valid, _, pos0, any0, _ = _index_facts(index, tuple(dst.shape[:-1]))
+    lead = tuple(dst.shape[:-1])
+    valid = _index_facts(index, lead)[0]
+    pos0, any0 = _row0_facts(index, lead)
     new0 = rows.index_select(0, pos0)[0]
     row0 = torch.where(any0, new0, row0)
     return torch.where(valid[:, None], rows, row0)

@@ -33,7 +33,7 @@ def check_param(t, name: str, shape: tuple[int, ...], h: torch.Tensor, *, option
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape and tuple(t.shape) != tuple(shape):  # (torch.Size is a tuple: no copy first)
         raise ValueError(
             f"{name} must have shape {tuple(shape)} to match h of shape {tuple(h.shape)}, "
             f"got {tuple(t.shape)}"
@@ -77,7 +77,13 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
     if index.device != h.device:
         raise ValueError(f"index is on {index.device} but h is on {h.device}")
-    given, index = index, index.to(torch.int64).contiguous()
+    # (the conversions only where they do something: a no-op .to/.contiguous still dispatches,
+    # 1.1 us for the pair against 0.2 us for the two checks on the 2-core CPU)
+    given = index
+    if index.dtype != torch.int64:
+        index = index.to(torch.int64)
+    if not index.is_contiguous():
+        index = index.contiguous()
     if index.numel() == 0 or index.device.type == "meta":
         return index
     if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):

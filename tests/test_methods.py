@@ -83,3 +83,12 @@ def test_module_edit_is_the_reference_formula():
 def test_the_table_imports_no_torch():
     code = "import sys, reft_kernels.methods; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_term_picker_agrees_with_terms(name):
+    method = METHODS[name]
+    values = tuple(object() for _ in method.params)
+    assert method.term_picker()(values + (None,)) == method.terms(*values)
+    if method.optional:  # a trailing optional parameter left out reads as None in both
+        assert method.term_picker()(values[:-1] + (None, None)) == method.terms(*values[:-1])

@@ -23,8 +23,32 @@ except (ImportError, AttributeError):  # pragma: no cover - every torch this pac
     DelayedError = None
 
 
+# One flag read for "is autocast on for any device": the common case (no autocast) then skips
+# the per-device query and a new context manager (one shared no-op context instead). Measured on
+# the 2-core CPU: 0.2 us against 0.5 us (query + a new nullcontext) per call, twice per op call.
+# Inside torch.compile the per-device query, which Dynamo traces, is kept.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one instance serves every call
+
+
+def _no_autocast_anywhere() -> bool:
+    return _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast()
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` (False for device types without autocast)."""
+    if _no_autocast_anywhere():
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return False
+
+
 def autocast_off(device_type: str):
     """A context that disables autocast for ``device_type`` when it is on, else a no-op."""
+    if _no_autocast_anywhere():
+        return _NO_CONTEXT
     try:
         on = torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type without autocast (meta, ...)
@@ -41,10 +65,10 @@ def once_differentiable(op_name: str):
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual backward (no create_graph): no context
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return outputs
             if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads) and \
                     not any(t is not None and t.requires_grad for t in ctx.saved_tensors):
                 return outputs
@@ -69,3 +93,35 @@ def once_differentiable(op_name: str):
         return wrapper
 
     return wrap
+
+
+def direct_apply(fn_cls):
+    """``fn_cls.apply`` without its Python wrapper, for callers outside ``torch.func`` transforms
+    and ``torch.compile``: the C-level apply that ``torch.autograd.Function.apply`` itself ends
+    in there. The wrapper's other work (the ``setup_context`` check, the transform check, and
+    unwrapping dead ``torch.func`` wrappers over every argument) is the caller's: it unwraps its
+    tensors with ``unwrap_if_dead`` and takes ``fn_cls.apply`` under a transform or Dynamo (which
+    only recognises the public ``apply``). Measured on the 2-core CPU with 8 arguments: 9.8 us
+    against 12.3 us per call, the unwrapping included. Falls back to ``fn_cls.apply`` where the
+    base class has no such method."""
+    return getattr(super(torch.autograd.Function, fn_cls), "apply", fn_cls.apply)
+
+
+try:  # a no-op for every tensor but a torch.func wrapper that outlived its transform
+    from torch._C._functorch import unwrap_if_dead
+except ImportError:  # pragma: no cover - every torch this package supports has it
+    def unwrap_if_dead(t):
+        return t
+
+
+def plain_call() -> bool:
+    """Whether an op's call runs outside ``torch.compile`` and ``torch.func`` transforms, where
+    ``direct_apply`` may be used."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def autocast_off_for(t: torch.Tensor):
+    """``autocast_off(t.device.type)``, without reading ``t``'s device when no autocast is on."""
+    if _no_autocast_anywhere():
+        return _NO_CONTEXT
+    return autocast_off(t.device.type)

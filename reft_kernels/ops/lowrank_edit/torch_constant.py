@@ -27,35 +27,57 @@ def applies(A, B, C, spec) -> bool:
     return A is None and C is None and not spec.tied
 
 
-def fwd_rows(x, a, B, c, spec, save_u, valid=None):
-    """(y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None) for rows ``x`` (n, d); parameters
-    in the accumulation dtype. ``valid``: z is zero and y is x where it is False (padding rows
-    edit nothing, ``put_rows_``'s precondition)."""
-    acc = acc_dtype(x.dtype)
-    n, r = x.shape[0], B.shape[0]
-    u_row = a if a is not None else B.new_zeros(r)
+def row_latent(a, B, c, spec):
+    """(z_row, u_row): the (r,) latent ``act(a) - c`` and pre-activation ``a`` (zeros without
+    ``a``), in the parameters' (accumulation) dtype."""
+    u_row = a if a is not None else B.new_zeros(B.shape[0])
     z_row = act_torch(u_row, spec.act)
     if c is not None:
         z_row = z_row - c
+    return z_row, u_row
+
+
+def fwd_every_row(x, a, B, c, spec):
+    """(y (n, d) in ``x``'s dtype, z_row (r,), u_row (r,)) over every row ``x`` (n, d), the
+    parameters in the accumulation dtype: ``ConstantLatentFunction``'s forward, which keeps the
+    latent as its one row (the generic contract's (n, r) views are for the other backends)."""
+    acc = acc_dtype(x.dtype)
+    z_row, u_row = row_latent(a, B, c, spec)
     delta = z_row @ B
     y = x + delta if x.dtype == acc else (x.to(acc) + delta).to(x.dtype)  # the one rounding
+    return y, z_row, u_row
+
+
+def fwd_rows(x, a, B, c, spec, save_u, keep=None):
+    """(y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None) for rows ``x`` (n, d); parameters
+    in the accumulation dtype. ``keep`` (n, 1) bool: z is zero and y is x where it is False
+    (padding rows edit nothing, ``put_rows_``'s precondition)."""
+    n, r = x.shape[0], B.shape[0]
+    y, z_row, u_row = fwd_every_row(x, a, B, c, spec)
     z = z_row.expand(n, r)
-    if valid is not None:
-        z = torch.where(valid[:, None], z, 0)
-        y = torch.where(valid[:, None], y, x)
+    if keep is not None:
+        z = torch.where(keep, z, 0)
+        y = torch.where(keep, y, x)
     return y, z, (u_row.expand(n, r) if save_u else None)
+
+
+def _itself(t):
+    return t
 
 
 def param_grads(g, z, u, B, spec, need, first=None):
     """(dA (zero) or None, da, dB, None, dc) from ``g`` (n, d) with its padding rows already zero
-    (or every row of ``h``), ``z``/``u`` from ``fwd_rows``, ``first`` (1,) a real row's position
-    (None: row 0, every row real). ``dh`` is the caller's: ``g`` itself, since the edit does not
+    (or every row of ``h``), ``z``/``u`` from ``fwd_rows`` (or the (r,) rows of
+    ``fwd_every_row``), ``first`` (1,) a real row's position (None: row 0, every row real). ``dh`` is the caller's: ``g`` itself, since the edit does not
     depend on ``h``."""
     _, need_da_w, need_da_b, need_db, _, need_dc_b = need
     acc = acc_dtype(g.dtype)
     gs = g.sum(0, dtype=acc)
     gz = B @ gs
-    row = (lambda t: t[0]) if first is None else (lambda t: t.index_select(0, first)[0])
+    if z.dim() == 1:  # the latent's one row itself (ConstantLatentFunction)
+        row = _itself
+    else:
+        row = (lambda t: t[0]) if first is None else (lambda t: t.index_select(0, first)[0])
     # asked for A's gradient without an A (the custom ops' callers pass every flag): zero, as the
     # generic path gives
     da_w = torch.zeros_like(B, dtype=acc) if need_da_w else None

@@ -257,23 +257,29 @@ def _call(n, d, r, dtype, index, A, a, C, c, spec, col_strides) -> P.Call:
                   C is not None, spec.tied, c is not None, spec.act)
 
 
+def fwd_addressing(h, index):
+    """What a forward launch reads and writes: (n rows, ``idx`` the rows' index (any tensor
+    without one), strides (s_h, s_hc, s_y, s_yc), ``hsave`` (n, d) for the edited rows' copy or
+    None, ``src``, ``dst``). Without ``index`` the rows of ``h`` go to a new (N, d) ``dst``;
+    with it the listed rows of ``h`` are edited in place (``dst is src is h``)."""
+    d = h.shape[-1]
+    if index is None:
+        x = as_rows(h)
+        n = x.shape[0]
+        y = torch.empty((n, d), dtype=h.dtype, device=h.device)
+        return n, x, (x.stride(0), x.stride(1), d, 1), None, x, y
+    n = index.shape[0]
+    idx, s_h, s_hc = rows_addressing(h, index)
+    return n, idx, (s_h, s_hc, s_h, s_hc), torch.empty((n, d), dtype=h.dtype, device=h.device), h, h
+
+
 def fwd(h, index, A, a, B, C, c, spec, save_u):
     """Forward; see ``contract.py``. ``hsave`` rows of -1 entries are left unwritten. The kernel
     and its tiles: ``plan.fwd_variant`` and ``plan.fwd_launches``."""
     d = h.shape[-1]
     r = B.shape[0]
     dev = h.device
-    if index is None:
-        x = as_rows(h)
-        n = x.shape[0]
-        y = torch.empty((n, d), dtype=h.dtype, device=dev)
-        idx, strides, hsave, src, dst = x, (x.stride(0), x.stride(1), d, 1), None, x, y
-    else:
-        n = index.shape[0]
-        idx, s_h, s_hc = rows_addressing(h, index)
-        strides = (s_h, s_hc, s_h, s_hc)
-        hsave = torch.empty((n, d), dtype=h.dtype, device=dev)
-        src = dst = h
+    n, idx, strides, hsave, src, dst = fwd_addressing(h, index)
     z = torch.empty((n, r), dtype=torch.float32, device=dev)
     u = torch.empty((n, r), dtype=torch.float32, device=dev) if save_u else None
     if n > 0:
@@ -287,7 +293,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
             triton_fwd_resident.launch(call, limits, p)
         else:
             _launch_rowblock_fwd(P.fwd_launches(call, variant, limits)[0], p)
-    return (dst if index is not None else y), z, u, hsave
+    return dst, z, u, hsave
 
 
 def _launch_rowblock_fwd(launch, p):
