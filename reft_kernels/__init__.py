@@ -11,6 +11,7 @@ _EXPORTS = {
     "ACTIVATION_NAMES": "._activations",
     "available_backends": "._backend",
     "lowrank_edit": ".functional", "lowrank_edit_": ".functional", "red": ".functional",
+    "red_multi": ".multi", "lowrank_edit_multi": ".multi", "lowrank_edit_multi_": ".multi",
     **{name: ".interventions" for name in (
         "consreft", "consreft_", "direft", "direft_", "lobireft", "lobireft_", "loreft", "loreft_",
         "nodireft", "nodireft_", "noreft", "noreft_")},
@@ -45,6 +46,7 @@ def __dir__():
 __version__ = "0.1.0"
 __all__ = [
     "red", "RedFunction", "lowrank_edit", "lowrank_edit_", "LowrankEditFunction",
+    "red_multi", "lowrank_edit_multi", "lowrank_edit_multi_",
     "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
     "loreft_", "noreft_", "direft_", "nodireft_", "consreft_", "lobireft_",
     "RED", "LoReFT", "NoReFT", "DiReFT", "NodiReFT", "ConsReFT", "LoBiReFT",

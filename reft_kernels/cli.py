@@ -150,6 +150,10 @@ def _bench(args) -> int:
     if args.e2e:
         from .benchmark.e2e import main_cli
         return main_cli(args)
+    if args.multi:
+        return _bench_multi(args)
+    if args.mixed_generate:
+        return _bench_mixed_generate(args)
     from .benchmark import runner
     from .benchmark.cases import ALL_PROVIDERS
 
@@ -168,6 +172,55 @@ def _bench(args) -> int:
             return 2
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if name == "quick" else 0.2)
     runner.run(cases, providers, device, args.out, run_name=args.run_name, min_run_time=min_run_time)
+    return 0
+
+
+def _bench_multi(args) -> int:
+    """``bench --multi``: the multi-adapter ops against one adapter and one call per adapter
+    (``reft_kernels.benchmark.multi``); the table is printed and written to the run's folder."""
+    import torch
+
+    from .benchmark import multi
+    from .benchmark.runner import device_name
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = multi.cases(device)
+    if args.quick:  # K = 1 and 16 only
+        cases = [c for c in cases if c.k in (1, 16)]
+    out = os.path.join(args.out, device_name(device), args.run_name or "")
+    min_run_time = args.min_run_time if args.min_run_time is not None else 0.05
+    multi.run(cases, device, rounds=5, min_run_time=min_run_time, out=out)
+    return 0
+
+
+def _bench_mixed_generate(args) -> int:
+    """``bench --mixed-generate``: generation with K adapters in one batch against one adapter,
+    against switching adapters per example and against PEFT's mixed LoRA batch
+    (``reft_kernels.benchmark.mixed_generate``); the table is printed and written to the run's
+    folder."""
+    import torch
+
+    from .benchmark import mixed_generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .benchmark.runner import device_name
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = None
+    if args.smollm2:
+        from .hf import smollm2
+
+        base, _ = smollm2.load(device=device)
+    adapters = (1, 4) if args.quick else (1, 4, 16)
+    rows = mixed_generate.run(adapters=adapters, base=base, rounds=3, device=device)
+    out = os.path.join(args.out, device_name(device), args.run_name or "")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "mixed_generate.md"), "w") as f:
+        f.write("\n".join(mixed_generate.format_row(r) for r in rows) + "\n")
+    print(f"wrote {os.path.join(out, 'mixed_generate.md')}")
     return 0
 
 
@@ -225,6 +278,14 @@ def main(argv=None) -> int:
                        help=f"append to the committed results ({COMMITTED_RESULTS}/<device>/) that the README cites")
     bench.add_argument("--min-run-time", type=float, default=None,
                        help="seconds of timed runs per measurement on CPU (default 0.2, 0.05 with --quick)")
+    bench.add_argument("--multi", action="store_true",
+                       help="the multi-adapter ops (red_multi, lowrank_edit_multi) for K = 1, 4, 16, 64 adapters in one "
+                            "batch, against the same batch with one adapter and one call per adapter, fwd and "
+                            "fwd+bwd in interleaved rounds (--quick: K = 1 and 16); table to <out>/<device>/multi.md")
+    bench.add_argument("--mixed-generate", action="store_true",
+                       help="generation with K = 1, 4, 16 LoReFT adapters named per example in one batch of 16, "
+                            "against one adapter, switching adapters per example and PEFT's mixed LoRA batch "
+                            "(--quick: K = 1 and 4; --smollm2: on SmolLM2-135M); table to <out>/<device>/mixed_generate.md")
     e2e = bench.add_argument_group("end-to-end training steps (--e2e)")
     e2e.add_argument("--e2e", action="store_true",
                      help="time whole training steps of a LLaMA-architecture model with a frozen base: no adapter, "

@@ -56,6 +56,43 @@ def lowrank_edit_reference(h, B, A=None, a=None, C=None, c=None, *, act=None, in
     return flat.index_put((rows,), edited).reshape(h.shape)
 
 
+
+# Many adapters in one batch (``reft_kernels.multi``): a loop over the adapters, each applying the
+# one-adapter formula above to its own rows (found with a host synchronisation; a reference only).
+
+def red_multi_reference(h, scale, bias, adapter_ids):
+    """``red_reference`` with adapter ``adapter_ids[i]`` (a slice of the (K, d) stacks) on row i of
+    ``h.reshape(-1, d)``; rows with id -1 copied unchanged."""
+    d = h.shape[-1]
+    flat = h.reshape(-1, d)
+    out = flat.clone()
+    for k in range((scale if scale is not None else bias).shape[0]):
+        rows = (adapter_ids == k).nonzero().flatten()
+        if rows.numel():
+            s = scale[k] if scale is not None else None
+            t = bias[k] if bias is not None else None
+            out = out.index_put((rows,), red_reference(flat[rows], s, t))
+    return out.reshape(h.shape)
+
+
+def lowrank_edit_multi_reference(h, B, A=None, a=None, C=None, c=None, *, adapter_ids, act=None, index=None):
+    """``lowrank_edit_reference`` with adapter k's slices of the (K, r, d) / (K, r) stacks on the
+    rows whose adapter id is k: without ``index`` one id per row of ``h.reshape(-1, d)``, with it
+    one per index entry (entries with index -1 or id -1 edit nothing)."""
+    d = h.shape[-1]
+    flat = h.reshape(-1, d)
+    out = flat.clone()
+    pick = lambda t, k: None if t is None else t[k]  # noqa: E731
+    for k in range(B.shape[0]):
+        if index is None:
+            rows = (adapter_ids == k).nonzero().flatten()
+        else:
+            rows = index[(adapter_ids == k) & (index >= 0)]
+        if rows.numel():
+            edited = lowrank_edit_reference(flat[rows], B[k], pick(A, k), pick(a, k), pick(C, k), pick(c, k), act=act)
+            out = out.index_put((rows,), edited)
+    return out.reshape(h.shape)
+
 # pyreft's six interventions, written out independently of lowrank_edit_reference and of the
 # method table (``methods.METHODS``), so that tests check each method's terms against its formula
 # (tests/test_methods.py) and each op against it. Matrices are (r, d); the parameters are in the

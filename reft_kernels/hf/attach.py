@@ -11,10 +11,11 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
   records the edited states): RED on each MLP output projection (every token); ReFT on each
   chosen layer, editing the rows listed by the batch's ``reft_batch`` keyword (see ``batch.py``)
   in place with the fused indexed op, no host synchronisation and no loop over the batch;
-- the instance attribute ``model.forward``: the class's forward with a keyword-only
-  ``intervention_locations`` added to its signature (the Trainer keeps a dataset column of that
-  name, and ``generate`` passes it to every step, expanded for beam search). It builds the
-  batch's rows once and passes them down as ``reft_batch``;
+- the instance attribute ``model.forward``: the class's forward with the keyword-only
+  ``intervention_locations`` and ``adapter_names`` added to its signature (the Trainer keeps a
+  dataset column of the first name, and ``generate`` passes both to every step, expanded for
+  beam search). It builds the batch's rows once and passes them down as ``reft_batch``;
+  ``adapter_names`` gives each example its own adapter (see ``mixed_batch.py``);
 - the instance attribute ``model.generate`` (where the model has one): notes the prompt's width
   for the call, so that a generation without a KV cache edits the same prompt rows as one with it;
 - the instance attribute ``model.save_pretrained`` (where the model has one): writes the adapter
@@ -32,6 +33,7 @@ What attaching does to the model (and ``model.reft.remove()`` undoes, exactly):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -49,6 +51,7 @@ from .batch import KWARG, build_batch, cache_length
 from .component_hooks import ReftInputHook, RowsRelay
 from .config import REDConfig, ReftConfig, as_configs
 from .flag_watch import FlagWatch
+from .mixed_batch import adapter_ids, mixed_adapters
 from .positions import prompt_lengths_from_labels
 from .shared_rotation import share_rotations
 from .seq2seq import EncoderPreHook, decoder_prompt_width, seq2seq_batch, stack_of
@@ -99,15 +102,22 @@ def _edit_rows(iv, h, index, dropout: float, training: bool, copy: bool = False)
 class _RedHook:
     """Forward hook of a RED site: ``y = h * scale + bias`` on the module's output, every token.
     A callable object rather than a closure, so that ``copy.deepcopy(model)`` gives the copy hooks
-    bound to its own interventions (TRL builds DPO reference models that way)."""
+    bound to its own interventions (TRL builds DPO reference models that way). ``site``: (config
+    number, key) of the intervention, where a mixed-adapter batch finds every adapter's."""
 
-    def __init__(self, handle, iv):
-        self.handle, self.iv = handle, iv
+    def __init__(self, handle, iv, site):
+        self.handle, self.iv, self.site = handle, iv, site
 
     def __call__(self, module, args, output):
-        if not self.handle._enabled or self.handle._red_merged is not None:
+        handle = self.handle
+        if not handle._enabled or handle._red_merged is not None:
             return None
         h, rebuild = _split_output(output)
+        if handle._mixed is not None:
+            from ..multi import red_multi
+
+            scale, bias = handle._mixed.red_terms(*self.site)
+            return rebuild(red_multi(h, scale, bias, handle._mixed.row_ids(h), backend=self.iv.backend))
         return rebuild(self.iv(h))
 
 
@@ -115,10 +125,11 @@ class _ReftHook:
     """Forward hook (with kwargs) of a ReFT site: edits the rows that the layer call's
     ``reft_batch`` keyword lists for this config, one intervention per side."""
 
-    def __init__(self, handle, group: int, ivs, cfg, stack=None, relay=None):
+    def __init__(self, handle, group: int, ivs, cfg, stack, relay, site):
         self.handle, self.group, self.ivs, self.cfg = handle, group, list(ivs), cfg
         self.stack = stack  # "encoder"/"decoder" in an encoder-decoder model (see seq2seq.py)
         self.relay = relay  # a sub-layer site's RowsRelay (its module is called without the rows)
+        self.site = site  # (config number, one key per side): where a mixed batch finds each adapter's
 
     def __call__(self, module, args, kwargs, output):
         batch = kwargs.get(KWARG)
@@ -145,12 +156,22 @@ class _ReftHook:
         h, rebuild = _split_output(output)
         if h.dim() != 3:
             raise ValueError(f"a ReFT site must output (batch, seq, d) hidden states, got {tuple(h.shape)}")
-        for iv, index in zip(self.ivs, batch.rows[self.group]):
+        for iv, index in zip(mixed_sides(self, batch, h), batch.rows[self.group]):
             if index.device != h.device:  # a model split across devices (device_map)
                 index = index.to(h.device)
                 remember_index_checked(index, h.numel() // h.shape[-1])
             h = _edit_rows(iv, h, index, self.cfg.dropout, iv.training)
         return rebuild(h)
+
+
+def mixed_sides(hook, batch, h):
+    """The interventions a ReFT hook applies, one per side: its own, or in a mixed-adapter batch
+    (``adapter_names``) editors that give each row its example's adapter (``mixed_batch.py``)."""
+    if batch.mixed is None:
+        return hook.ivs
+    gi, keys = hook.site
+    return [batch.mixed.editor(gi, key, iv, index, h.shape[1])
+            for key, iv, index in zip(keys, hook.ivs, batch.rows[hook.group])]
 
 
 def _method(fn, template, bound_sig=None):
@@ -176,7 +197,11 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
     this wrapper again: endless recursion), and the rows are built with no host synchronisation
     inside a compiled region (see ``batch.build_batch``)."""
     handle = model.reft
+    names = kwargs.pop("adapter_names", None)
+    mixed = _mixed_state(model, names, args, kwargs) if names is not None and handle._enabled else None
     if not handle._enabled or not handle._reft_groups or KWARG in kwargs:
+        if mixed is not None:  # RED alone: its hooks read the adapters from the handle
+            return _call_with_rows(handle, args, kwargs, mixed)
         return handle._call_inner(args, kwargs)
     given = dict(zip(handle._positional, args))  # positional arguments by name, then keywords
     given.update(kwargs)
@@ -206,22 +231,40 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
             torch.ones(bsz, seq, dtype=torch.long, device=ref.device)
         prompt_lengths, unknown = prompt_lengths_from_labels(real, labels)
         handle._label_watch.watch(unknown)
-    kwargs[KWARG] = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
-                                intervention_locations, decode, ref.device, prompt_lengths)
-    return _call_with_rows(handle, args, kwargs)
+    batch = build_batch([handle.configs[g] for g in handle._reft_groups], bsz, seq, mask,
+                        intervention_locations, decode, ref.device, prompt_lengths)
+    kwargs[KWARG] = batch if mixed is None else dataclasses.replace(batch, mixed=mixed)
+    return _call_with_rows(handle, args, kwargs, mixed)
 
 
-def _call_with_rows(handle, args, kwargs):
+def _mixed_state(model, names, args, kwargs):
+    """The ``MixedAdapters`` of a forward called with ``adapter_names`` (see ``mixed_batch.py``)."""
+    handle = model.reft
+    if handle._seq2seq or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError("adapter_names: mixed-adapter batches are not supported on encoder-decoder models yet")
+    if KWARG in kwargs or handle._mixed is not None:
+        raise ValueError("adapter_names: the model was called with adapter_names inside another forward")
+    given = dict(zip(handle._positional, args))
+    given.update(kwargs)
+    ref = given.get("input_ids")
+    ref = ref if ref is not None else given.get("inputs_embeds")
+    if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+        raise ValueError("adapter_names needs input_ids (batch, seq) or inputs_embeds (batch, seq, d)")
+    return mixed_adapters(handle, adapter_ids(handle, names, ref.shape[0], ref.device))
+
+
+def _call_with_rows(handle, args, kwargs, mixed=None):
     """The model's own forward, its keywords carrying the rows (a layer without rows is then an
-    error)."""
-    before = handle._in_forward
-    handle._in_forward = True
+    error); ``mixed``: a mixed-adapter batch's ``MixedAdapters``, on the handle during the call
+    for RED's hooks."""
+    before, before_mixed = handle._in_forward, handle._mixed
+    handle._in_forward, handle._mixed = True, mixed
     try:
         if not getattr(kwargs.get(KWARG), "decode", False):  # a decode step edits nothing
             share_rotations(handle)
         return handle._call_inner(args, kwargs)
     finally:
-        handle._in_forward = before
+        handle._in_forward, handle._mixed = before, before_mixed
 
 
 def _patched_generate(model, *args, **kwargs):
@@ -232,6 +275,12 @@ def _patched_generate(model, *args, **kwargs):
     prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if not isinstance(prompt, torch.Tensor):
         prompt = kwargs.get("inputs_embeds")
+    if kwargs.get("adapter_names") is not None:
+        # names become a (B,) tensor of ids, which beam search and num_return_sequences expand
+        # with the other inputs (a list would not be)
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+            raise ValueError("generate with adapter_names needs input_ids (batch, seq) or inputs_embeds")
+        kwargs["adapter_names"] = adapter_ids(handle, kwargs["adapter_names"], prompt.shape[0], prompt.device)
     before = handle._prompt_width
     handle._prompt_width = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
     if handle._seq2seq:  # the decoder's prompt (the encoder's input is encoded whole)
@@ -262,6 +311,7 @@ class ReftHandle(AdapterMethods):
         self._prompt_width = None  # inside generate: the prompt's width (see _patched_generate)
         self._red_merged = None  # merge_red: {module name: (weight, bias or None)} originals on the CPU
         self._in_forward = False  # inside the patched forward (a layer without rows is then an error)
+        self._mixed = None  # inside a forward with adapter_names: its MixedAdapters (see mixed_batch.py)
         self._hooks = []
         self._requires_grad = {}
         self._had_forward = self._had_generate = None
@@ -377,12 +427,14 @@ class ReftHandle(AdapterMethods):
         self._had_forward = model.__dict__.get("forward")
         sig = inspect.signature(model.forward)  # the bound method (or the previous instance attribute)
         params = list(sig.parameters.values())
-        if "intervention_locations" in sig.parameters:
-            raise ValueError("the model's forward already has an 'intervention_locations' argument")
-        new = inspect.Parameter("intervention_locations", inspect.Parameter.KEYWORD_ONLY, default=None)
+        for taken in ("intervention_locations", "adapter_names"):
+            if taken in sig.parameters:
+                raise ValueError(f"the model's forward already has an {taken!r} argument")
+        new = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for name in ("intervention_locations", "adapter_names")]
         at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
         self._positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        patched = sig.replace(parameters=params[:at] + [new] + params[at:])
+        patched = sig.replace(parameters=params[:at] + new + params[at:])
         model.forward = types.MethodType(_method(_patched_forward, type(model).forward, patched), model)
 
     def _wrap_generate(self):
@@ -469,24 +521,25 @@ class ReftHandle(AdapterMethods):
                 if isinstance(cfg, REDConfig):
                     d = red_width(model, cfg, module)
                     ivs[key] = RED(d, dtype=dtype, device=device, backend=cfg.backend)
-                    ad.plans.append((module, "red", ivs[key]))
+                    ad.plans.append((module, "red", (ivs[key], (gi, key))))
                 else:
                     d = hidden_size(model)
                     if cfg.rank > d:
                         raise ValueError(f"ReftConfig rank={cfg.rank} exceeds the hidden size {d}")
                     ad.hidden_size = d
-                    sides = []
+                    sides, keys = [], []
                     for side in cfg.sides:
                         name_ = f"{key}_{side}" if side else key
                         ivs[name_] = cfg.build(d, dtype=dtype, device=device)
                         sides.append(ivs[name_])
+                        keys.append(name_)
                     parent = None
                     if cfg.component in SUBLAYER_COMPONENTS:
                         parent_name = site_name.rpartition(".")[0]
                         parent = model.get_submodule(parent_name) if parent_name else None
                         if parent is None:
                             raise ValueError(f"{what}: the site {site_name!r} has no parent layer to take the rows from")
-                    ad.plans.append((module, gi, (sides, stack_of(key) if seq2seq else None, parent)))
+                    ad.plans.append((module, gi, (sides, stack_of(key) if seq2seq else None, parent, (gi, tuple(keys)))))
             ad.groups.append(ivs)
         ad.groups.train(model.training)  # new modules start in training mode; follow the model's
         return ad
@@ -506,20 +559,20 @@ class ReftHandle(AdapterMethods):
             # while all of ours run before any other hook
             for module, kind, what in reversed(ad.plans):
                 if kind == "red":
-                    self._hooks.append(module.register_forward_hook(_RedHook(self, what), prepend=True))
+                    self._hooks.append(module.register_forward_hook(_RedHook(self, *what), prepend=True))
                     continue
                 # the batch's rows are listed per ReFT config, in the order of _reft_groups
-                sides, stack, parent = what
+                sides, stack, parent, site = what
                 cfg, group = ad.configs[kind], ad.reft_groups.index(kind)
                 if cfg.component == "block_input":
-                    hook = ReftInputHook(self, group, sides, cfg, _edit_rows)
+                    hook = ReftInputHook(self, group, sides, cfg, _edit_rows, site, mixed_sides)
                     self._hooks.append(module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True))
                     continue
                 relay = None
                 if parent is not None:
                     relay = RowsRelay(self, parent)
                     self._hooks.append(parent.register_forward_pre_hook(relay, with_kwargs=True))
-                hook = _ReftHook(self, group, sides, cfg, stack, relay)
+                hook = _ReftHook(self, group, sides, cfg, stack, relay, site)
                 self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
             if ad.seq2seq and callable(getattr(model, "get_encoder", None)):
                 self._hooks.append(model.get_encoder().register_forward_pre_hook(

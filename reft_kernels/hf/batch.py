@@ -25,10 +25,13 @@ class ReftBatch:
     """``rows[g]``: for ReFT group ``g`` (one per ``ReftConfig``), one 1-D int64 index per side
     (``(rows,)`` shared, ``(first_rows, last_rows)`` unshared), rows of the (B * S, d) view of the
     layer output, -1 for none. ``decode``: a generation step after the prefill (the KV cache
-    already holds tokens); ReFT edits the prompt only, so the hooks leave decode steps alone."""
+    already holds tokens); ReFT edits the prompt only, so the hooks leave decode steps alone.
+    ``mixed``: a batch with one adapter per example (``adapter_names``), its
+    ``mixed_batch.MixedAdapters``; None otherwise."""
 
     rows: tuple
     decode: bool
+    mixed: object = None
 
 
 # Imported here, not inside cache_length: torch 2.11's Dynamo cannot trace an import that resolves

@@ -64,9 +64,11 @@ class ReftInputHook:
     """Forward pre-hook (with kwargs) of a "block_input" site: edits the rows of the layer's
     input hidden states (its first positional argument or ``hidden_states``), on a copy."""
 
-    def __init__(self, handle, group: int, ivs, cfg, edit_rows):
+    def __init__(self, handle, group: int, ivs, cfg, edit_rows, site, sides):
         self.handle, self.group, self.ivs, self.cfg = handle, group, list(ivs), cfg
         self.edit_rows = edit_rows  # attach._edit_rows
+        self.site = site  # (config number, one key per side), for a mixed-adapter batch
+        self.sides = sides  # attach.mixed_sides
 
     def __call__(self, module, args, kwargs):
         batch = kwargs.get(KWARG)
@@ -82,7 +84,7 @@ class ReftInputHook:
         if not isinstance(h, torch.Tensor) or h.dim() != 3:
             raise ValueError("a block_input site must take (batch, seq, d) hidden states as its first argument "
                              "or as hidden_states")
-        for iv, index in zip(self.ivs, batch.rows[self.group]):
+        for iv, index in zip(self.sides(self, batch, h), batch.rows[self.group]):
             if index.device != h.device:
                 index = index.to(h.device)
                 remember_index_checked(index, h.numel() // h.shape[-1])

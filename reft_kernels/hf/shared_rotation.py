@@ -2,7 +2,8 @@
 ConsReFT, LoBiReFT) build their R's in one batched ``orthonormal_rows`` per forward, shared by
 the layers' hooks, instead of one QR (and one QR backward) per layer.
 
-At each patched forward the rotations of the active adapter's interventions are grouped by
+At each patched forward the rotations of the active adapter's interventions (every adapter's, in
+a mixed-adapter batch) are grouped by
 (rank, d, dtype, device), each group of two or more stacked and orthonormalised in one batched
 call, and each intervention is handed its row (``_Orthonormal.share_R``). Its gradient reaches
 every rotation through the one batched backward. An intervention takes the shared R only inside
@@ -32,7 +33,10 @@ def share_rotations(handle) -> None:
     if torch.compiler.is_compiling():
         return
     groups = {}
-    for ivs in handle.interventions:
+    sets = list(handle.interventions)
+    if handle._mixed is not None:  # a mixed-adapter batch reads every adapter's R (mixed_batch.py)
+        sets += [ivs for ad in handle._mixed.adapters if ad is not handle._active for ivs in ad.groups]
+    for ivs in sets:
         for iv in ivs.values():
             if isinstance(iv, _Orthonormal) and not is_sharded(iv.rotation):
                 rot = iv.rotation

@@ -1,0 +1,397 @@
+"""The multi-adapter ops in PyTorch ops (``backend="torch"``): any device and dtype, float64
+included; the CPU path, and the backward of every backend. No host synchronisation, no
+data-dependent shape, no atomics: every reduction over rows is a matmul or a gathered sum in a
+fixed order, so results repeat bitwise.
+
+Low-rank edit, K adapters of rank r, in one of two forms (``sparse_form`` picks per call):
+
+- masked: one low-rank edit of rank K r with the concatenated (K r, d) parameters whose (n, K r)
+  latent is masked to each row's own r-column block (rows with id -1 get none). Every gradient
+  lands in its adapter's slice by itself (``dA_cat = ga^T x``, ``dB_cat = z^T g``, ... with the
+  masked ``ga``, ``gz``, ``z``). Plain GEMMs at K times the flops of one adapter; traces with
+  ``torch.compile(fullgraph=True)``.
+- sparse: the same edit through the (n, K r) CSR pattern of each row's block (r entries per row,
+  known without a sync): the latent from ``torch.sparse.sampled_addmm`` (each row's dots with its
+  own adapter's rows only), ``h + z B`` and the ``dh`` terms as ``embedding_bag`` sums (row i
+  gathers its adapter's r rows of B), parameter gradients as ``embedding_bag`` sums over the
+  pattern's transpose (each adapter's rows, in row order). Cost flat in K. CPU eager only:
+  ``torch.compile`` does not trace CSR tensors, and on CUDA the Triton forward is the default.
+
+Measured on this project's 2-core CPU (AMD EPYC, one thread, load average 1.5 from other work),
+fp32, d = 576, r = 4, LoReFT-shaped (tied B = C), the row math alone (no index handling), medians
+in ms; "single" is ``ops/lowrank_edit/torch_impl`` on the same rows with one adapter:
+
+    rows  K    forward: single  masked  sparse    backward: single  masked  sparse
+    224   1             0.103   0.134   0.230               0.158   0.209   0.476
+    224   4             0.103   0.223   0.237               0.160   0.366   0.509
+    224   16            0.103   0.599   0.252               0.161   1.014   0.527
+    224   64            0.105   2.121   0.265               0.158   4.644   1.759
+    1024  4             0.455   0.855   0.691               0.696   1.452   1.268
+    1024  16            0.434   2.588   0.759               0.642   4.613   1.446
+    1024  64            0.437   10.64   0.848               0.668   18.03   4.115
+
+Hence the rule: masked up to K r = 16 (``MASKED_MAX_WIDTH``), sparse above on CPU. Other forms
+measured and dropped: gathering each row's parameters (``A[ids]``, (n, r, d)) then batched dots
+or einsum, 0.5-60 ms at these shapes (n r d elements written and read per parameter, the dots as
+n tiny matmuls); a CSR product for ``z B`` (1.4-10x slower than ``embedding_bag``); a per-adapter
+loop over sorted rows (needs the counts on the host: a sync). None reaches the one-adapter cost:
+at K = 16 the sparse forward is 2.4x (224 rows) and 1.7x (1024 rows) the one-adapter row math.
+
+RED: each row's scale and bias are gathered (an extra identity slot, scale 1 and bias 0, for id
+-1), ``y = addcmul(t, h, s)`` in ``h``'s dtype (one rounding, as ``ops/red/torch_impl``); the
+backward's per-adapter column sums of ``g * h`` and ``g`` (accumulation dtype) are a (K, N)
+one-hot matmul up to K = 16, above it (CPU eager) ``embedding_bag`` sums over each adapter's rows.
+
+Numerics of the low-rank edit as ``ops/lowrank_edit/torch_impl``: rows and parameters converted
+to the accumulation dtype (float32; float64 for float64 ``h``), latent, activation and
+``h + z B`` computed there, ``y`` rounded once. Unlike there, fp16/bf16 rows are converted in one
+piece (an (n, d) fp32 copy), not block by block.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..._activations import IDENTITY, act_grad_torch, act_torch
+from ..lowrank_edit import torch_impl as lowrank_torch
+from ..._rows import acc_dtype, as_2d_plus, as_rows, put_rows_, put_selector, row_selector
+
+# ----------------------------------------------------------------------------- RED
+
+
+def _slot(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Row -> parameter slot: the adapter id, or the extra identity slot ``k`` for -1."""
+    return torch.where(ids >= 0, ids, k)
+
+
+def red_fwd(h2, scale, bias, ids):
+    """(N, d) rows, (K, d) stacks (either may be None), (N,) ids -> y (N, d) in h2's dtype."""
+    d = h2.shape[1]
+    stack = scale if scale is not None else bias
+    k = stack.shape[0]
+    slot = _slot(ids, k)
+    s = t = None
+    if scale is not None:
+        s = torch.cat([scale.to(h2.dtype), h2.new_ones((1, d))]).index_select(0, slot)
+    if bias is not None:
+        t = torch.cat([bias.to(h2.dtype), h2.new_zeros((1, d))]).index_select(0, slot)
+    if s is not None and t is not None:
+        return torch.addcmul(t, h2, s)
+    return h2 * s if s is not None else h2 + t
+
+
+def _onehot(ids: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """(K, n) matrix with a 1 at (ids[i], i); rows with id -1 have none."""
+    return (ids[None, :] == torch.arange(k, device=ids.device)[:, None]).to(dtype)
+
+
+def red_bwd(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
+    """(dh (N, d) in g2's dtype, ds (K, d), dt (K, d) in the accumulation dtype), each None when
+    not needed. ``h2`` is only read for ``ds``."""
+    acc = acc_dtype(g2.dtype)
+    d = g2.shape[1]
+    dh = ds = dt = None
+    if need_ds or need_dt:
+        if sparse_form(g2, k):  # per-adapter sums gathered row by row: O(N d), not O(K N d)
+            pat = _Pattern(ids, 1, k, acc)
+            ones = pat.valid.to(acc)
+            colsum = lambda t: pat.apply_t(ones, t)  # noqa: E731
+        else:
+            onehot = _onehot(ids, k, acc)
+            colsum = lambda t: onehot @ t  # noqa: E731
+        ga = g2.to(acc)
+        if need_ds:
+            ds = colsum(ga * h2.to(acc))
+        if need_dt:
+            dt = colsum(ga)
+    if need_dh:
+        if scale is None:
+            dh = g2
+        else:
+            s = torch.cat([scale.to(g2.dtype), g2.new_ones((1, d))]).index_select(0, _slot(ids, k))
+            dh = g2 * s
+    return dh, ds, dt
+
+
+# ----------------------------------------------------------------------------- low-rank edit
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _flat(t, kr):
+    """A (K, r, d) stack as (K r, d), a (K, r) one as (K r,); None stays None."""
+    return None if t is None else t.reshape(kr, *t.shape[2:])
+
+
+def block_mask(ids: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """(n, K r) bool: row i keeps columns [ids[i] r, (ids[i] + 1) r), none for id -1."""
+    owner = torch.arange(k * r, device=ids.device) // r
+    return ids[:, None] == owner[None, :]
+
+
+def _compact(t: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """(n, K r) masked to one block per row -> that block, (n, r) (zeros elsewhere add exactly)."""
+    return t.view(t.shape[0], k, r).sum(1)
+
+
+# Which form ``fwd_rows`` / ``bwd_rows`` / ``red_bwd`` take: None for the rule (``sparse_form``),
+# or "masked" / "sparse" to force one (tests).
+FORM = None
+# The masked form's latent is K r columns wide: up to this width its GEMMs beat the sparse form's
+# fixed cost (the measurements in the module docstring).
+MASKED_MAX_WIDTH = 16
+
+
+def sparse_form(x: torch.Tensor, width: int) -> bool:
+    """The rule: the sparse form for CPU tensors in eager mode when the stacked width ``width``
+    (K r; K for RED) is above ``MASKED_MAX_WIDTH``, the masked form otherwise. The masked form
+    everywhere else: on CUDA (where the Triton forward is the default, and cuSPARSE's products
+    are not promised to sum in a fixed order) and inside ``torch.compile`` (which does not trace
+    sparse CSR tensors)."""
+    if x.shape[0] == 0:  # nothing to gather
+        return False
+    if FORM is not None:
+        return FORM == "sparse"
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and width > MASKED_MAX_WIDTH
+
+
+def fwd_rows(x, ids, A, a, B, C, c, spec, save_u):
+    """Rows ``x`` (n, d) and the stacks in the accumulation dtype, ``ids`` (n,) (-1: no edit) ->
+    (y (n, d) in x's dtype, z (n, r), u (n, r) or None), ``z`` and ``u`` zero on unedited rows."""
+    k, r = B.shape[0], B.shape[1]
+    kr = k * r
+    A2, a2, B2, c2 = _flat(A, kr), _flat(a, kr), _flat(B, kr), _flat(c, kr)
+    cm = B2 if spec.tied else _flat(C, kr)
+    if sparse_form(x, kr):
+        return _fwd_sparse(x, ids, A2, a2, B2, cm, c2, spec, save_u, r)
+    return _fwd_masked(x, ids, A2, a2, B2, cm, c2, spec, save_u, r)
+
+
+def _fwd_masked(x, ids, A2, a2, B2, cm, c2, spec, save_u, r):
+    k = B2.shape[0] // r
+    # the rank-K r latent of every row, then masked to the row's own block
+    z, u = lowrank_torch._latent(x, A2, a2, B2, cm, c2, spec)
+    mask = block_mask(ids, k, r)
+    z = torch.where(mask, z, 0)
+    y = torch.addmm(x, z, B2)
+    u_c = _compact(torch.where(mask, u, 0), k, r) if save_u else None
+    return y, _compact(z, k, r), u_c
+
+
+class _Pattern:
+    """The sparse form's (n, K r) CSR pattern: row i holds the r columns of its adapter's block
+    (of adapter 0 for id -1, whose values are then zero), so every row has r entries and the
+    pattern, like its transpose, is built without a host synchronisation."""
+
+    def __init__(self, ids, r, k, dtype):
+        n = ids.shape[0]
+        dev = ids.device
+        self.n, self.r, self.k = n, r, k
+        self.ids = ids
+        self.valid = (ids >= 0)[:, None]
+        self.crow = torch.arange(n + 1, device=dev) * r
+        self.col = (ids.clamp_min(0)[:, None] * r + torch.arange(r, device=dev)).reshape(-1)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            self.pat = torch.sparse_csr_tensor(self.crow, self.col, torch.zeros(n * r, dtype=dtype, device=dev),
+                                               (n, k * r))
+        self._t = None
+
+    def sampled(self, x, W):
+        """``(x W^T)`` at the pattern, (n, r): each row's dots with its own adapter's rows of W."""
+        return torch.sparse.sampled_addmm(self.pat, x, W.t(), beta=0).values().view(-1, self.r)
+
+    def gather(self, vec):
+        """A (K r,) bias at the pattern, (n, r)."""
+        return vec.index_select(0, self.col).view(-1, self.r)
+
+    def apply(self, values, W):
+        """The pattern holding ``values`` (n, r) times ``W`` (K r, d): row i is
+        ``sum_j values[i, j] W[k_i r + j]``, (n, d), as an ``embedding_bag`` (one bag of r rows
+        of W per row, summed in order; a CSR product was 1.4-10x slower on this CPU)."""
+        return F.embedding_bag(self.col.view(self.n, self.r), W, per_sample_weights=values, mode="sum")
+
+    def apply_t(self, values, x):
+        """The transpose of the pattern holding ``values`` (n, r) times ``x`` (n, d): (K r, d),
+        row k r + j the sum over adapter k's rows i (in row order) of ``values[i, j] x[i]``; an
+        ``embedding_bag`` over the transpose's CSR structure (``_transpose``)."""
+        crow, col, src = self._transpose()
+        return F.embedding_bag(col, x, crow, per_sample_weights=values.reshape(-1).index_select(0, src),
+                               mode="sum", include_last_offset=True)
+
+    def _transpose(self):
+        """(crow, col, src) of the transpose (K r, n) in CSR: row k r + j lists adapter k's rows in
+        row order (id -1 rows under adapter 0, with zero values), entry e holding element
+        ``src[e]`` of the (n r,) values. Derived once per pattern: rows sorted by adapter (a
+        stable sort), each adapter's start from a cumulative count; no host synchronisation."""
+        if self._t is None:
+            n, r, dev = self.n, self.r, self.ids.device
+            slot = self.ids.clamp_min(0)
+            order = torch.argsort(slot, stable=True)
+            counts = torch.bincount(slot, minlength=self.k)
+            start = torch.cumsum(counts, 0) - counts
+            j = torch.arange(r, device=dev)
+            crow = torch.cat([(start[:, None] * r + j * counts[:, None]).reshape(-1),
+                              torch.full((1,), n * r, device=dev, dtype=start.dtype)])
+            ks = slot.index_select(0, order)
+            ks_start, ks_count = start.index_select(0, ks), counts.index_select(0, ks)
+            pos = ((ks_start * r + torch.arange(n, device=dev) - ks_start)[:, None] + j * ks_count[:, None]).reshape(-1)
+            src = torch.empty_like(pos).index_put_((pos,), (order[:, None] * r + j).reshape(-1))
+            col = torch.empty_like(pos).index_put_((pos,), order[:, None].expand(n, r).reshape(-1))
+            self._t = (crow, col, src)
+        return self._t
+
+
+def _fwd_sparse(x, ids, A2, a2, B2, cm, c2, spec, save_u, r):
+    n = x.shape[0]
+    pat = _Pattern(ids, r, B2.shape[0] // r, x.dtype)
+    if A2 is not None:
+        u = pat.sampled(x, A2)
+        if a2 is not None:
+            u = u + pat.gather(a2)
+    elif a2 is not None:
+        u = pat.gather(a2)
+    else:
+        u = x.new_zeros(n, r)
+    z = act_torch(u, spec.act)
+    if cm is not None:
+        z = z - pat.sampled(x, cm)
+    if c2 is not None:
+        z = z - pat.gather(c2)
+    z = torch.where(pat.valid, z, 0)
+    y = pat.apply(z, B2).add_(x)
+    return y, z, (torch.where(pat.valid, u, 0) if save_u else None)
+
+
+def bwd_rows(g, x, ids, z, u, A, B, C, spec, need):
+    """Backward on rows: ``g``, ``x`` (n, d), ``z``, ``u`` (n, r) and the stacks in the
+    accumulation dtype, ``ids`` (n,). Returns (dh (n, d) or None, dA, da, dB, dC, dc), the
+    parameter gradients stacked ((K, r, d) / (K, r)) or None; rows with id -1 contribute nothing
+    to them and get ``dh = g``."""
+    k, r, d = B.shape
+    kr = k * r
+    A2, B2 = _flat(A, kr), _flat(B, kr)
+    cm = B2 if spec.tied else _flat(C, kr)
+    need = list(need)
+    need[4] = need[4] and C is not None
+    grads = (_bwd_sparse if sparse_form(g, kr) else _bwd_masked)(g, x, ids, z, u, A2, B2, cm, spec, need, k, r)
+    dh, dA, da, dB, dC, dc = grads
+    mat = lambda t: None if t is None else t.view(k, r, d)  # noqa: E731
+    vec = lambda t: None if t is None else t.reshape(k, r)  # noqa: E731
+    return dh, mat(dA), vec(da), mat(dB), mat(dC), vec(dc)
+
+
+def _bwd_masked(g, x, ids, z, u, A2, B2, cm, spec, need, k, r):
+    need_dh, need_dA, need_da, need_dB, need_dC, need_dc = need
+    mask = block_mask(ids, k, r)
+    gz = torch.where(mask, g @ B2.t(), 0)
+    if spec.act == IDENTITY:
+        ga = gz
+    else:
+        ga = torch.where(mask, gz * act_grad_torch(u.repeat(1, k), spec.act), 0)
+    dh = dA = da = dB = dC = dc = None
+    if need_dh:
+        if A2 is not None:
+            dh = torch.addmm(g, ga, A2)
+            if cm is not None:
+                dh.addmm_(gz, cm, alpha=-1)
+        else:
+            dh = torch.addmm(g, gz, cm, alpha=-1) if cm is not None else g
+    if need_dA:
+        dA = ga.t() @ x
+    if need_da:
+        da = ga.sum(0)
+    gzx = None
+    if need_dC or (need_dB and spec.tied):  # with the identity act, gz^T x is ga^T x
+        gzx = dA if (dA is not None and ga is gz) else gz.t() @ x
+    if need_dB:
+        dB = torch.where(mask, z.repeat(1, k), 0).t() @ g
+        if spec.tied:
+            dB = dB - gzx
+    if need_dC:
+        dC = gzx.neg()
+    if need_dc:
+        dc = gz.sum(0).neg()
+    return dh, dA, da, dB, dC, dc
+
+
+def _bwd_sparse(g, x, ids, z, u, A2, B2, cm, spec, need, k, r):
+    need_dh, need_dA, need_da, need_dB, need_dC, need_dc = need
+    pat = _Pattern(ids, r, k, g.dtype)
+    gz = torch.where(pat.valid, pat.sampled(g, B2), 0)
+    ga = gz if spec.act == IDENTITY else torch.where(pat.valid, gz * act_grad_torch(u, spec.act), 0)
+    dh = dA = da = dB = dC = dc = None
+    if need_dh:
+        dh = pat.apply(ga, A2).add_(g) if A2 is not None else g
+        if cm is not None:
+            dh = dh - pat.apply(gz, cm) if dh is g else dh.sub_(pat.apply(gz, cm))
+    if need_dA:
+        dA = pat.apply_t(ga, x)
+    if need_da:
+        da = _onehot(ids, k, ga.dtype) @ ga
+    gzx = None
+    if need_dC or (need_dB and spec.tied):  # with the identity act, gz^T x is ga^T x
+        gzx = dA if (dA is not None and ga is gz) else pat.apply_t(gz, x)
+    if need_dB:
+        dB = pat.apply_t(z, g)
+        if spec.tied:
+            dB = dB - gzx
+    if need_dC:
+        dC = gzx.neg()
+    if need_dc:
+        dc = (_onehot(ids, k, gz.dtype) @ gz).neg()
+    return dh, dA, da, dB, dC, dc
+
+
+def effective_ids(index, ids):
+    """The adapter id of each entry, -1 where the index entry is padding (or None: ``ids``)."""
+    return ids if index is None else torch.where(index >= 0, ids, -1)
+
+
+def fwd(h, index, ids, A, a, B, C, c, spec, save_u):
+    """Forward, following ``ops/lowrank_edit/contract.py`` with one adapter id per row (no
+    index) or per index entry: returns (y, z, u, hsave)."""
+    acc = acc_dtype(h.dtype)
+    A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
+    if index is None:
+        x = as_rows(h)
+        y, z, u = fwd_rows(x.to(acc), ids, A, a, B, C, c, spec, save_u)
+        return y.to(h.dtype), z, u, None
+    n, r, d = index.shape[0], B.shape[1], h.shape[-1]
+    hv = as_2d_plus(h)
+    if hv.numel() == 0:  # no rows to edit: every entry is padding
+        zeros = h.new_zeros((n, r), dtype=acc)
+        return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
+    x = hv[put_selector(h, index)]  # padding entries read the first real entry's row; ids -1 there
+    y, z, u = fwd_rows(x.to(acc), effective_ids(index, ids), A, a, B, C, c, spec, save_u)
+    put_rows_(hv, index, y.to(h.dtype))
+    return h, z, u, x
+
+
+def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
+    """Backward: (dh or None, (dA, da, dB, dC, dc)) in the accumulation dtype (dh in g's)."""
+    acc = acc_dtype(x.dtype)
+    A, B, C = (_cast(t, acc) for t in (A, B, C))
+    z = z.to(acc)
+    u = u.to(acc) if u is not None else None
+    if index is None:
+        out = bwd_rows(as_rows(g).to(acc), as_rows(x).to(acc), ids, z, u, A, B, C, spec, need)
+        dh = out[0].to(g.dtype).reshape(g.shape) if need[0] else None
+        return dh, out[1:]
+    if g.numel() == 0:  # h had no rows: every entry is padding, every gradient is zero
+        zeros = x.new_zeros(x.shape, dtype=acc)
+        out = bwd_rows(zeros, zeros, torch.full_like(ids, -1), z, u, A, B, C, spec, need)
+        return (g.clone() if need[0] else None), out[1:]
+    _, valid = row_selector(g, index)
+    gr = as_2d_plus(g)[put_selector(g, index)]
+    eff = torch.where(valid, ids, -1)
+    out = bwd_rows(gr.to(acc), x.to(acc), eff, z, u, A, B, C, spec, need)
+    dh = None
+    if need[0]:
+        dh = g.clone(memory_format=torch.contiguous_format)
+        put_rows_(as_2d_plus(dh), index, out[0].to(g.dtype))
+    return dh, out[1:]
