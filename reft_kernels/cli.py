@@ -215,7 +215,8 @@ def _bench_mixed_generate(args) -> int:
 
         base, _ = smollm2.load(device=device)
     adapters = (1, 4) if args.quick else (1, 4, 16)
-    rows = mixed_generate.run(adapters=adapters, base=base, rounds=3, device=device)
+    rows = mixed_generate.run(adapters=adapters, base=base, name="smollm2-135m" if args.smollm2 else None, rounds=3,
+                              device=device)
     out = os.path.join(args.out, device_name(device), args.run_name or "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "mixed_generate.md"), "w") as f:

@@ -98,17 +98,18 @@ def _setups(base, prompts, k: int, new_tokens: int, method: str, rank: int, posi
 
 def run(*, model: str = "d256", batch: int = 16, adapters=(1, 4, 16), prompt_len: int = 32, new_tokens: int = 16,
         method: str = "loreft", rank: int = 8, positions: str = "f7+l7", rounds: int = 3, providers=PROVIDERS,
-        base=None, device="cpu", log=print) -> list:
+        base=None, name=None, device="cpu", log=print) -> list:
     """Time every provider for each K in ``adapters``; returns rows (dicts) and logs a table.
-    ``base``: a built causal LM to use instead of ``model`` (e.g. SmolLM2), on ``device``."""
+    ``base``: a built causal LM to use instead of ``model`` (e.g. SmolLM2), on ``device``, called
+    ``name`` in the rows."""
     for k in adapters:
         if k < 1 or batch % k:
             raise ValueError(f"adapters: each K must divide the batch of {batch}, got {k}")
     if base is None:
         base = build_base(MODELS[model], device)
         name = model
-    else:
-        name = getattr(getattr(base, "config", None), "_name_or_path", "") or type(base).__name__
+    elif name is None:
+        name = type(base).__name__
     base.eval()
     base.config.use_cache = True
     base.generation_config.pad_token_id = base.generation_config.pad_token_id or 0
