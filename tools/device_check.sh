@@ -13,10 +13,14 @@
 #   tests      the whole suite on CUDA tensors in 8 processes (every op, backend and dtype)
 #   bench      reft-kernels bench --sweep gpu: every op against eager and torch.compile; rows go
 #              to $OUT/bench/<card>/results.csv case by case, so a timeout keeps what was measured
+#   multi      reft-kernels bench --multi --quick: the multi-adapter ops (K = 1 and 16 adapters in
+#              one batch) against one adapter and one call per adapter; $OUT/bench/<card>/multi.md
 #   e2e        (its own call, see below) reft-kernels bench --e2e --e2e-sweep gpu: whole training
 #              steps of a ~1.1B LLaMA config (d 2048, 16 layers, bf16) at 512 x 32 and 2048 x 8
 #              tokens: frozen, naive, ours, PEFT LoRA; rows to $OUT/bench/<card>/e2e.csv shape by
-#              shape, table in e2e.md and the summary
+#              shape, table in e2e.md and the summary; then reft-kernels bench --mixed-generate:
+#              generation with 1, 4, 16 adapters in one batch (d = 256 model) against one adapter,
+#              switching per example and PEFT's mixed LoRA; $OUT/bench/<card>/mixed_generate.md
 # Budget: about 6 minutes on an H100 for build + tests (the sanitizer runs overlap the test shards)
 # and up to 4 more for the sweep (not yet timed on a GPU). The e2e stage is not part of "all" (that
 # already fills one 10-minute device call): run it as a call of its own, about 2-4 minutes
@@ -54,6 +58,8 @@ bench() {  # the sweep; the plots are made from the CSV afterwards (bench/plot_r
         [ -f "$csv" ] && python bench/plot_results.py "$csv" >> "$OUT/bench.log" 2>&1
     done
     cat "$OUT"/bench/*/results.md >> "$summary" 2>/dev/null || true
+    step multi "${MULTI_TIMEOUT:-120}" reft-kernels bench --multi --quick --device cuda --out "$OUT/bench"
+    cat "$OUT"/bench/*/multi.md >> "$summary" 2>/dev/null || true
 }
 companions() {  # peft and liger_kernel from the carried wheels, when not importable already
     local dir="${WHEEL_DIR:-${PEFT_WHEEL_DIR:-wheels}}" mod pkg
@@ -72,6 +78,9 @@ e2e() {  # whole training steps; a timeout keeps the shapes already measured
     # shellcheck disable=SC2086
     step e2e "${E2E_TIMEOUT:-360}" reft-kernels bench --e2e ${E2E_ARGS:---e2e-sweep gpu --device cuda} --out "$OUT/bench"
     cat "$OUT"/bench/*/e2e.md >> "$summary" 2>/dev/null || true
+    # shellcheck disable=SC2086
+    step mixed_generate "${MIXED_TIMEOUT:-150}" reft-kernels bench --mixed-generate ${MIXED_ARGS:---device cuda} --out "$OUT/bench"
+    cat "$OUT"/bench/*/mixed_generate.md >> "$summary" 2>/dev/null || true
 }
 versions() {  # plain metadata reads: nothing is imported, so this runs before the build
     if step versions 60 python reft_kernels/_versions.py; then

@@ -244,6 +244,9 @@ def _mixed_state(model, names, args, kwargs):
         raise ValueError("adapter_names: mixed-adapter batches are not supported on encoder-decoder models yet")
     if KWARG in kwargs or handle._mixed is not None:
         raise ValueError("adapter_names: the model was called with adapter_names inside another forward")
+    if handle._red_merged is not None:
+        raise ValueError("adapter_names: RED is merged into the model's weights, so every example would get the "
+                         "active adapter's RED: call unmerge_red(model) first")
     given = dict(zip(handle._positional, args))
     given.update(kwargs)
     ref = given.get("input_ids")

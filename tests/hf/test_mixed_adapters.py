@@ -170,6 +170,20 @@ def test_adapters_that_differ_in_more_than_rank_cannot_share_a_batch():
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_red_merged_into_the_weights_refuses_a_mixed_batch():
+    from reft_kernels.hf import merge_red, unmerge_red
+
+    model = _model({name: CASES["red"](1) for name in NAMES[:2]})
+    ids, mask = padded_batch([5, 6], 6, "left", seed=11)
+    merge_red(model)
+    with pytest.raises(ValueError, match="RED is merged"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=["default", "b"])
+    unmerge_red(model)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=["b", "default"]).logits
+    torch.testing.assert_close(got, _each_alone(model, ["b", "default"], ids, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_red_under_gradient_checkpointing_refuses_a_mixed_training_batch():
     model = _model({name: CASES["red"](1) for name in NAMES[:2]})
     model.gradient_checkpointing_enable()
