@@ -125,12 +125,13 @@ class MixedAdapters:
         self._entries = {}  # id(index) -> (index, its entries' adapter ids)
 
     def row_ids(self, h: torch.Tensor) -> torch.Tensor:
-        """(B * S,) adapter id of each row of ``h`` (B, S, d)."""
-        if h.shape[0] != self.ids.shape[0]:
+        """(B * S,) adapter id of each row of ``h`` (B, S, ..., d): example b's id for its rows."""
+        if h.dim() < 2 or h.shape[0] != self.ids.shape[0]:
             raise ValueError(f"adapter_names names {self.ids.shape[0]} examples, but a layer's hidden states have "
                              f"shape {tuple(h.shape)}")
         ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
-        rows = ids[:, None].expand(h.shape[0], h.shape[1]).reshape(-1)
+        per_example = h[..., 0].numel() // max(h.shape[0], 1)
+        rows = ids[:, None].expand(h.shape[0], per_example).reshape(-1)
         remember_adapter_ids_checked(rows, len(self.adapters))  # made from checked ids: no sync
         return rows
 
