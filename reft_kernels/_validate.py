@@ -50,8 +50,32 @@ def check_backend_dtype(backend: str, h: torch.Tensor) -> None:
         )
 
 
-_INDEX_CHECKED: dict = {}  # id(index) -> (weakref, version, data_ptr, n_rows): values already checked
-_INDEX_CACHE_SIZE = 256
+class CheckedTensors:
+    """Tensors whose values were checked (or built valid), each with the fact checked against
+    (``n_rows``, a number of adapters): a value check with its host synchronisation is then paid
+    once per tensor, until its version counter moves (an in-place write), its storage changes or
+    the fact differs. Keyed by ``id`` with a weak reference (no tensor is kept alive); inference
+    tensors (no version counter) and tensors inside ``torch.compile`` are never remembered."""
+
+    def __init__(self, size: int = 256):
+        self._seen: dict = {}  # id(t) -> (weakref, version, data_ptr, fact)
+        self._size = size
+
+    def has(self, t: torch.Tensor, fact) -> bool:
+        hit = self._seen.get(id(t))
+        return hit is not None and hit[0]() is t and hit[1:] == (t._version, t.data_ptr(), fact)
+
+    def add(self, t: torch.Tensor, fact) -> None:
+        if torch.compiler.is_compiling() or torch.is_inference(t) or t.device.type == "meta":
+            return
+        if len(self._seen) >= self._size:  # drop the tensors that are gone; all if none is
+            self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
+            if len(self._seen) >= self._size:
+                self._seen.clear()
+        self._seen[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), fact)
+
+
+_INDEX_CHECKED = CheckedTensors()  # fact: n_rows
 
 
 def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
@@ -94,15 +118,9 @@ def check_index(index, n_rows: int, h: torch.Tensor) -> torch.Tensor:
     if torch.is_inference(given):  # no version counter to key a cache on: check every call
         _check_index_values(index, n_rows, h)
         return index
-    key = id(given)
-    seen = _INDEX_CHECKED.get(key)
-    state = (given._version, given.data_ptr(), n_rows)
-    if seen is not None and seen[0]() is given and seen[1:] == state:
-        return index
-    _check_index_values(index, n_rows, h)
-    if len(_INDEX_CHECKED) >= _INDEX_CACHE_SIZE:
-        _INDEX_CHECKED.clear()
-    _INDEX_CHECKED[key] = (weakref.ref(given), *state)
+    if not _INDEX_CHECKED.has(given, n_rows):
+        _check_index_values(index, n_rows, h)
+        _INDEX_CHECKED.add(given, n_rows)
     return index
 
 
@@ -110,11 +128,7 @@ def remember_index_checked(index: torch.Tensor, n_rows: int) -> None:
     """Record that ``index`` holds valid, distinct rows of an ``n_rows``-row tensor (its caller
     built it so, e.g. from an attention mask), so that ``check_index`` skips the value check and
     its host synchronisation for this tensor until it is written to."""
-    if torch.compiler.is_compiling() or torch.is_inference(index) or index.device.type == "meta":
-        return
-    if len(_INDEX_CHECKED) >= _INDEX_CACHE_SIZE:
-        _INDEX_CHECKED.clear()
-    _INDEX_CHECKED[id(index)] = (weakref.ref(index), index._version, index.data_ptr(), n_rows)
+    _INDEX_CHECKED.add(index, n_rows)
 
 
 def _index_flags(index: torch.Tensor, n_rows: int):

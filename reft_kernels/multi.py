@@ -17,7 +17,8 @@ import torch
 from ._activations import act_code
 from ._backend import ENV_VAR, env_backend, resolve_backend
 from ._transforms import transform_in_use
-from ._validate import TRITON_DTYPES, check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param
+from .functional import _kernel_dtype_reason
+from ._validate import check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param
 from .ops.lowrank_edit.contract import Spec
 from .ops.lowrank_edit.plan import triton_max_rank
 from .ops.multi import function
@@ -38,8 +39,7 @@ def _backend(op, h, backend, triton_reason, tensors):
     if transform is not None:
         raise RuntimeError(f"reft_kernels.{op} does not support {transform} yet: call it outside the "
                            "transform (its autograd Function has no vmap or jvp rule)")
-    if triton_reason is None and h.dtype not in TRITON_DTYPES and backend is None and env_backend() is None:
-        triton_reason = f"the kernels support h in float16, bfloat16 or float32, got {h.dtype}"
+    triton_reason = triton_reason or _kernel_dtype_reason(h, backend)
     be = resolve_backend(backend, h.device, triton_unsupported=triton_reason)
     check_backend_dtype(be, h)
     return be

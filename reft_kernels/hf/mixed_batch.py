@@ -27,12 +27,11 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 from torch.nn import functional as F
 
-from ..ops.multi.checks import remember_adapter_ids_checked
+from ..ops.multi.checks import adapter_ids_checked, remember_adapter_ids_checked
 from .config import ReftConfig
 
 BASE_NAME = "__base__"  # PEFT's name for an example without adapter
@@ -55,12 +54,13 @@ def adapter_ids(handle, names, bsz: int, device) -> torch.Tensor:
         if names.dim() != 1 or names.shape[0] != bsz:
             raise ValueError(f"adapter_names must name one adapter per example: {bsz} for this batch, got a tensor "
                              f"of shape {tuple(names.shape)}")
-        if not torch.compiler.is_compiling() and names.numel() and not _checked(names, len(known)):
-            lo, hi = int(names.min()), int(names.max())  # one host sync per ids tensor (see _checked)
+        if not torch.compiler.is_compiling() and names.numel() and not adapter_ids_checked(names, len(known)):
+            # one host sync per ids tensor: generate passes the same expanded tensor every step
+            lo, hi = int(names.min()), int(names.max())
             if lo < -1 or hi >= len(known):
                 raise ValueError(f"adapter_names ids must lie in [-1, {len(known)}) (this model's adapters: "
                                  f"{list(known)}), got values in [{lo}, {hi}]")
-            _remember(names, len(known))
+            remember_adapter_ids_checked(names, len(known))
         return names.to(device=device, dtype=torch.long)
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of adapter names, one per example, got {type(names).__name__}")
@@ -73,26 +73,8 @@ def adapter_ids(handle, names, bsz: int, device) -> torch.Tensor:
         raise ValueError(f"adapter_names: unknown adapter {bad[0]!r}; this model has {list(known)} "
                          f"(and {BASE_NAME!r} for the base model)")
     ids = torch.tensor([position[n] for n in names], dtype=torch.long, device=device)
-    _remember(ids, len(known))
+    remember_adapter_ids_checked(ids, len(known))
     return ids
-
-
-# ids tensors whose values were checked, so that generate's steps (the same expanded tensor each
-# step) pay the check's host synchronisation once: id -> (weakref, version, number of adapters)
-_CHECKED: dict = {}
-
-
-def _checked(ids: torch.Tensor, k: int) -> bool:
-    hit = _CHECKED.get(id(ids))
-    return hit is not None and hit[0]() is ids and hit[1] == ids._version and hit[2] == k
-
-
-def _remember(ids: torch.Tensor, k: int) -> None:
-    if torch.is_inference(ids):
-        return
-    if len(_CHECKED) >= 64:
-        _CHECKED.clear()
-    _CHECKED[id(ids)] = (weakref.ref(ids), ids._version, k)
 
 
 def mixed_adapters(handle, ids: torch.Tensor) -> "MixedAdapters":
@@ -122,17 +104,23 @@ class MixedAdapters:
     def __init__(self, adapters, ids: torch.Tensor):
         self.adapters, self.ids = adapters, ids
         self._stacks = {}
-        self._entries = {}  # id(index) -> (index, its entries' adapter ids)
+        # id(index) -> (index, its entries' adapter ids); ("rows", rows per example, device) ->
+        # the (B * S,) ids of a RED site's rows
+        self._entries = {}
 
     def row_ids(self, h: torch.Tensor) -> torch.Tensor:
         """(B * S,) adapter id of each row of ``h`` (B, S, ..., d): example b's id for its rows."""
         if h.dim() < 2 or h.shape[0] != self.ids.shape[0]:
             raise ValueError(f"adapter_names names {self.ids.shape[0]} examples, but a layer's hidden states have "
                              f"shape {tuple(h.shape)}")
-        ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
         per_example = h[..., 0].numel() // max(h.shape[0], 1)
-        rows = ids[:, None].expand(h.shape[0], per_example).reshape(-1)
-        remember_adapter_ids_checked(rows, len(self.adapters))  # made from checked ids: no sync
+        key = ("rows", per_example, h.device)  # every RED layer of the forward shares them
+        rows = self._entries.get(key)
+        if rows is None:
+            ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
+            rows = ids[:, None].expand(h.shape[0], per_example).reshape(-1)
+            remember_adapter_ids_checked(rows, len(self.adapters))  # made from checked ids: no sync
+            self._entries[key] = rows
         return rows
 
     def entry_ids(self, index: torch.Tensor, seq: int) -> torch.Tensor:

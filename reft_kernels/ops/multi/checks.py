@@ -7,12 +7,11 @@ written in place or the number of adapters changes; inside ``torch.compile`` and
 capture as asynchronous device-side assertions instead (no synchronisation, no entry named)."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-_IDS_CHECKED: dict = {}  # id(ids) -> (weakref, version, data_ptr, K): values already checked
-_IDS_CACHE_SIZE = 256
+from ..._validate import CheckedTensors
+
+_IDS_CHECKED = CheckedTensors()  # fact: K, the number of adapters
 
 
 def stack_shape(t, name: str, ndim: int, h: torch.Tensor, layout: str) -> tuple:
@@ -50,15 +49,9 @@ def check_adapter_ids(ids, n: int, k: int, h: torch.Tensor, what: str) -> torch.
     if torch.is_inference(given):  # no version counter to key a cache on: check every call
         _check_values(ids, k)
         return ids
-    key = id(given)
-    seen = _IDS_CHECKED.get(key)
-    state = (given._version, given.data_ptr(), k)
-    if seen is not None and seen[0]() is given and seen[1:] == state:
-        return ids
-    _check_values(ids, k)
-    if len(_IDS_CHECKED) >= _IDS_CACHE_SIZE:
-        _IDS_CHECKED.clear()
-    _IDS_CHECKED[key] = (weakref.ref(given), *state)
+    if not _IDS_CHECKED.has(given, k):
+        _check_values(ids, k)
+        _IDS_CHECKED.add(given, k)
     return ids
 
 
@@ -66,11 +59,12 @@ def remember_adapter_ids_checked(ids: torch.Tensor, k: int) -> None:
     """Record that ``ids`` holds values in [-1, k) (its caller built it so, e.g. from ids already
     checked), so that ``check_adapter_ids`` skips the value check and its host synchronisation
     for this tensor until it is written to."""
-    if torch.compiler.is_compiling() or torch.is_inference(ids) or ids.device.type == "meta":
-        return
-    if len(_IDS_CHECKED) >= _IDS_CACHE_SIZE:
-        _IDS_CHECKED.clear()
-    _IDS_CHECKED[id(ids)] = (weakref.ref(ids), ids._version, ids.data_ptr(), k)
+    _IDS_CHECKED.add(ids, k)
+
+
+def adapter_ids_checked(ids: torch.Tensor, k: int) -> bool:
+    """Whether ``ids``' values are known to lie in [-1, k) (checked or remembered)."""
+    return _IDS_CHECKED.has(ids, k)
 
 
 def _check_values(ids: torch.Tensor, k: int) -> None:
