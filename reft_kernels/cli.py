@@ -1,7 +1,7 @@
 """``reft-kernels`` command line: ``info``, ``check``, ``plan``, ``bench`` and ``train``.
 
 torch is imported only once the arguments are parsed (``--help`` and bad arguments answer at
-once), after ``_threads_sleep`` has chosen how OpenMP threads wait.
+once), after ``_threads_wait`` has chosen how OpenMP threads wait.
 """
 from __future__ import annotations
 
@@ -14,12 +14,33 @@ from . import __version__
 from .methods import METHODS  # plain Python: no torch at import
 
 
-def _threads_sleep() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy, before torch (and its OpenMP
-    runtime) loads: a waiting thread sleeps instead of spinning. On a 2-core CPU shared with other
-    work, spinning threads made one SmolLM2 training step take 33-50 s at load 5-6, against 8-10 s
-    with passive waiting; on a quiet machine the two differ by a few percent (see the README)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long an idle OpenMP thread of the GNU runtime (torch's CPU wheels) spins before it sleeps,
+# in spin iterations, per command: measured on the 2-core CPU (AMD EPYC, 2 threads), one training
+# step of the d = 256 LLaMA with LoReFT f7+l7 (median of 8), and the f7+l7 multi-adapter forward
+# of ``bench --multi`` (K = 16):
+#
+#     policy            step, quiet   step, 3 busy processes   forward, quiet
+#     unset (300000)    ~190 ms       1463 ms                  0.36 ms
+#     PASSIVE (0)       241 ms        587-650 ms               0.99 ms
+#     1000              191-206 ms    605-613 ms               0.31-0.64 ms
+#     3000              195-200 ms    717-720 ms               0.25-0.30 ms
+#
+# A sleeping thread costs a futex wake-up at the next parallel region, which sub-millisecond ops
+# pay on nearly every call; a spinning one takes a core from other work. So: 1000 for training
+# and the rest (as fast as PASSIVE under load, 20% faster quiet), 3000 for ``bench``, which times
+# sub-millisecond ops on a quiet machine.
+SPIN_COUNTS = {"bench": "3000"}
+SPIN_COUNT = "1000"
+
+
+def _threads_wait(command: str) -> None:
+    """Before torch (and its OpenMP runtime) loads: idle OpenMP threads spin briefly, then sleep
+    (``GOMP_SPINCOUNT``, the table above), unless the user chose a policy (``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` set). Threads that spin for long made one SmolLM2 training step take
+    33-50 s at load 5-6, against 8-10 s with sleeping threads (see the README)."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNTS.get(command, SPIN_COUNT)
 
 
 def _info(_args) -> int:
@@ -304,7 +325,7 @@ def main(argv=None) -> int:
                                          "default) with LoReFT or RED on a small built-in task, before/after")
     add_train_arguments(train)
     args = ap.parse_args(argv)
-    _threads_sleep()
+    _threads_wait(args.command)
     if args.command in ("train", "bench"):
         _quiet_third_party()
     if args.command == "train":

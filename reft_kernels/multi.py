@@ -129,7 +129,7 @@ def lowrank_edit_multi(h, B, A=None, a=None, C=None, c=None, *, adapter_ids, act
     """
     spec, A, a, B, C, c, ids, index = _prepare(h, B, A, a, C, c, adapter_ids, act, index, backend, inplace=False)
     if index is not None:
-        h = h.clone(memory_format=torch.contiguous_format)
+        return function.lowrank_run_copy(h, A, a, B, C, c, ids, spec, index)
     return function.lowrank_run(h, A, a, B, C, c, ids, spec, index)
 
 

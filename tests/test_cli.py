@@ -57,21 +57,43 @@ def test_help_answers_without_importing_torch():
 def test_train_prints_no_third_party_load_noise(tmp_path):
     """With the test extra installed, transformers imports torchao, whose loggers speak at import
     (optional CUDA libraries absent, pytree deprecations): the CLI keeps them quiet, and sets
-    OpenMP's passive wait before torch loads."""
+    OpenMP's short spin (``cli.SPIN_COUNT``) before torch loads."""
     pytest.importorskip("transformers")
     from .hf._models import tiny_model, tiny_tokenizer
 
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TRITON_INTERPRET")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TRITON_INTERPRET")}
     code = ("import os, sys\nfrom reft_kernels.cli import main\n"
             f"rc = main(['train', '--model', {str(folder)!r}, '--steps', '1', '--layers', '0', '--positions', 'f1',"
             f" '--out', {str(tmp_path / 'out')!r}, '--device', 'cpu'])\n"
-            "print('OMP', os.environ.get('OMP_WAIT_POLICY'))\nsys.exit(rc)")
+            "print('OMP', os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))\nsys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     both = proc.stdout + proc.stderr
-    assert "step 1/1" in both and "OMP PASSIVE" in both
+    assert "step 1/1" in both and "OMP None 1000" in both
     for noise in ("Failed to load", "_pytree", "register_constant"):
         assert noise not in both, both
+
+
+def test_threads_wait_sets_a_short_spin_unless_the_user_chose(monkeypatch):
+    """``_threads_wait``: GOMP_SPINCOUNT per command (``bench``'s own, the default for the rest),
+    left alone when the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT."""
+    from reft_kernels import cli
+
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # recorded, so the test restores them
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
+    cli._threads_wait("bench")
+    assert os.environ["GOMP_SPINCOUNT"] == cli.SPIN_COUNTS["bench"]
+    del os.environ["GOMP_SPINCOUNT"]
+    cli._threads_wait("train")
+    assert os.environ["GOMP_SPINCOUNT"] == cli.SPIN_COUNT != cli.SPIN_COUNTS["bench"]
+    os.environ["GOMP_SPINCOUNT"] = "5"
+    cli._threads_wait("bench")
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+    del os.environ["GOMP_SPINCOUNT"]
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    cli._threads_wait("train")
+    assert "GOMP_SPINCOUNT" not in os.environ

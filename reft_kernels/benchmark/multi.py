@@ -16,6 +16,15 @@ Providers, all on the default backend of the device (``backend=None``):
   before timing): a clone of ``h``, then ``lowrank_edit_`` on each adapter's listed rows; for RED
   the rows gathered, edited and scattered back per adapter.
 
+And, for the low-rank edit over every row when PEFT is installed, PEFT's LoRA on the same batch
+(the cost to compare with, at the op level, of what ``bench --mixed-generate`` compares end to
+end): one ``nn.Linear(d, d)`` (frozen) with K LoRA adapters of rank r, each sequence its own
+adapter through PEFT's ``adapter_names`` (``lora_mixed``: PEFT's mixed-batch forward, one
+gather, two products and one indexed add per adapter present) and with adapter ``a0`` alone
+(``lora_single``). Their ratio, ``lora_mixed_vs_single``, is what a mixed batch costs PEFT over
+one adapter, beside ours (``multi_vs_single``); the LoRA times include the base layer's d x d
+product, which the ReFT edit has no counterpart of.
+
 Each is timed forward (``fwd``) and forward + backward (``fwd_bwd``, gradients of h and every
 parameter) in interleaved rounds: one round times every provider once (``measure.time_ms``: a
 blocked autorange on a CPU, ``do_bench`` on a GPU), in a rotated order, so a change of machine
@@ -38,6 +47,7 @@ from .cases import DTYPES, f7_l7_index
 from .measure import _quantiles, time_ms
 
 PROVIDERS = ("multi", "single", "split")
+LORA_PROVIDERS = ("lora_mixed", "lora_single")
 MODES = ("fwd", "fwd_bwd")
 KS = (1, 4, 16, 64)
 
@@ -107,6 +117,7 @@ def make_inputs(case: MultiCase, device, seed: int = 0) -> dict:
         else:
             ids = per_seq.repeat_interleave(case.seq)
     out["ids"] = ids.to(device)
+    out["per_seq"] = per_seq
     rows = torch.arange(ids.numel())
     out["groups"] = {int(a): rows[ids == a].to(device) for a in ids.unique()}
     return out
@@ -144,9 +155,51 @@ def providers(case: MultiCase, x: dict) -> dict:
         R0 = R[0]
         return lowrank_edit(h, R0, W[0], b[0], R0, index=index)
 
-    return {"multi": (lambda: lowrank_edit_multi(h, R, W, b, R, adapter_ids=ids, index=index), leaves),
-            "single": (single, leaves),
-            "split": (split, leaves)}
+    out = {"multi": (lambda: lowrank_edit_multi(h, R, W, b, R, adapter_ids=ids, index=index), leaves),
+           "single": (single, leaves),
+           "split": (split, leaves)}
+    if index is None:
+        out.update(_lora_providers(case, x))
+    return out
+
+
+def _lora_providers(case: MultiCase, x: dict) -> dict:
+    """``lora_mixed`` and ``lora_single`` (module docstring) on the rows of ``x["h"]`` seen as
+    (batch, seq, d), or {} when PEFT is not installed."""
+    try:
+        import peft
+    except ImportError:
+        return {}
+    h, per_seq = x["h"], x["per_seq"]
+    d, r, k = case.d, case.r, case.k
+    gen = torch.Generator().manual_seed(2)
+
+    class _Proj(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d, d, bias=False)
+
+        def forward(self, t):
+            return self.proj(t)
+
+    base = _Proj().to(device=h.device, dtype=h.dtype)
+    cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(base, cfg, adapter_name="a0")
+    for a in range(1, k):
+        model.add_adapter(f"a{a}", cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():  # LoRA's B starts at zero: draw it, so that every product is computed
+        for a in range(k):
+            w = layer.lora_B[f"a{a}"].weight
+            w.copy_(torch.randn(w.shape, generator=gen).to(w) * r ** -0.5)
+    layer.set_adapter("a0")
+    model.train()
+    x3 = h.detach().reshape(case.batch, case.seq, d).requires_grad_()
+    names = [f"a{int(a)}" for a in per_seq]
+    lora = [p.requires_grad_() for n, p in layer.named_parameters() if "lora_" in n]  # every adapter trains
+    leaves = [x3, *lora]  # (unused ones allowed: as the multi op's stacks)
+    return {"lora_mixed": (lambda: layer(x3, adapter_names=names), leaves),
+            "lora_single": (lambda: layer(x3), leaves)}
 
 
 def check(case: MultiCase, x: dict, fn, leaves) -> str:
@@ -195,32 +248,40 @@ def run_case(case: MultiCase, device, *, rounds: int = 5, min_run_time: float = 
         row = dict(base, mode=mode, status=status)
         if status == "ok":
             timed = {p: _timed(fn, leaves, mode) for p, (fn, leaves) in fns.items()}
-            per = {p: [] for p in PROVIDERS}
+            names = tuple(fns)
+            per = {p: [] for p in names}
             for i in range(rounds):
-                order = PROVIDERS[i % 3:] + PROVIDERS[:i % 3]
+                shift = i % len(names)
+                order = names[shift:] + names[:shift]
                 for p in order:
                     per[p].append(time_ms(timed[p], device, min_run_time=min_run_time)[0])
-            for p in PROVIDERS:
+            for p in names:
                 row[f"{p}_ms"] = _median(per[p])
             row["multi_vs_single"] = _median([m / s for m, s in zip(per["multi"], per["single"])])
             row["multi_vs_split"] = _median([m / s for m, s in zip(per["multi"], per["split"])])
+            if "lora_mixed" in per:
+                row["lora_mixed_vs_single"] = _median([m / s for m, s in zip(per["lora_mixed"], per["lora_single"])])
         rows.append(row)
     return rows
 
 
 COLUMNS = ("op", "regime", "k", "rows", "edited", "d", "r", "dtype", "mode", "multi_ms", "single_ms", "split_ms",
-           "multi_vs_single", "multi_vs_split", "status")
+           "multi_vs_single", "multi_vs_split", "lora_mixed_ms", "lora_single_ms", "lora_mixed_vs_single", "status")
 
 
 def table(rows) -> str:
     head = ["op", "regime", "K", "rows", "edited", "mode", "multi ms", "single ms", "split ms",
-            "vs one adapter", "vs one call per adapter", "status"]
+            "vs one adapter", "vs one call per adapter", "PEFT LoRA mixed ms", "PEFT LoRA one ms",
+            "PEFT mixed vs one", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ok = r["status"] == "ok"
+        lora = ok and r.get("lora_mixed_ms") is not None
         vals = [r["op"], r["regime"], r["k"], r["rows"], r["edited"], r["mode"],
                 *(f"{r[f'{p}_ms']:.4g}" if ok else "" for p in PROVIDERS),
                 f"{r['multi_vs_single']:.2f}x" if ok else "", f"{r['multi_vs_split']:.2f}x" if ok else "",
+                *(f"{r[f'{p}_ms']:.4g}" if lora else "" for p in LORA_PROVIDERS),
+                f"{r['lora_mixed_vs_single']:.2f}x" if lora else "",
                 "" if ok else r["status"]]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"

@@ -71,6 +71,9 @@ METHODS = [
     ("direft_gelu", "BAa", False, "gelu"),
     ("consreft", "Ba", True, None),
     ("lobireft", "Ba", False, None),
+    # identity act with A and C: the sparse form's one-product latent x (A - C)^T + (a - c)
+    ("untied_identity", "BAaCc", False, None),
+    ("untied_identity_c", "BACc", False, None),
 ]
 MODES = ["out", "out_index", "inplace", "inplace_index"]
 
@@ -335,6 +338,24 @@ def test_ids_checked_once_per_tensor_and_rechecked_after_write():
         lowrank_edit_multi(h, B, adapter_ids=ids)
 
 
+@pytest.mark.parametrize("form", ["masked", "sparse"])
+def test_row_facts_rederived_after_ids_write(form, monkeypatch):
+    """The PyTorch path keeps each ids tensor's block mask / CSR pattern (``_block_of``,
+    ``_pattern_of``); a call with other ids, and one after the same ids were written in place,
+    edit with the new ids (forward and gradients against the float64 reference)."""
+    monkeypatch.setattr(multi_torch, "FORM", form)
+    k, d, r = 3, 16, 2
+    base, view = make_base("contiguous", (2, 6), d)
+    base.requires_grad_()
+    params = _stacks(k, d, r, tied=True)
+    for index in (None, padded_index(12, 7)):
+        ids = _ids(12 if index is None else 9, k)
+        _check_lowrank("torch", base, view, params, ids, index=index)
+        ids.copy_(ids.flip(0).roll(1))
+        _check_lowrank("torch", base, view, params, ids, index=index)
+        _check_lowrank("torch", base, view, params, ids.clone().fill_(1), index=index)
+
+
 BAD_RED = [
     ("neither", dict(scale=None, bias=None), TypeError, "red_multi needs scale or bias"),
     ("scale_1d", dict(scale=torch.randn(8)), ValueError, r"scale must have shape \(K, d\)"),
@@ -415,14 +436,27 @@ def test_multi_benchmark_runs_tiny(capsys):
     assert "vs one adapter" in out
     for r in rows:
         assert r["multi_ms"] > 0 and r["single_ms"] > 0 and r["split_ms"] > 0
+    # PEFT's mixed LoRA batch on the rows of the low-rank edit over every row, when installed
+    lora = [r for r in rows if r.get("lora_mixed_ms") is not None]
+    want = {(r["k"], r["mode"]) for r in rows if r["op"] == "lowrank_edit_multi" and r["regime"] == "all"}
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        assert not lora
+    else:
+        assert {(r["k"], r["mode"]) for r in lora} == want
+        assert all(r["lora_mixed_ms"] > 0 and r["lora_single_ms"] > 0 and r["lora_mixed_vs_single"] > 0 for r in lora)
+        assert "PEFT mixed vs one" in out
 
 
 def test_torch_form_rule(monkeypatch):
     """The PyTorch path's rule (ops/multi/torch_impl.py): the masked form up to K r = 16 columns
-    and inside torch.compile, the sparse form above on CPU tensors; both give the reference."""
+    (for a forward, below K = 4 adapters) and inside torch.compile, the sparse form otherwise on
+    CPU tensors; both give the reference."""
     monkeypatch.setattr(multi_torch, "FORM", None)
     x = torch.randn(3, 8)
     assert not multi_torch.sparse_form(x, 16) and multi_torch.sparse_form(x, 17)
+    assert not multi_torch.sparse_form(x, 12, 3) and multi_torch.sparse_form(x, 12, 4)
     assert not multi_torch.sparse_form(x[:0], 64)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not multi_torch.sparse_form(x, 64)
@@ -430,7 +464,7 @@ def test_torch_form_rule(monkeypatch):
     monkeypatch.setattr(multi_torch, "FORM", None)
     base, view = make_base("contiguous", (2, 9), 24)
     base.requires_grad_()
-    for k, r in ((2, 3), (6, 3)):  # K r = 6 (masked) and 18 (sparse)
+    for k, r in ((2, 3), (4, 3), (6, 3)):  # K r = 6 (masked), 12 (sparse forward, masked backward), 18 (sparse)
         _check_lowrank("torch", base, view, _stacks(k, 24, r, tied=True), _ids(18, k), act="silu")
         _check_red("torch", base, view, _red_stacks(k * 3, 24), _ids(18, k * 3))
 

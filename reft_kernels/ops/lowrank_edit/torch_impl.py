@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..._rows import (
-    acc_dtype, as_2d_plus, as_rows, edit_plan, first_real_entry, put_rows_, put_selector, row_selector,
-    scratch_selector,
+    acc_dtype, adds_rows, as_2d_plus, as_rows, edit_plan, first_real_entry, gather_rows, put_rows_,
+    put_selector, row_selector, rows_view, scratch_selector,
 )
 from . import torch_constant
 
@@ -76,11 +76,12 @@ def _latent(x, A, a, B, C, c, spec):
     return z, u
 
 
-def _fwd_rows(x, A, a, B, C, c, spec, save_u, keep=None):
+def _fwd_rows(x, A, a, B, C, c, spec, save_u, keep=None, delta=False):
     """``y = x + z B`` for rows ``x`` (n, d) in their own dtype, one rounding; parameters already
     in the accumulation dtype. Returns (y (n, d) in ``x``'s dtype, z (n, r), u (n, r) or None, in
     the accumulation dtype). ``keep`` (n, 1) bool: z is zero (and y = x) where it is False. A
-    latent that does not depend on the row goes to ``torch_constant``."""
+    latent that does not depend on the row goes to ``torch_constant``. ``delta`` (only for ``x``
+    in the accumulation dtype and a latent that depends on the row): ``z B`` instead of ``y``."""
     if torch_constant.applies(A, B, C, spec):
         return torch_constant.fwd_rows(x, a, B, c, spec, save_u, keep)
     acc = acc_dtype(x.dtype)
@@ -90,7 +91,7 @@ def _fwd_rows(x, A, a, B, C, c, spec, save_u, keep=None):
         z, u = _latent(x, A, a, B, C, c, spec)
         if keep is not None:
             z = torch.where(keep, z, 0)
-        return torch.addmm(x, z, B), z, (u if save_u else None)
+        return (z @ B if delta else torch.addmm(x, z, B)), z, (u if save_u else None)
     y = x.new_empty((n, d))
     z = x.new_empty((n, r), dtype=acc)
     u = x.new_empty((n, r), dtype=acc) if save_u else None
@@ -111,13 +112,15 @@ def _add(total, part):
     return part if total is None else total.add_(part)
 
 
-def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False):
+def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False, dh_delta=False):
     """Backward on row matrices ``g``, ``x`` (n, d) in h's dtype; ``z``, ``u`` and the parameters
     in the accumulation dtype. Returns (dh (n, d) in g's dtype or None, dA, da, dB, dC, dc in
     the accumulation dtype or None), the parameter gradients summed block by block in a fixed
     order. ``valid`` (n,) bool: the latent gradient is zero where it is False (padding entries),
     so those rows add nothing to the parameters and their ``dh`` rows are ``g``'s. ``g_private``:
-    ``g`` is a copy the caller gives up, so ``dh`` may be computed in it (in place).
+    ``g`` is a copy the caller gives up, so ``dh`` may be computed in it (in place); with
+    ``dh_delta`` too (``g`` in the accumulation dtype), ``dh - g`` is returned in ``dh``'s place
+    (None when the edit does not depend on ``h``), for the caller to add.
 
     Launches: the latent ``gz = g B^T``, one product per weight gradient, one sum per bias and
     two products for ``dh``; with the identity, ``ga`` is ``gz``, so ``dB``'s ``- gz^T x`` (tied)
@@ -164,6 +167,10 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False):
             if cm is not None:
                 gc.addmm_(gz, cm, alpha=-1)
             dh[i:j] = gc  # the one rounding
+        elif need_dh and g_private and dh_delta:  # ga A - gz C, added by the caller
+            dh = ga @ A if A is not None else None
+            if cm is not None:
+                dh = dh.addmm_(gz, cm, alpha=-1) if dh is not None else torch.mm(gz, cm).neg_()
         elif need_dh and g_private:  # one block, a copy of g's rows that is ours: in place
             if A is not None:
                 gc.addmm_(ga, A)
@@ -179,7 +186,7 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False):
         da_w, da_b, db = (zeros(r, d) if need_da_w else None), (zeros(r) if need_da_b else None), \
             (zeros(r, d) if need_db else None)
         dc_w, dc_b = (zeros(r, d) if need_dc_w else None), (zeros(r) if need_dc_b else None)
-    if need_dh and dh is None:  # no rows
+    if need_dh and n == 0:  # no rows (the loop above set dh otherwise; None there: a zero delta)
         dh = g.new_empty((n, d))
     return dh, da_w, da_b, db, dc_w, dc_b
 
@@ -192,7 +199,7 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
         y, z, u = _fwd_rows(h if h.dim() == 2 else as_rows(h), A, a, B, C, c, spec, save_u)
         return y, z, u, None
     n, r, d = index.shape[0], B.shape[0], h.shape[-1]
-    hv = as_2d_plus(h)
+    hv = rows_view(h)
     if hv.numel() == 0:  # no rows to edit: every entry is padding
         zeros = h.new_zeros((n, r), dtype=acc)
         return h, zeros, (zeros.clone() if save_u else None), h.new_zeros((n, d))
@@ -200,12 +207,19 @@ def fwd(h, index, A, a, B, C, c, spec, save_u):
     # and y = x there (z is 0): the put writes the first real entry's value in its place
     # (``put_rows_``, inlined: one cached plan instead of three lookups, 1.2 us against 3.5 us,
     # and ``index_select`` rather than tuple indexing where the rows have one leading
-    # dimension, 4.2 us against 8.1 us, at f7+l7 over 2 sequences on the 2-core CPU)
+    # dimension, 4.2 us against 8.1 us, at f7+l7 over 2 sequences on the 2-core CPU; ``rows_view``
+    # gives (B, S, d) activations one leading dimension)
     keep, remap, target = edit_plan(hv, index)
-    x = hv.index_select(0, target[0]) if len(target) == 1 else hv[target]
-    y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, keep)
-    if n:
-        hv.index_put_(target, y.index_select(0, remap))
+    x = gather_rows(hv, target)
+    if n and adds_rows(hv, target) and not torch_constant.applies(A, B, C, spec):
+        # h's rows += z B: a padding entry adds its zero row (z is 0 there) to the first real
+        # entry's row, and every real row is listed once
+        delta, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, keep, delta=True)
+        hv.index_add_(0, target[0], delta)
+    else:
+        y, z, u = _fwd_rows(x, A, a, B, C, c, spec, save_u, keep)
+        if n:
+            hv.index_put_(target, y.index_select(0, remap))
     u = torch.where(keep, u, 0) if save_u else None
     return h, z, u, x
 
@@ -226,8 +240,9 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         out = _bwd_rows(zeros, zeros, z, u, A, B, C, spec, need)
         return (g.clone() if need[0] else None), out[1:]
     if constant:  # dh = g: the edit does not depend on h
-        sel, valid = row_selector(g, index)
-        gr = torch.where(valid[:, None], as_2d_plus(g)[sel], 0)
+        gv = rows_view(g)
+        sel, valid = row_selector(gv, index)
+        gr = torch.where(valid[:, None], gather_rows(gv, sel), 0)
         return (g if need[0] else None), torch_constant.param_grads(gr, z, u, B, spec, need,
                                                                     first_real_entry(g, index))
     flat = _flat_rows(g) if need[0] and index.numel() else None
@@ -241,18 +256,24 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         n_rows = flat.shape[0]
         buf = torch.cat([flat, _zero_row(g)])
         ssel = scratch_selector(g, index)
-        out = _bwd_rows(buf.index_select(0, ssel), x, z, u, A, B, C, spec, need, g_private=True)
-        buf.index_put_((ssel,), out[0])
+        add = adds_rows(buf, (ssel,))
+        out = _bwd_rows(buf.index_select(0, ssel), x, z, u, A, B, C, spec, need, g_private=True, dh_delta=add)
+        if not add:
+            buf.index_put_((ssel,), out[0])
+        elif out[0] is not None:  # dh's rows - g's rows (None: the edit does not depend on h)
+            buf.index_add_(0, ssel, out[0])
         return buf[:n_rows].view(g.shape), out[1:]
     # Padding entries read the first real entry's row of g (and their saved rows are that row of
     # h): real rows, so their masked latent gradient (``valid``) and zero z make them add nothing
     # to the parameters. (With no real entry at all they read row 0, whatever it holds.)
-    _, valid = row_selector(g, index)
-    out = _bwd_rows(as_2d_plus(g)[put_selector(g, index)], x, z, u, A, B, C, spec, need, valid)
+    # (on ``rows_view(g)``: the forward's row plan, one selector, ``index_select``)
+    gv = rows_view(g)
+    keep, _, target = edit_plan(gv, index)
+    out = _bwd_rows(gather_rows(gv, target), x, z, u, A, B, C, spec, need, keep[:, 0])
     dh = None
     if need[0]:
         dh = g.clone(memory_format=torch.contiguous_format)
-        put_rows_(as_2d_plus(dh), index, out[0])
+        put_rows_(rows_view(dh), index, out[0])
     return dh, out[1:]
 
 

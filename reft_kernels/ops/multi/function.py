@@ -10,7 +10,7 @@ import torch
 
 from ..._constants import IDENTITY
 from ..._rows import as_rows
-from .._autograd import autocast_off, once_differentiable
+from .._autograd import autocast_off_for, direct_apply, once_differentiable
 from . import torch_impl, triton_impl
 
 _RED_FWD = {"triton": triton_impl.red_fwd, "torch": torch_impl.red_fwd}
@@ -24,7 +24,7 @@ class RedMultiFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, scale, bias, ids, backend):
-        with autocast_off(h.device.type):
+        with autocast_off_for(h):
             y2 = _RED_FWD[backend](as_rows(h), scale, bias, ids)
         stack = scale if scale is not None else bias
         ctx.k = stack.shape[0]
@@ -37,7 +37,7 @@ class RedMultiFunction(torch.autograd.Function):
     def backward(ctx, g):
         h, scale, ids = ctx.saved_tensors
         need_dh, need_ds, need_dt = ctx.needs_input_grad[:3]
-        with autocast_off(g.device.type):
+        with autocast_off_for(g):
             dh, ds, dt = torch_impl.red_bwd(as_rows(g), as_rows(h) if need_ds else None, scale, ids, ctx.k,
                                             need_dh, need_ds, need_dt)
         dh = dh.reshape(g.shape) if dh is not None else None
@@ -50,7 +50,7 @@ def red_run(h, scale, bias, ids, backend):
     """RED with stacked adapters: the Function, or the forward alone when no gradient is needed."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, scale, bias)):
         return RedMultiFunction.apply(h, scale, bias, ids, backend)
-    with autocast_off(h.device.type):
+    with autocast_off_for(h):
         return _RED_FWD[backend](as_rows(h), scale, bias, ids).reshape(h.shape)
 
 
@@ -63,37 +63,79 @@ class LowrankMultiFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, A, a, B, C, c, ids, spec, index):
-        ctx.spec = spec
-        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (A, a, B, C, c))
-        with autocast_off(h.device.type):
-            out, z, u, hsave = _FWD[spec.backend](h, index, ids, A, a, B, C, c, spec, spec.act != IDENTITY)
-        if index is not None:
-            ctx.mark_dirty(h)
-            ctx.save_for_backward(hsave, index, ids, z, u, A, B, C)
-            return out
-        ctx.save_for_backward(h, None, ids, z, u, A, B, C)
-        return out.view(h.shape)
+        return _forward(ctx, h, A, a, B, C, c, ids, spec, index, True)
 
     @staticmethod
     @once_differentiable("reft_kernels.lowrank_edit_multi")
     def backward(ctx, g):
         x, index, ids, z, u, A, B, C = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:6])
-        with autocast_off(g.device.type):
+        with autocast_off_for(g):
             dh, grads = torch_impl.bwd(g, x, index, ids, A, B, C, z, u, ctx.spec, need)
         grads = tuple(None if gr is None else gr.to(dt) for gr, dt in zip(grads, ctx.dtypes))
         return (dh, *grads, None, None, None)
 
 
+def _forward(ctx, h, A, a, B, C, c, ids, spec, index, dirty):
+    ctx.spec = spec
+    ctx.dtypes = tuple(t.dtype if t is not None else None for t in (A, a, B, C, c))
+    with autocast_off_for(h):
+        out, z, u, hsave = _FWD[spec.backend](h, index, ids, A, a, B, C, c, spec, spec.act != IDENTITY)
+    if index is not None:
+        if dirty:
+            ctx.mark_dirty(h)
+        ctx.save_for_backward(hsave, index, ids, z, u, A, B, C)
+        return out
+    ctx.save_for_backward(h, None, ids, z, u, A, B, C)
+    return out.view(h.shape)
+
+
+class LowrankMultiCopyFunction(LowrankMultiFunction):
+    """The out-of-place edit of the rows ``index`` (``lowrank_edit_multi`` with an index): as
+    ``LowrankMultiFunction`` with an index, on a contiguous copy of ``h`` that the forward makes
+    and returns; one autograd node instead of a clone's plus an in-place edit's, as
+    ``LowrankEditCopyFunction``. Eager calls only (``lowrank_run_copy``)."""
+
+    @staticmethod
+    def forward(ctx, h, A, a, B, C, c, ids, spec, index):
+        return _forward(ctx, h.clone(memory_format=torch.contiguous_format), A, a, B, C, c, ids, spec, index, False)
+
+
+_apply = direct_apply(LowrankMultiFunction)
+_apply_copy = direct_apply(LowrankMultiCopyFunction)
+
+
+def _needs_grad(h, A, a, B, C, c) -> bool:
+    """Grad mode on and some input requiring grad (written out: this runs on every call)."""
+    return torch.is_grad_enabled() and (
+        h.requires_grad or B.requires_grad or (A is not None and A.requires_grad)
+        or (a is not None and a.requires_grad) or (C is not None and C.requires_grad)
+        or (c is not None and c.requires_grad))
+
+
 def lowrank_run(h, A, a, B, C, c, ids, spec, index):
-    """The multi-adapter low-rank edit on ``spec.backend``: the Function, or, when no gradient
-    will be needed, the backend's forward alone (no autograd node, nothing saved)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, A, a, B, C, c)):
+    """The multi-adapter low-rank edit on ``spec.backend``: the Function (through
+    ``direct_apply`` outside ``torch.compile``; the public functions refuse transforms), or,
+    when no gradient will be needed, the backend's forward alone (no autograd node, nothing
+    saved)."""
+    if _needs_grad(h, A, a, B, C, c):
+        if not torch.compiler.is_compiling():
+            return _apply(h, A, a, B, C, c, ids, spec, index)
         return LowrankMultiFunction.apply(h, A, a, B, C, c, ids, spec, index)
-    with autocast_off(h.device.type):
+    with autocast_off_for(h):
         out, _, _, _ = _FWD[spec.backend](h, index, ids, A, a, B, C, c, spec, False)
     if index is None:
         return out.view(h.shape)
     if spec.backend != "torch":  # a kernel wrote h behind autograd's back: bump its version
         torch.autograd.graph.increment_version(h)
     return out
+
+
+def lowrank_run_copy(h, A, a, B, C, c, ids, spec, index):
+    """``lowrank_run`` out of place with an index (not None): a new tensor, ``h`` with the listed
+    rows edited (``LowrankMultiCopyFunction`` in eager calls that need a gradient, else
+    ``lowrank_run`` on a copy: under torch.compile the clone stays outside the Function, as
+    ``ops/lowrank_edit/function.run_copy`` explains)."""
+    if _needs_grad(h, A, a, B, C, c) and not torch.compiler.is_compiling():
+        return _apply_copy(h, A, a, B, C, c, ids, spec, index)
+    return lowrank_run(h.clone(memory_format=torch.contiguous_format), A, a, B, C, c, ids, spec, index)
