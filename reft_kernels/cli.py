@@ -20,10 +20,11 @@ from .methods import METHODS  # plain Python: no torch at import
 # of ``bench --multi`` (K = 16):
 #
 #     policy            step, quiet   step, 3 busy processes   forward, quiet
-#     unset (300000)    ~190 ms       1463 ms                  0.36 ms
-#     PASSIVE (0)       241 ms        587-650 ms               0.99 ms
-#     1000              191-206 ms    605-613 ms               0.31-0.64 ms
-#     3000              195-200 ms    717-720 ms               0.25-0.30 ms
+#     unset (300000)    -             1463 ms                  0.36 ms
+#     PASSIVE (0)       241 ms        587-650 ms               0.99-1.02 ms
+#     1000              191-206 ms    605-613 ms               0.43-0.52 ms
+#     2000              190 ms        666 ms                   0.36 ms
+#     3000              195-200 ms    717-720 ms               0.30 ms
 #
 # A sleeping thread costs a futex wake-up at the next parallel region, which sub-millisecond ops
 # pay on nearly every call; a spinning one takes a core from other work. So: 1000 for training

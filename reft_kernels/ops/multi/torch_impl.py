@@ -366,12 +366,12 @@ def _bwd_masked(g, x, mask, z, u, A2, B2, cm, spec, need, k, dh_delta):
         ga = torch.where(mask, gz * act_grad_torch(u.repeat(1, k), spec.act), 0)
     dh = dA = da = dB = dC = dc = None
     if need_dh:
-        base = torch.zeros_like(g) if dh_delta else g
         if A2 is not None:
             dh = ga @ A2 if dh_delta else torch.addmm(g, ga, A2)
             if cm is not None:
                 dh.addmm_(gz, cm, alpha=-1)
         else:
+            base = torch.zeros_like(g) if dh_delta else g
             dh = torch.addmm(base, gz, cm, alpha=-1) if cm is not None else base
     if need_dA:
         dA = ga.t() @ x
