@@ -52,7 +52,9 @@ def red_multi(h, scale, bias, adapter_ids, *, backend=None):
     Args:
         h: (..., d) activations; row i is row i of ``h.reshape(-1, d)``.
         scale, bias: (K, d) stacks of the K adapters' parameters; either may be None, not both.
-        adapter_ids: int64 (N,), N = h.numel() // d, values in [-1, K).
+        adapter_ids: int64, values in [-1, K): (N,), N = h.numel() // d, one per row; or, for an
+            h of three or more dimensions, (h.shape[0],), one per sequence ``h[b]`` (then the
+            PyTorch path gathers B rows of the stacks instead of N).
         backend: None, "torch" or "triton" ("cuda" raises ValueError).
 
     Out of place; ``y`` in ``h``'s dtype, gradients for ``h``, ``scale`` and ``bias`` in their own
@@ -70,7 +72,12 @@ def red_multi(h, scale, bias, adapter_ids, *, backend=None):
     check_param(bias, "bias", (k, d), h, optional=True)
     n = h.numel() // d
     be = _backend("red_multi", h, backend, None, (h, scale, bias, adapter_ids))
-    ids = check_adapter_ids(adapter_ids, n, k, h, "one per row of h.reshape(-1, d)")
+    what = "one per row of h.reshape(-1, d)"
+    if h.dim() >= 3:
+        what += f", or ({h.shape[0]},), one per sequence h[b]"
+        if isinstance(adapter_ids, torch.Tensor) and adapter_ids.dim() == 1 and adapter_ids.shape[0] == h.shape[0]:
+            n = h.shape[0]
+    ids = check_adapter_ids(adapter_ids, n, k, h, what)
     if be == "triton":
         scale = scale.contiguous() if scale is not None else None
         bias = bias.contiguous() if bias is not None else None

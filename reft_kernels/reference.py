@@ -62,9 +62,12 @@ def lowrank_edit_reference(h, B, A=None, a=None, C=None, c=None, *, act=None, in
 
 def red_multi_reference(h, scale, bias, adapter_ids):
     """``red_reference`` with adapter ``adapter_ids[i]`` (a slice of the (K, d) stacks) on row i of
-    ``h.reshape(-1, d)``; rows with id -1 copied unchanged."""
+    ``h.reshape(-1, d)``, or, with (h.shape[0],) ids for an h of three or more dimensions, on
+    every row of ``h[i]``; rows with id -1 copied unchanged."""
     d = h.shape[-1]
     flat = h.reshape(-1, d)
+    if h.dim() >= 3 and adapter_ids.shape[0] == h.shape[0] != flat.shape[0]:
+        adapter_ids = adapter_ids.repeat_interleave(flat.shape[0] // h.shape[0])
     out = flat.clone()
     for k in range((scale if scale is not None else bias).shape[0]):
         rows = (adapter_ids == k).nonzero().flatten()

@@ -6,7 +6,8 @@ Cases: a batch of ``batch`` sequences of ``seq`` rows of width d; each sequence 
 
 - ``lowrank_edit_multi`` LoReFT-shaped (``C is B``, A, a), rank r: ``f7+l7`` (14 listed rows per
   sequence through ``index``, ids one per entry) and ``all`` (every row, ids one per row);
-- ``red_multi``, every row.
+- ``red_multi``, every row: ids one per row (``all``) and one per sequence (``seq``: (batch,) ids
+  for the (batch, seq, d) view of the rows).
 
 Providers, all on the default backend of the device (``backend=None``):
 - ``multi``: the multi-adapter op on the mixed batch;
@@ -79,7 +80,8 @@ def cases(device: torch.device) -> list:
     for k in KS:
         out += [MultiCase("lowrank_edit_multi", "f7+l7", k, batch, seq, d, r, dt),
                 MultiCase("lowrank_edit_multi", "all", k, batch, seq, d, r, dt),
-                MultiCase("red_multi", "all", k, batch, seq, d, None, dt)]
+                MultiCase("red_multi", "all", k, batch, seq, d, None, dt),
+                MultiCase("red_multi", "seq", k, batch, seq, d, None, dt)]
     return out
 
 
@@ -87,7 +89,7 @@ def tiny_cases() -> list:
     """Tiny shapes for the tests: every op and regime, K = 1 and 3."""
     return [MultiCase(op, regime, k, 3, 16, 24, (2 if op != "red_multi" else None), "fp32")
             for k in (1, 3) for op, regime in (("lowrank_edit_multi", "f7+l7"), ("lowrank_edit_multi", "all"),
-                                               ("red_multi", "all"))]
+                                               ("red_multi", "all"), ("red_multi", "seq"))]
 
 
 def make_inputs(case: MultiCase, device, seed: int = 0) -> dict:
@@ -136,7 +138,12 @@ def providers(case: MultiCase, x: dict) -> dict:
                 y = y.index_put((rows,), red(h[rows], s[a], t[a]))
             return y
 
-        return {"multi": (lambda: red_multi(h, s, t, ids), leaves),
+        if case.regime == "seq":  # (batch,) ids for the (batch, seq, d) view
+            per_seq, h3 = x["per_seq"].to(h.device), h.view(case.batch, case.seq, h.shape[-1])
+            multi = lambda: red_multi(h3, s, t, per_seq).view(h.shape)  # noqa: E731
+        else:
+            multi = lambda: red_multi(h, s, t, ids)  # noqa: E731
+        return {"multi": (multi, leaves),
                 "single": (lambda: red(h, s[0], t[0]), leaves),
                 "split": (split, leaves)}
     R, W, b = x["R"], x["W"], x["b"]

@@ -117,7 +117,7 @@ class _RedHook:
             from ..multi import red_multi
 
             scale, bias = handle._mixed.red_terms(*self.site)
-            return rebuild(red_multi(h, scale, bias, handle._mixed.row_ids(h), backend=self.iv.backend))
+            return rebuild(red_multi(h, scale, bias, handle._mixed.red_ids(h), backend=self.iv.backend))
         return rebuild(self.iv(h))
 
 

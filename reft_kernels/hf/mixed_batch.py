@@ -123,6 +123,23 @@ class MixedAdapters:
             self._entries[key] = rows
         return rows
 
+    def red_ids(self, h: torch.Tensor) -> torch.Tensor:
+        """The ids ``red_multi`` takes for a RED site's output ``h`` (B, ..., d): (B,), one per
+        example, when ``h`` has three or more dimensions (the op then gathers B rows of the stacks
+        instead of one per row); ``row_ids`` otherwise."""
+        if h.dim() < 3:
+            return self.row_ids(h)
+        if h.shape[0] != self.ids.shape[0]:
+            raise ValueError(f"adapter_names names {self.ids.shape[0]} examples, but a layer's hidden states have "
+                             f"shape {tuple(h.shape)}")
+        key = ("sequences", h.device)
+        ids = self._entries.get(key)
+        if ids is None:
+            ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
+            remember_adapter_ids_checked(ids, len(self.adapters))
+            self._entries[key] = ids
+        return ids
+
     def entry_ids(self, index: torch.Tensor, seq: int) -> torch.Tensor:
         """(n,) adapter id of each entry of ``index`` (rows of the (B * S, d) view, -1 padding)."""
         got = self._entries.get(id(index))

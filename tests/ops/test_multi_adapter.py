@@ -246,6 +246,32 @@ def test_red_multi_fp32(backend, layout, lead, k, terms):
     _check_red(backend, base, view, _red_stacks(k, d, terms=RED_TERMS[terms]), _ids(n, k))
 
 
+@pytest.mark.parametrize("terms", list(RED_TERMS), ids=list(RED_TERMS))
+@pytest.mark.parametrize("layout,lead", [("contiguous", (4, 6)), ("transposed", (3, 7)), ("contiguous", (3, 2, 5))],
+                         ids=["seq", "seq_transposed", "seq_4d"])
+def test_red_multi_per_sequence_ids(backend, layout, lead, terms):
+    """(B,) ids for a (B, ..., d) h: adapter ids[b] on every row of h[b] (the sequence's scale and
+    bias gathered once), against the reference and against the same ids given per row."""
+    d, k = 24, 3
+    base, view = make_base(layout, lead, d)
+    base.requires_grad_()
+    params = _red_stacks(k, d, terms=RED_TERMS[terms])
+    ids = torch.arange(-1, lead[0] - 1, device=DEVICE) % (k + 1) - 1  # -1 and every adapter
+    _check_red(backend, base, view, params, ids)
+    h = view(base)
+    rows = ids.repeat_interleave(h[..., 0].numel() // lead[0])
+    assert torch.equal(red_multi(h, params["scale"], params["bias"], ids, backend=backend),
+                       red_multi(h, params["scale"], params["bias"], rows, backend=backend))
+
+
+def test_red_multi_per_sequence_ids_validation():
+    h, s = torch.randn(3, 4, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"adapter_ids must have shape \(12,\), one per row .* or \(3,\), one per sequence"):
+        red_multi(h, s, None, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 2\)"):
+        red_multi(h, s, None, torch.tensor([0, 1, 2]))
+
+
 @pytest.mark.parametrize("name,h_dtype,p_dtype", DTYPE_CASES, ids=[c[0] for c in DTYPE_CASES])
 def test_red_multi_dtypes(backend, name, h_dtype, p_dtype):
     base, view = make_base("contiguous", (4, 9), 48, h_dtype)

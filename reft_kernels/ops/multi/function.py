@@ -17,15 +17,23 @@ _RED_FWD = {"triton": triton_impl.red_fwd, "torch": torch_impl.red_fwd}
 _FWD = {"triton": triton_impl.fwd, "torch": torch_impl.fwd}
 
 
+def _red_fwd(backend, h2, scale, bias, ids):
+    """The backend's RED forward on rows ``h2`` (N, d); ids one per row or one per group of rows
+    (``torch_impl.red_fwd``), the Triton kernel taking them one per row."""
+    if backend == "triton" and ids.shape[0] != h2.shape[0]:
+        ids = ids.repeat_interleave(h2.shape[0] // max(ids.shape[0], 1))
+    return _RED_FWD[backend](h2, scale, bias, ids)
+
+
 class RedMultiFunction(torch.autograd.Function):
-    """``apply(h, scale, bias, ids, backend)``: ``y = h * scale[ids] + bias[ids]`` row by row (rows
-    with id -1 unchanged). Saves ``h`` by reference (only when ``scale`` needs a gradient), the
-    scale stack and the ids."""
+    """``apply(h, scale, bias, ids, backend)``: ``y = h * scale[ids] + bias[ids]`` row by row, or
+    sequence by sequence for (B,) ids (rows with id -1 unchanged). Saves ``h`` by reference
+    (only when ``scale`` needs a gradient), the scale stack and the ids."""
 
     @staticmethod
     def forward(ctx, h, scale, bias, ids, backend):
         with autocast_off_for(h):
-            y2 = _RED_FWD[backend](as_rows(h), scale, bias, ids)
+            y2 = _red_fwd(backend, as_rows(h), scale, bias, ids)
         stack = scale if scale is not None else bias
         ctx.k = stack.shape[0]
         ctx.dtypes = (scale.dtype if scale is not None else None, bias.dtype if bias is not None else None)
@@ -46,12 +54,19 @@ class RedMultiFunction(torch.autograd.Function):
         return dh, ds, dt, None, None
 
 
+_apply_red = direct_apply(RedMultiFunction)
+
+
 def red_run(h, scale, bias, ids, backend):
-    """RED with stacked adapters: the Function, or the forward alone when no gradient is needed."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, scale, bias)):
+    """RED with stacked adapters: the Function (through ``direct_apply`` outside
+    ``torch.compile``), or the forward alone when no gradient is needed."""
+    if torch.is_grad_enabled() and (h.requires_grad or (scale is not None and scale.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        if not torch.compiler.is_compiling():
+            return _apply_red(h, scale, bias, ids, backend)
         return RedMultiFunction.apply(h, scale, bias, ids, backend)
     with autocast_off_for(h):
-        return _RED_FWD[backend](as_rows(h), scale, bias, ids).reshape(h.shape)
+        return _red_fwd(backend, as_rows(h), scale, bias, ids).reshape(h.shape)
 
 
 class LowrankMultiFunction(torch.autograd.Function):

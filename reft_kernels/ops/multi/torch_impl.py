@@ -46,6 +46,8 @@ RED: each row's scale and bias are gathered (an extra identity slot, scale 1 and
 -1), ``y = addcmul(t, h, s)`` in ``h``'s dtype (one rounding, as ``ops/red/torch_impl``); the
 backward's per-adapter column sums of ``g * h`` and ``g`` (accumulation dtype) are a (K, N)
 one-hot matmul up to K = 16, above it (CPU eager) ``embedding_bag`` sums over each adapter's rows.
+With one id per sequence ((B,) ids for a (B, ..., d) h) each sequence's scale and bias are
+gathered once and broadcast, and the backward sums each sequence's rows first.
 
 Numerics of the low-rank edit as ``ops/lowrank_edit/torch_impl``: rows and parameters converted
 to the accumulation dtype (float32; float64 for float64 ``h``), latent, activation and
@@ -74,20 +76,32 @@ def _slot(ids: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(ids >= 0, ids, k)
 
 
+def _groups(t2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, d) rows as (G, N / G, d) for G = len(ids): one id per group of consecutive rows (one per
+    row: G = N, groups of one)."""
+    return t2.view(ids.shape[0], -1, t2.shape[1]) if ids.shape[0] else t2.view(0, 1, t2.shape[1])
+
+
 def red_fwd(h2, scale, bias, ids):
-    """(N, d) rows, (K, d) stacks (either may be None), (N,) ids -> y (N, d) in h2's dtype."""
+    """(N, d) rows, (K, d) stacks (either may be None), ids -> y (N, d) in h2's dtype. ``ids``:
+    (N,), one per row, or (G,) with G dividing N, one per group of N / G consecutive rows (one
+    per sequence of a (G, ..., d) h): then each group's scale and bias are gathered once, (G, d),
+    and broadcast over its rows, where per-row ids gather (N, d)."""
     d = h2.shape[1]
     stack = scale if scale is not None else bias
     k = stack.shape[0]
     slot = _slot(ids, k)
+    h3 = _groups(h2, ids)
     s = t = None
     if scale is not None:
-        s = torch.cat([scale.to(h2.dtype), h2.new_ones((1, d))]).index_select(0, slot)
+        s = torch.cat([scale.to(h2.dtype), h2.new_ones((1, d))]).index_select(0, slot)[:, None]
     if bias is not None:
-        t = torch.cat([bias.to(h2.dtype), h2.new_zeros((1, d))]).index_select(0, slot)
+        t = torch.cat([bias.to(h2.dtype), h2.new_zeros((1, d))]).index_select(0, slot)[:, None]
     if s is not None and t is not None:
-        return torch.addcmul(t, h2, s)
-    return h2 * s if s is not None else h2 + t
+        y3 = torch.addcmul(t, h3, s)
+    else:
+        y3 = h3 * s if s is not None else h3 + t
+    return y3.view(h2.shape)
 
 
 def _onehot(ids: torch.Tensor, k: int, dtype) -> torch.Tensor:
@@ -97,7 +111,9 @@ def _onehot(ids: torch.Tensor, k: int, dtype) -> torch.Tensor:
 
 def red_bwd(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
     """(dh (N, d) in g2's dtype, ds (K, d), dt (K, d) in the accumulation dtype), each None when
-    not needed. ``h2`` is only read for ``ds``."""
+    not needed. ``h2`` is only read for ``ds``; ``ids`` as ``red_fwd`` takes them."""
+    if ids.shape[0] != g2.shape[0]:
+        return _red_bwd_groups(g2, h2, scale, ids, k, need_dh, need_ds, need_dt)
     acc = acc_dtype(g2.dtype)
     d = g2.shape[1]
     dh = ds = dt = None
@@ -120,6 +136,28 @@ def red_bwd(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
         else:
             s = torch.cat([scale.to(g2.dtype), g2.new_ones((1, d))]).index_select(0, _slot(ids, k))
             dh = g2 * s
+    return dh, ds, dt
+
+
+def _red_bwd_groups(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
+    """``red_bwd`` with one id per group of rows: each group's column sums first ((G, d), in row
+    order, accumulation dtype), then the per-adapter sums as a (K, G) one-hot matmul."""
+    acc = acc_dtype(g2.dtype)
+    g3 = _groups(g2, ids)
+    dh = ds = dt = None
+    if need_ds or need_dt:
+        onehot = _onehot(ids, k, acc)
+        ga3 = g3.to(acc)
+        if need_ds:
+            ds = onehot @ (ga3 * _groups(h2, ids).to(acc)).sum(1)
+        if need_dt:
+            dt = onehot @ ga3.sum(1)
+    if need_dh:
+        if scale is None:
+            dh = g2
+        else:
+            s = torch.cat([scale.to(g2.dtype), g2.new_ones((1, g2.shape[1]))]).index_select(0, _slot(ids, k))
+            dh = (g3 * s[:, None]).view(g2.shape)
     return dh, ds, dt
 
 
