@@ -4,7 +4,6 @@ wall-clock number is asserted."""
 from __future__ import annotations
 
 import csv
-import os
 
 import pytest
 import torch

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..._rows import (
-    acc_dtype, adds_rows, as_2d_plus, as_rows, edit_plan, first_real_entry, gather_rows, put_rows_,
-    put_selector, row_selector, rows_view, scratch_selector,
+    acc_dtype, adds_rows, as_rows, edit_plan, first_real_entry, gather_rows, put_rows_, row_selector, rows_view,
+    scratch_selector,
 )
 from . import torch_constant
 
