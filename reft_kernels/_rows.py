@@ -185,6 +185,35 @@ def scratch_selector(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cached_facts("scratch", index, (math.prod(t.shape[:-1]),), _derive_scratch)
 
 
+_ZERO_ROWS: dict = {}  # (dtype, device, d) -> a (1, d) zero row, never written
+
+
+def _zero_row(t):
+    """A (1, d) zero row in ``t``'s dtype and device: kept per (dtype, device, d), so that
+    appending it to ``t``'s rows is one launch (``cat``), not two (a fill and the cat); made anew
+    inside torch.compile, which traces it."""
+    if torch.compiler.is_compiling():
+        return t.new_zeros((1, t.shape[-1]))
+    key = (t.dtype, t.device, t.shape[-1])
+    row = _ZERO_ROWS.get(key)
+    if row is None:
+        if len(_ZERO_ROWS) >= 64:
+            _ZERO_ROWS.clear()
+        row = _ZERO_ROWS[key] = torch.zeros((1, t.shape[-1]), dtype=t.dtype, device=t.device)
+    return row
+
+
+def scratch_buffer(t: torch.Tensor, index: torch.Tensor):
+    """(buf, selector) for writing the rows ``index`` of a copy of ``t`` without a padding mask:
+    ``buf`` (N + 1, d), t's rows then a zero scratch row (one ``cat``), and ``selector`` the
+    ``scratch_selector`` into it; ``buf[:N]`` is the copy. None when t's leading dimensions do
+    not merge into one (no (N, d) view to copy in one launch)."""
+    rows = rows_view(t)
+    if rows.dim() != 2:
+        return None
+    return torch.cat([rows, _zero_row(t)]), scratch_selector(t, index)
+
+
 def row_selector(t: torch.Tensor, index: torch.Tensor):
     """Advanced-indexing selector of the rows ``index`` of ``t.reshape(-1, d)``, usable on
     ``as_2d_plus(t)`` whatever ``t``'s strides, with -1 entries pointing at row 0.

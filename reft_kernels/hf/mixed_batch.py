@@ -104,39 +104,22 @@ class MixedAdapters:
     def __init__(self, adapters, ids: torch.Tensor):
         self.adapters, self.ids = adapters, ids
         self._stacks = {}
-        # id(index) -> (index, its entries' adapter ids); ("rows", rows per example, device) ->
-        # the (B * S,) ids of a RED site's rows
+        # id(index) -> (index, its entries' adapter ids); ("examples", device) -> the (B,) ids on
+        # that device, for the RED sites
         self._entries = {}
-
-    def row_ids(self, h: torch.Tensor) -> torch.Tensor:
-        """(B * S,) adapter id of each row of ``h`` (B, S, ..., d): example b's id for its rows."""
-        if h.dim() < 2 or h.shape[0] != self.ids.shape[0]:
-            raise ValueError(f"adapter_names names {self.ids.shape[0]} examples, but a layer's hidden states have "
-                             f"shape {tuple(h.shape)}")
-        per_example = h[..., 0].numel() // max(h.shape[0], 1)
-        key = ("rows", per_example, h.device)  # every RED layer of the forward shares them
-        rows = self._entries.get(key)
-        if rows is None:
-            ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
-            rows = ids[:, None].expand(h.shape[0], per_example).reshape(-1)
-            remember_adapter_ids_checked(rows, len(self.adapters))  # made from checked ids: no sync
-            self._entries[key] = rows
-        return rows
 
     def red_ids(self, h: torch.Tensor) -> torch.Tensor:
         """The ids ``red_multi`` takes for a RED site's output ``h`` (B, ..., d): (B,), one per
-        example, when ``h`` has three or more dimensions (the op then gathers B rows of the stacks
-        instead of one per row); ``row_ids`` otherwise."""
-        if h.dim() < 3:
-            return self.row_ids(h)
-        if h.shape[0] != self.ids.shape[0]:
+        example (for a (B, d) ``h`` also one per row), on ``h``'s device; the op gathers B rows
+        of the stacks, not one per row."""
+        if h.dim() < 2 or h.shape[0] != self.ids.shape[0]:
             raise ValueError(f"adapter_names names {self.ids.shape[0]} examples, but a layer's hidden states have "
                              f"shape {tuple(h.shape)}")
-        key = ("sequences", h.device)
+        key = ("examples", h.device)  # every RED layer of the forward shares them
         ids = self._entries.get(key)
         if ids is None:
             ids = self.ids if self.ids.device == h.device else self.ids.to(h.device)  # device_map
-            remember_adapter_ids_checked(ids, len(self.adapters))
+            remember_adapter_ids_checked(ids, len(self.adapters))  # checked ids: no sync
             self._entries[key] = ids
         return ids
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..._rows import (
     acc_dtype, adds_rows, as_rows, edit_plan, first_real_entry, gather_rows, put_rows_, row_selector, rows_view,
-    scratch_selector,
+    scratch_buffer,
 )
 from . import torch_constant
 
@@ -245,17 +245,16 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         gr = torch.where(valid[:, None], gather_rows(gv, sel), 0)
         return (g if need[0] else None), torch_constant.param_grads(gr, z, u, B, spec, need,
                                                                     first_real_entry(g, index))
-    flat = _flat_rows(g) if need[0] and index.numel() else None
-    if flat is not None:
+    scratch = scratch_buffer(g, index) if need[0] and index.numel() else None
+    if scratch is not None:
         # dh in an (N + 1, d) buffer: g's rows, then a zero scratch row that every padding entry
         # reads and writes (``scratch_selector``). Padding rows of g are then zero, so they add
         # nothing to the parameters without a mask, and the edited rows go back with one put,
         # without making the padding entries' writes agree first; the scratch row is dropped.
         # Launches per call: cat, gather, put (against clone, gather, where, index_select, put:
         # 16 per layer of the patched LLaMA's step at f7+l7 instead of 18, test_launch_budget).
-        n_rows = flat.shape[0]
-        buf = torch.cat([flat, _zero_row(g)])
-        ssel = scratch_selector(g, index)
+        buf, ssel = scratch
+        n_rows = buf.shape[0] - 1
         add = adds_rows(buf, (ssel,))
         out = _bwd_rows(buf.index_select(0, ssel), x, z, u, A, B, C, spec, need, g_private=True, dh_delta=add)
         if not add:
@@ -275,32 +274,6 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
         dh = g.clone(memory_format=torch.contiguous_format)
         put_rows_(rows_view(dh), index, out[0])
     return dh, out[1:]
-
-
-def _flat_rows(t):
-    """``t`` as an (N, d) view, or None when its leading dimensions cannot be merged."""
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
-
-
-_ZERO_ROWS: dict = {}  # (dtype, device, d) -> a (1, d) zero row, never written
-
-
-def _zero_row(t):
-    """A (1, d) zero row in ``t``'s dtype and device: kept per (dtype, device, d), so that
-    appending it to ``t``'s rows is one launch (``cat``), not two (a fill and the cat); made anew
-    inside torch.compile, which traces it."""
-    if torch.compiler.is_compiling():
-        return t.new_zeros((1, t.shape[-1]))
-    key = (t.dtype, t.device, t.shape[-1])
-    row = _ZERO_ROWS.get(key)
-    if row is None:
-        if len(_ZERO_ROWS) >= 64:
-            _ZERO_ROWS.clear()
-        row = _ZERO_ROWS[key] = torch.zeros((1, t.shape[-1]), dtype=t.dtype, device=t.device)
-    return row
 
 
 def fwd_differentiable(h, A, a, B, C, c, spec, index):

@@ -65,7 +65,7 @@ from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..lowrank_edit import torch_impl as lowrank_torch
 from ..._rows import (
     acc_dtype, adds_rows, as_2d_plus, as_rows, cached_facts, edit_plan, gather_rows, put_rows_, rows_view,
-    scratch_selector,
+    scratch_buffer,
 )
 
 # ----------------------------------------------------------------------------- RED
@@ -506,14 +506,13 @@ def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
         zeros = x.new_zeros(x.shape, dtype=acc)
         out = bwd_rows(zeros, zeros, torch.full_like(ids, -1), z, u, A, B, C, spec, need)
         return (g.clone() if need[0] else None), out[1:]
-    gv = rows_view(g)
-    if need[0] and gv.dim() == 2 and index.numel():
+    scratch = scratch_buffer(g, index) if need[0] and index.numel() else None
+    if scratch is not None:
         # dh in an (N + 1, d) buffer, as ``ops/lowrank_edit/torch_impl.bwd``: g's rows, then a
         # zero scratch row that padding entries read and write (their g is zero, so they add
         # nothing to the parameters without a mask; z is zero there from the forward)
-        n_rows = gv.shape[0]
-        buf = torch.cat([gv, gv.new_zeros((1, gv.shape[1]))])
-        ssel = scratch_selector(g, index)
+        buf, ssel = scratch
+        n_rows = buf.shape[0] - 1
         add = adds_rows(buf, (ssel,))
         out = bwd_rows(buf.index_select(0, ssel).to(acc), x.to(acc), ids, z, u, A, B, C, spec, need,
                        dh_delta=add)
@@ -522,6 +521,7 @@ def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
         else:
             buf.index_put_((ssel,), out[0].to(g.dtype))
         return buf[:n_rows].view(g.shape), out[1:]
+    gv = rows_view(g)
     keep, _, target = edit_plan(gv, index)
     out = bwd_rows(gather_rows(gv, target).to(acc), x.to(acc), ids, z, u, A, B, C, spec, need, keep)
     dh = None
