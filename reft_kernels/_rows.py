@@ -185,21 +185,21 @@ def scratch_selector(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cached_facts("scratch", index, (math.prod(t.shape[:-1]),), _derive_scratch)
 
 
-_ZERO_ROWS: dict = {}  # (dtype, device, d) -> a (1, d) zero row, never written
+_CONST_ROWS: dict = {}  # (value, dtype, device, d) -> a (1, d) constant row, never written
 
 
-def _zero_row(t):
-    """A (1, d) zero row in ``t``'s dtype and device: kept per (dtype, device, d), so that
-    appending it to ``t``'s rows is one launch (``cat``), not two (a fill and the cat); made anew
-    inside torch.compile, which traces it."""
+def const_row(t, value: float = 0.0):
+    """A (1, d) row filled with ``value`` in ``t``'s dtype and device: kept per (value, dtype,
+    device, d), so that appending it to ``t``'s rows is one launch (``cat``), not two (a fill and
+    the cat); made anew inside torch.compile, which traces it."""
     if torch.compiler.is_compiling():
-        return t.new_zeros((1, t.shape[-1]))
-    key = (t.dtype, t.device, t.shape[-1])
-    row = _ZERO_ROWS.get(key)
+        return t.new_full((1, t.shape[-1]), value)
+    key = (value, t.dtype, t.device, t.shape[-1])
+    row = _CONST_ROWS.get(key)
     if row is None:
-        if len(_ZERO_ROWS) >= 64:
-            _ZERO_ROWS.clear()
-        row = _ZERO_ROWS[key] = torch.zeros((1, t.shape[-1]), dtype=t.dtype, device=t.device)
+        if len(_CONST_ROWS) >= 64:
+            _CONST_ROWS.clear()
+        row = _CONST_ROWS[key] = torch.full((1, t.shape[-1]), value, dtype=t.dtype, device=t.device)
     return row
 
 
@@ -211,7 +211,7 @@ def scratch_buffer(t: torch.Tensor, index: torch.Tensor):
     rows = rows_view(t)
     if rows.dim() != 2:
         return None
-    return torch.cat([rows, _zero_row(t)]), scratch_selector(t, index)
+    return torch.cat([rows, const_row(t)]), scratch_selector(t, index)
 
 
 def row_selector(t: torch.Tensor, index: torch.Tensor):

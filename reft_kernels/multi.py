@@ -39,6 +39,8 @@ def _backend(op, h, backend, triton_reason, tensors):
     if transform is not None:
         raise RuntimeError(f"reft_kernels.{op} does not support {transform} yet: call it outside the "
                            "transform (its autograd Function has no vmap or jvp rule)")
+    if requested is None and not h.is_cuda:  # the default off CUDA: no kernel reasons to weigh
+        return "torch"
     triton_reason = triton_reason or _kernel_dtype_reason(h, backend)
     be = resolve_backend(backend, h.device, triton_unsupported=triton_reason)
     check_backend_dtype(be, h)

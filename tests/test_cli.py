@@ -97,3 +97,45 @@ def test_threads_wait_sets_a_short_spin_unless_the_user_chose(monkeypatch):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     cli._threads_wait("train")
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+_MALLOC_PROBE = """
+import ctypes, ctypes.util, sys
+from reft_kernels._malloc import keep_freed_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+class Info(ctypes.Structure):  # struct mallinfo2 (glibc >= 2.33): size_t fields
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+applied = keep_freed_memory()
+before = libc.mallinfo2().hblks
+p = libc.malloc(8 << 20)  # 8 MiB: mmapped by glibc's default threshold (128 KiB at start)
+mapped = libc.mallinfo2().hblks - before
+libc.free(p)
+print("applied", applied, "mapped", mapped)
+"""
+
+
+def test_keep_freed_memory_serves_mib_blocks_from_the_heap(tmp_path):
+    """``_malloc.keep_freed_memory`` (what ``bench`` calls): on glibc an 8 MiB block
+    then comes from the heap, not its own mapping (as it does by default), and nothing is set
+    when the user chose a malloc setting."""
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None:
+        pytest.skip("glibc's mallopt: Linux only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    probe = tmp_path / "probe.py"
+    probe.write_text(_MALLOC_PROBE)
+    run = lambda env: subprocess.run([sys.executable, str(probe)], env=env, capture_output=True,  # noqa: E731
+                                     text=True, timeout=120)
+    proc = run(env)
+    if proc.returncode != 0 and "mallinfo2" in proc.stderr:
+        pytest.skip("no mallinfo2 (glibc < 2.33, or not glibc)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["applied", "True", "mapped", "0"], proc.stdout
+    proc = run({**env, "MALLOC_TRIM_THRESHOLD_": str(128 << 10)})  # the user's choice: left alone
+    assert proc.stdout.split() == ["applied", "False", "mapped", "1"], proc.stdout + proc.stderr

@@ -211,8 +211,11 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
         raise ValueError("ReFT needs input_ids (batch, seq) or inputs_embeds (batch, seq, d) to place its "
                          "interventions")
     if handle._seq2seq:
-        kwargs[KWARG] = seq2seq_batch(handle, given, intervention_locations)
-        return _call_with_rows(handle, args, kwargs)
+        rows = seq2seq_batch(handle, given, intervention_locations)
+        if mixed is not None:  # both stacks' examples are the batch's: the same ids
+            rows = {k: (v if v is None else dataclasses.replace(v, mixed=mixed)) for k, v in rows.items()}
+        kwargs[KWARG] = rows
+        return _call_with_rows(handle, args, kwargs, mixed)
     bsz, seq = ref.shape[:2]
     decode = cache_length(given.values()) > 0
     mask = given.get("attention_mask")
@@ -240,8 +243,6 @@ def _patched_forward(model, *args, intervention_locations=None, **kwargs):
 def _mixed_state(model, names, args, kwargs):
     """The ``MixedAdapters`` of a forward called with ``adapter_names`` (see ``mixed_batch.py``)."""
     handle = model.reft
-    if handle._seq2seq or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError("adapter_names: mixed-adapter batches are not supported on encoder-decoder models yet")
     if KWARG in kwargs or handle._mixed is not None:
         raise ValueError("adapter_names: the model was called with adapter_names inside another forward")
     if handle._red_merged is not None:
@@ -249,9 +250,10 @@ def _mixed_state(model, names, args, kwargs):
                          "active adapter's RED: call unmerge_red(model) first")
     given = dict(zip(handle._positional, args))
     given.update(kwargs)
-    ref = given.get("input_ids")
-    ref = ref if ref is not None else given.get("inputs_embeds")
-    if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+    # an encoder-decoder model's decoder steps come without the encoder's inputs
+    keys = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")
+    ref = next((given[k] for k in keys if isinstance(given.get(k), torch.Tensor) and given[k].dim() >= 2), None)
+    if ref is None:
         raise ValueError("adapter_names needs input_ids (batch, seq) or inputs_embeds (batch, seq, d)")
     return mixed_adapters(handle, adapter_ids(handle, names, ref.shape[0], ref.device))
 
@@ -577,9 +579,13 @@ class ReftHandle(AdapterMethods):
                     self._hooks.append(parent.register_forward_pre_hook(relay, with_kwargs=True))
                 hook = _ReftHook(self, group, sides, cfg, stack, relay, site)
                 self._hooks.append(module.register_forward_hook(hook, prepend=True, with_kwargs=True))
-            if ad.seq2seq and callable(getattr(model, "get_encoder", None)):
-                self._hooks.append(model.get_encoder().register_forward_pre_hook(
-                    EncoderPreHook(self), with_kwargs=True))
+            if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and \
+                    callable(getattr(model, "get_encoder", None)):
+                # generate runs the encoder itself: its rows and its adapter_names (RED too)
+                pre = EncoderPreHook(self)
+                encoder = model.get_encoder()
+                self._hooks.append(encoder.register_forward_pre_hook(pre, with_kwargs=True))
+                self._hooks.append(encoder.register_forward_hook(pre.restore, always_call=True))
         except BaseException:
             self._deactivate()
             raise

@@ -22,7 +22,11 @@ Rules:
   parameters;
 - ``generate`` turns the names into a (B,) int64 tensor of adapter ids before it starts, which
   its beam search and ``num_return_sequences`` expand with the other model inputs; the forward
-  accepts either form.
+  accepts either form;
+- on an encoder-decoder model (T5) the encoder's and the decoder's rows carry the same
+  ``MixedAdapters``; the encoder call that ``generate`` makes itself gets the ids through the
+  encoder's pre-hook (``seq2seq.EncoderPreHook``), which also puts them on the handle for RED
+  until the encoder returns.
 """
 from __future__ import annotations
 

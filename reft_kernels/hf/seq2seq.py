@@ -22,6 +22,8 @@ stack builds its rows from that call's own inputs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .batch import KWARG, build_batch, cache_length
@@ -89,23 +91,50 @@ def seq2seq_batch(handle, given: dict, locations) -> dict:
 
 
 class EncoderPreHook:
-    """Forward pre-hook (with kwargs) on the encoder stack: when the encoder is called without rows
-    (``generate`` encodes the prompt itself), builds them from the call's ``input_ids`` /
-    ``inputs_embeds`` and ``attention_mask``, taking ``intervention_locations`` out of its keywords
-    (``generate`` passes its keywords on to the encoder)."""
+    """Forward pre-hook (with kwargs) on the encoder stack of an encoder-decoder model, for the
+    encoder calls that ``generate`` makes itself (outside the model's forward). It takes
+    ``intervention_locations`` and ``adapter_names`` out of the call's keywords (``generate``
+    passes its keywords on to the encoder); when the encoder is called without rows and the
+    adapter has ReFT, builds them from the call's ``input_ids`` / ``inputs_embeds`` and
+    ``attention_mask``; with ``adapter_names``, the call's ``MixedAdapters`` go on the rows
+    (ReFT) and on the handle until the encoder returns (RED, whose hooks read the handle):
+    ``restore``, a forward hook that always runs, puts the handle's back."""
 
     def __init__(self, handle):
         self.handle = handle
+        self._saved = []  # the handle's MixedAdapters before each encoder call in flight
 
     def __call__(self, module, args, kwargs):
         locations = kwargs.pop("intervention_locations", None)
+        names = kwargs.pop("adapter_names", None)
         handle = self.handle
-        if KWARG in kwargs or not handle._enabled or not handle._reft_groups:
+        if KWARG in kwargs or not handle._enabled:
+            self._saved.append(handle._mixed)
             return args, kwargs
         ids = kwargs.get("input_ids", args[0] if args else None)
-        rows = _encoder_rows(handle, ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), locations)
-        kwargs[KWARG] = {"encoder": rows, "decoder": None}
+        embeds = kwargs.get("inputs_embeds")
+        mixed = None
+        if names is not None:
+            from .mixed_batch import adapter_ids, mixed_adapters
+
+            ref = ids if _width(ids) is not None else embeds
+            if _width(ref) is None:
+                raise ValueError("adapter_names needs the encoder's input_ids (batch, seq) or inputs_embeds")
+            mixed = mixed_adapters(handle, adapter_ids(handle, names, ref.shape[0], ref.device))
+        self._saved.append(handle._mixed)  # after every check: restore pops it
+        if mixed is not None:
+            handle._mixed = mixed
+        if handle._reft_groups:
+            rows = _encoder_rows(handle, ids, embeds, kwargs.get("attention_mask"), locations)
+            if mixed is not None:
+                rows = dataclasses.replace(rows, mixed=mixed)
+            kwargs[KWARG] = {"encoder": rows, "decoder": None}
         return args, kwargs
+
+    def restore(self, module, args, output):
+        if self._saved:
+            self.handle._mixed = self._saved.pop()
+        return None
 
 
 def decoder_prompt_width(kwargs) -> int:

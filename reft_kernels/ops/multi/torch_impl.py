@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from ..._activations import IDENTITY, act_grad_torch, act_torch
 from ..lowrank_edit import torch_impl as lowrank_torch
 from ..._rows import (
-    acc_dtype, adds_rows, as_2d_plus, as_rows, cached_facts, edit_plan, gather_rows, put_rows_, rows_view,
-    scratch_buffer,
+    acc_dtype, adds_rows, as_2d_plus, as_rows, cached_facts, const_row, edit_plan, gather_rows, put_rows_,
+    rows_view, scratch_buffer,
 )
 
 # ----------------------------------------------------------------------------- RED
@@ -74,6 +74,21 @@ from ..._rows import (
 def _slot(ids: torch.Tensor, k: int) -> torch.Tensor:
     """Row -> parameter slot: the adapter id, or the extra identity slot ``k`` for -1."""
     return torch.where(ids >= 0, ids, k)
+
+
+def _slots(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``_slot`` kept per ids tensor (a model's RED layers share one ids tensor per forward)."""
+    return cached_facts("red_slot", ids, (k,), lambda t, lead: _slot(t, lead[0]))
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _gather_slots(stack: torch.Tensor, identity: float, like: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(len(ids), d): each id's row of the (K, d) ``stack`` in ``like``'s dtype, the constant row
+    ``identity`` (1 for a scale, 0 for a bias) for id -1: one ``cat`` and one ``index_select``."""
+    return torch.cat([_as(stack, like.dtype), const_row(like, identity)]).index_select(0, _slots(ids, stack.shape[0]))
 
 
 def _groups(t2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -87,16 +102,9 @@ def red_fwd(h2, scale, bias, ids):
     (N,), one per row, or (G,) with G dividing N, one per group of N / G consecutive rows (one
     per sequence of a (G, ..., d) h): then each group's scale and bias are gathered once, (G, d),
     and broadcast over its rows, where per-row ids gather (N, d)."""
-    d = h2.shape[1]
-    stack = scale if scale is not None else bias
-    k = stack.shape[0]
-    slot = _slot(ids, k)
     h3 = _groups(h2, ids)
-    s = t = None
-    if scale is not None:
-        s = torch.cat([scale.to(h2.dtype), h2.new_ones((1, d))]).index_select(0, slot)[:, None]
-    if bias is not None:
-        t = torch.cat([bias.to(h2.dtype), h2.new_zeros((1, d))]).index_select(0, slot)[:, None]
+    s = _gather_slots(scale, 1.0, h2, ids)[:, None] if scale is not None else None
+    t = _gather_slots(bias, 0.0, h2, ids)[:, None] if bias is not None else None
     if s is not None and t is not None:
         y3 = torch.addcmul(t, h3, s)
     else:
@@ -109,55 +117,45 @@ def _onehot(ids: torch.Tensor, k: int, dtype) -> torch.Tensor:
     return (ids[None, :] == torch.arange(k, device=ids.device)[:, None]).to(dtype)
 
 
+def _onehots(ids: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """``_onehot`` kept per ids tensor."""
+    return cached_facts("red_onehot", ids, (k, dtype), lambda t, lead: _onehot(t, *lead))
+
+
 def red_bwd(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
     """(dh (N, d) in g2's dtype, ds (K, d), dt (K, d) in the accumulation dtype), each None when
-    not needed. ``h2`` is only read for ``ds``; ``ids`` as ``red_fwd`` takes them."""
-    if ids.shape[0] != g2.shape[0]:
-        return _red_bwd_groups(g2, h2, scale, ids, k, need_dh, need_ds, need_dt)
+    not needed. ``h2`` is only read for ``ds``; ``ids`` as ``red_fwd`` takes them: with one id
+    per group of rows, each group's column sums come first ((G, d), in row order), then the
+    per-adapter sums as a (K, G) one-hot matmul.
+
+    Memory as ``ops/red/torch_impl.bwd`` where g is in the accumulation dtype: one (N, d) tensor,
+    whose storage first holds ``g * h`` and then ``dh`` (each fresh (N, d) tensor of a CPU step
+    pays its page faults: at 1024 x 576 fp32 a second one cost about as much as the product)."""
     acc = acc_dtype(g2.dtype)
-    d = g2.shape[1]
-    dh = ds = dt = None
+    per_row = ids.shape[0] == g2.shape[0]
+    g3, h3 = _groups(g2, ids), (_groups(h2, ids) if need_ds else None)
+    dh = ds = dt = buf = None
     if need_ds or need_dt:
-        if sparse_form(g2, k):  # per-adapter sums gathered row by row: O(N d), not O(K N d)
+        if per_row and sparse_form(g2, k):  # per-adapter sums gathered row by row: O(N d), not O(K N d)
             pat = _Pattern(ids, 1, k, acc)
             ones = pat.valid.to(acc)
-            colsum = lambda t: pat.apply_t(ones, t)  # noqa: E731
+            colsum = lambda t: pat.apply_t(ones, t.view(g2.shape))  # noqa: E731
         else:
-            onehot = _onehot(ids, k, acc)
-            colsum = lambda t: onehot @ t  # noqa: E731
-        ga = g2.to(acc)
+            onehot = _onehots(ids, k, acc)
+            colsum = lambda t: onehot @ (t.view(g2.shape) if per_row else t.sum(1))  # noqa: E731
+        ga3 = _as(g3, acc)
         if need_ds:
-            ds = colsum(ga * h2.to(acc))
+            buf = ga3 * _as(h3, acc)
+            ds = colsum(buf)
         if need_dt:
-            dt = colsum(ga)
+            dt = colsum(ga3)
     if need_dh:
         if scale is None:
             dh = g2
         else:
-            s = torch.cat([scale.to(g2.dtype), g2.new_ones((1, d))]).index_select(0, _slot(ids, k))
-            dh = g2 * s
-    return dh, ds, dt
-
-
-def _red_bwd_groups(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
-    """``red_bwd`` with one id per group of rows: each group's column sums first ((G, d), in row
-    order, accumulation dtype), then the per-adapter sums as a (K, G) one-hot matmul."""
-    acc = acc_dtype(g2.dtype)
-    g3 = _groups(g2, ids)
-    dh = ds = dt = None
-    if need_ds or need_dt:
-        onehot = _onehot(ids, k, acc)
-        ga3 = g3.to(acc)
-        if need_ds:
-            ds = onehot @ (ga3 * _groups(h2, ids).to(acc)).sum(1)
-        if need_dt:
-            dt = onehot @ ga3.sum(1)
-    if need_dh:
-        if scale is None:
-            dh = g2
-        else:
-            s = torch.cat([scale.to(g2.dtype), g2.new_ones((1, g2.shape[1]))]).index_select(0, _slot(ids, k))
-            dh = (g3 * s[:, None]).view(g2.shape)
+            s = _gather_slots(scale, 1.0, g2, ids)[:, None]
+            out = buf if buf is not None and buf.dtype == g2.dtype else None
+            dh = torch.mul(g3, s, out=out).view(g2.shape)
     return dh, ds, dt
 
 
@@ -165,7 +163,9 @@ def _red_bwd_groups(g2, h2, scale, ids, k, need_dh, need_ds, need_dt):
 
 
 def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+    """``t`` in ``dtype`` (None stays None); no call when it has it already (``Tensor.to`` to its
+    own dtype still costs a dispatch, about 1-3 us on the 2-core CPU)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _flat(t, kr):
@@ -467,7 +467,7 @@ def fwd(h, index, ids, A, a, B, C, c, spec, save_u):
     A, a, B, C, c = (_cast(t, acc) for t in (A, a, B, C, c))
     if index is None:
         x = as_rows(h)
-        y, z, u = fwd_rows(x.to(acc), ids, A, a, B, C, c, spec, save_u)
+        y, z, u = fwd_rows(_cast(x, acc), ids, A, a, B, C, c, spec, save_u)
         return y.to(h.dtype), z, u, None
     n, r, d = index.shape[0], B.shape[1], h.shape[-1]
     hv = rows_view(h)
@@ -486,7 +486,7 @@ def fwd(h, index, ids, A, a, B, C, c, spec, save_u):
         delta, z, u = fwd_rows(x, ids, A, a, B, C, c, spec, save_u, keep, delta=True)
         hv.index_add_(0, target[0], delta)
         return h, z, u, x
-    y, z, u = fwd_rows(x.to(acc), ids, A, a, B, C, c, spec, save_u, keep)
+    y, z, u = fwd_rows(_cast(x, acc), ids, A, a, B, C, c, spec, save_u, keep)
     if n:
         hv.index_put_(target, y.to(h.dtype).index_select(0, remap))
     return h, z, u, x
@@ -496,10 +496,9 @@ def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
     """Backward: (dh or None, (dA, da, dB, dC, dc)) in the accumulation dtype (dh in g's)."""
     acc = acc_dtype(x.dtype)
     A, B, C = (_cast(t, acc) for t in (A, B, C))
-    z = z.to(acc)
-    u = u.to(acc) if u is not None else None
+    z, u = _cast(z, acc), _cast(u, acc)
     if index is None:
-        out = bwd_rows(as_rows(g).to(acc), as_rows(x).to(acc), ids, z, u, A, B, C, spec, need)
+        out = bwd_rows(_cast(as_rows(g), acc), _cast(as_rows(x), acc), ids, z, u, A, B, C, spec, need)
         dh = out[0].to(g.dtype).reshape(g.shape) if need[0] else None
         return dh, out[1:]
     if g.numel() == 0:  # h had no rows: every entry is padding, every gradient is zero
@@ -514,7 +513,7 @@ def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
         buf, ssel = scratch
         n_rows = buf.shape[0] - 1
         add = adds_rows(buf, (ssel,))
-        out = bwd_rows(buf.index_select(0, ssel).to(acc), x.to(acc), ids, z, u, A, B, C, spec, need,
+        out = bwd_rows(_cast(buf.index_select(0, ssel), acc), _cast(x, acc), ids, z, u, A, B, C, spec, need,
                        dh_delta=add)
         if add:
             buf.index_add_(0, ssel, out[0])
@@ -523,7 +522,7 @@ def bwd(g, x, index, ids, A, B, C, z, u, spec, need):
         return buf[:n_rows].view(g.shape), out[1:]
     gv = rows_view(g)
     keep, _, target = edit_plan(gv, index)
-    out = bwd_rows(gather_rows(gv, target).to(acc), x.to(acc), ids, z, u, A, B, C, spec, need, keep)
+    out = bwd_rows(_cast(gather_rows(gv, target), acc), _cast(x, acc), ids, z, u, A, B, C, spec, need, keep)
     dh = None
     if need[0]:
         dh = g.clone(memory_format=torch.contiguous_format)
