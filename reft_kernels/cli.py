@@ -239,8 +239,12 @@ def _bench_mixed_generate(args) -> int:
 
         base, _ = smollm2.load(device=device)
     adapters = (1, 4) if args.quick else (1, 4, 16)
-    rows = mixed_generate.run(adapters=adapters, base=base, name="smollm2-135m" if args.smollm2 else None, rounds=3,
-                              device=device)
+    name = "smollm2-135m" if args.smollm2 else None
+    rows = mixed_generate.run(adapters=adapters, base=base, name=name, rounds=3, device=device)
+    if not args.quick and (device.type == "cuda" or not args.smollm2):
+        # K = 64 needs a batch of 64 (one example per adapter); on a CPU not for SmolLM2, whose
+        # switching baseline (64 generates of one example per round) would take minutes
+        rows += mixed_generate.run(adapters=(64,), batch=64, base=base, name=name, rounds=3, device=device)
     out = os.path.join(args.out, device_name(device), args.run_name or "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "mixed_generate.md"), "w") as f:
@@ -308,9 +312,10 @@ def main(argv=None) -> int:
                             "batch, against the same batch with one adapter and one call per adapter, fwd and "
                             "fwd+bwd in interleaved rounds (--quick: K = 1 and 16); table to <out>/<device>/multi.md")
     bench.add_argument("--mixed-generate", action="store_true",
-                       help="generation with K = 1, 4, 16 LoReFT adapters named per example in one batch of 16, "
-                            "against one adapter, switching adapters per example and PEFT's mixed LoRA batch "
-                            "(--quick: K = 1 and 4; --smollm2: on SmolLM2-135M); table to <out>/<device>/mixed_generate.md")
+                       help="generation with K = 1, 4, 16 LoReFT adapters named per example in one batch of 16 "
+                            "(and K = 64 in a batch of 64, but for SmolLM2 on a CPU), against one adapter, switching "
+                            "adapters per example and PEFT's mixed LoRA batch (--quick: K = 1 and 4; --smollm2: on "
+                            "SmolLM2-135M); table to <out>/<device>/mixed_generate.md")
     e2e = bench.add_argument_group("end-to-end training steps (--e2e)")
     e2e.add_argument("--e2e", action="store_true",
                      help="time whole training steps of a LLaMA-architecture model with a frozen base: no adapter, "
