@@ -40,14 +40,17 @@ matmuls; at 224 rows, K = 16, the gather alone 49 us against 51 us for the whole
 product); a dense (n, K r) latent then a gather (3.5x the sampled product); a CSR product for
 ``z B`` (1.4-10x slower than ``embedding_bag``); a per-adapter loop over sorted rows (needs the
 counts on the host: a sync). The whole op at f7+l7 (``reft-kernels bench --multi``, K = 16, 224
-listed rows of 1024): 1.14x the one-adapter op's forward, 1.11x its forward and backward.
+listed rows of 1024): 1.01-1.08x the one-adapter op's forward, 0.97-1.19x its forward and
+backward (three runs, ``bench/results/cpu-amd-epyc/multi_adapter.md``).
 
 RED: each row's scale and bias are gathered (an extra identity slot, scale 1 and bias 0, for id
 -1), ``y = addcmul(t, h, s)`` in ``h``'s dtype (one rounding, as ``ops/red/torch_impl``); the
 backward's per-adapter column sums of ``g * h`` and ``g`` (accumulation dtype) are a (K, N)
 one-hot matmul up to K = 16, above it (CPU eager) ``embedding_bag`` sums over each adapter's rows.
 With one id per sequence ((B,) ids for a (B, ..., d) h) each sequence's scale and bias are
-gathered once and broadcast, and the backward sums each sequence's rows first.
+gathered once and broadcast, and the backward sums each sequence's rows first. The slots and the
+one-hot matrix are kept per ids tensor (``_rows.cached_facts``), and the backward's ``dh`` reuses
+the (N, d) buffer of ``g * h`` (see ``red_bwd``).
 
 Numerics of the low-rank edit as ``ops/lowrank_edit/torch_impl``: rows and parameters converted
 to the accumulation dtype (float32; float64 for float64 ``h``), latent, activation and
