@@ -60,6 +60,9 @@ from reft_kernels.ops.lowrank_edit.triton_small_n import (  # noqa: E402
 )
 from reft_kernels.ops.red.plan import bwd_tile as _red_bwd_tiles, fwd_tile as _red_tiles  # noqa: E402
 from reft_kernels.ops.red.triton_impl import _red_bwd_kernel, _red_fwd_kernel  # noqa: E402
+from reft_kernels.ops.multi.triton_impl import (  # noqa: E402
+    _lowrank_multi_fwd_kernel, _red_multi_fwd_kernel, red_tiles as _red_multi_tiles, tiles as _multi_tiles,
+)
 from reft_kernels._device import H100  # noqa: E402
 from reft_kernels._triton import dot_precision  # noqa: E402
 
@@ -231,6 +234,33 @@ def small_n_configs(quick, d=4096, n=448):
             SAVE_U=act != 0, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec), warps, dt
 
 
+def multi_configs(quick, d=4096, n=16384):
+    """The multi-adapter forward kernels (``ops/multi/triton_impl.py``): RED's with each term
+    pattern; the low-rank edit's with each method's terms, with and without an index, at the ranks
+    and activations of ``lowrank_configs``; their tiles from the package's ``red_tiles`` and
+    ``tiles``."""
+    f32 = _t("fp32")
+    for dt, dd in itertools.product(["fp32", "bf16"], [d] if quick else [100, d]):
+        block_m, block_d, warps = _red_multi_tiles(dd)
+        vals = dict(h_ptr=_t(dt), ids_ptr=_t(torch.int64), s_ptr=f32, t_ptr=f32, y_ptr=_t(dt), n_rows=n, d=dd,
+                    stride_h_row=dd, stride_h_col=1, stride_y_row=dd)
+        for scale, bias in [(True, True), (True, False), (False, True)]:
+            yield _red_multi_fwd_kernel, vals, dict(HAS_SCALE=scale, HAS_BIAS=bias, BLOCK_M=block_m,
+                                                    BLOCK_D=block_d), warps, dt
+    dtypes = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
+    for dt, r, (name, has_A, has_a, has_C, tied, has_c), index, act in itertools.product(
+            dtypes, RANKS, METHODS, [False, True], [_activations.IDENTITY, _activations.GELU]):
+        if (quick and (index and act or r not in RANKS_QUICK[dt])) or r > triton_max_rank(DTYPES[dt]):
+            continue
+        r_pad, block_m, block_d, warps = _multi_tiles(r, d)
+        vals = dict(h_ptr=_t(dt), y_ptr=_t(dt), hsave_ptr=_t(dt), idx_ptr=_t(torch.int64), ids_ptr=_t(torch.int64),
+                    A_ptr=f32, a_ptr=f32, B_ptr=f32, C_ptr=f32, c_ptr=f32, z_ptr=f32, u_ptr=f32,
+                    n_rows=n, d=d, r=r, stride_h_row=d, stride_h_col=1, stride_y_row=d, stride_y_col=1)
+        yield _lowrank_multi_fwd_kernel, vals, dict(
+            HAS_INDEX=index, HAS_A=has_A, HAS_a=has_a, HAS_C=has_C, TIED=tied, HAS_c=has_c, ACT=act,
+            SAVE_H=index, SAVE_U=act != 0, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_D=block_d), warps, dt
+
+
 def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -246,7 +276,8 @@ KERNELS = {k.fn.__name__: k for k in (_red_fwd_kernel, _red_bwd_kernel, _lowrank
                                        _lowrank_edit_fwd_resident_kernel, _lowrank_edit_bwd_latent_kernel,
                                        _lowrank_edit_bwd_kernel, _lowrank_bias_partials_kernel,
                                        _param_finish_kernel,
-                                       _lowrank_latent_part_kernel, _lowrank_apply_kernel)}
+                                       _lowrank_latent_part_kernel, _lowrank_apply_kernel,
+                                       _red_multi_fwd_kernel, _lowrank_multi_fwd_kernel)}
 
 
 def _error_line(exc: Exception) -> str:
@@ -336,9 +367,16 @@ def _int_args(values: dict) -> list:
     return [k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)]
 
 
-def _can_be_one(values: dict, consts: dict) -> list:
-    """The integer arguments a launch can pass as 1 (r only where it pads to R_PAD = 16)."""
-    return [k for k in _int_args(values) if k not in NEVER_ONE and (k != "r" or consts.get("R_PAD", 16) == 16)]
+# Kernels whose R_PAD is r's next power of two (no tl.dot, so no padding to 16): any r can be 1
+# (``launch_tile`` then gives R_PAD = 1).
+R_PAD_FROM_R = ("_lowrank_multi_fwd_kernel",)
+
+
+def _can_be_one(values: dict, consts: dict, name: str = "") -> list:
+    """The integer arguments a launch can pass as 1 (r only where it pads to R_PAD = 16, or where
+    R_PAD follows r: ``R_PAD_FROM_R``)."""
+    r_ok = name in R_PAD_FROM_R or consts.get("R_PAD", 16) == 16
+    return [k for k in _int_args(values) if k not in NEVER_ONE and (k != "r" or r_ok)]
 
 
 def spec_class(v: int) -> str:
@@ -350,8 +388,8 @@ def spec_class(v: int) -> str:
     return "16" if v % 16 == 0 else "-"
 
 
-def all_ones(values: dict, consts: dict) -> dict:
-    return {**values, **{k: 1 for k in _can_be_one(values, consts)}}
+def all_ones(values: dict, consts: dict, name: str = "") -> dict:
+    return {**values, **{k: 1 for k in _can_be_one(values, consts, name)}}
 
 
 def all_sixteens(values: dict) -> dict:
@@ -384,6 +422,10 @@ def launch_tile(name: str, values: dict, consts: dict, warps: int, dt: str):
         block_m, block_d, warps = _tiles(_KINDS[name], n, d, consts["R_PAD"], dtype, True, strided(*cols))
     elif name in ("_lowrank_latent_part_kernel", "_lowrank_apply_kernel"):
         block_m, block_d, warps = small_n_tiles(n, d, consts["R_PAD"], dtype, True, strided(*cols))
+    elif name == "_red_multi_fwd_kernel":
+        block_m, block_d, warps = _red_multi_tiles(d)
+    elif name == "_lowrank_multi_fwd_kernel":  # its R_PAD is r's next power of two (no tl.dot)
+        consts["R_PAD"], block_m, block_d, warps = _multi_tiles(values["r"], d)
     elif name == "_lowrank_edit_fwd_resident_kernel":
         block_m = STRIDED_TILE[0] if strided(*cols) else consts["BLOCK_M"]
         block_d, warps, consts["NUM_STAGES"] = lowrank_plan.resident_tile(block_m, d, consts["R_PAD"], dtype,
@@ -418,10 +460,11 @@ def jobs_for(configs, archs, quick: bool, sweep: bool = True):
                 best[key] = cfg
         compiled = list(best.values())
         for kernel, values, consts, warps, dt in compiled:
-            plain.append((kernel.fn.__name__, all_ones(values, consts), consts, warps, dt, "ints=1", "compile"))
+            plain.append((kernel.fn.__name__, all_ones(values, consts, kernel.fn.__name__), consts, warps, dt,
+                          "ints=1", "compile"))
             plain.append((kernel.fn.__name__, all_sixteens(values), consts, warps, dt, "ints%16", "compile"))
         for kernel, values, consts, warps, dt in configs:
-            for k in _can_be_one(values, consts):
+            for k in _can_be_one(values, consts, kernel.fn.__name__):
                 plain.append((kernel.fn.__name__, {**values, k: 1}, consts, warps, dt, f"{k}=1", "trace"))
     seen, jobs = set(), []
     for name, values, consts, warps, dt, variant, stage in plain:
@@ -437,7 +480,7 @@ def jobs_for(configs, archs, quick: bool, sweep: bool = True):
 
 def all_configs(quick: bool):
     return (list(red_configs(quick)) + list(lowrank_configs(quick)) + list(finish_configs(quick))
-            + list(small_n_configs(quick)))
+            + list(small_n_configs(quick)) + list(multi_configs(quick)))
 
 
 def main(argv=None) -> int:

@@ -57,19 +57,25 @@ def _red_multi_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def red_tiles(d: int) -> tuple:
+    """(BLOCK_M, BLOCK_D, warps) of the RED kernel: 16 rows of up to 128 columns, 4 warps (not
+    yet timed on a GPU; compiled ahead of time by ``tools/triton_compile_check.py``)."""
+    return 16, min(128, max(16, next_pow2(d))), 4
+
+
 def red_fwd(h2, scale, bias, ids):
     """(N, d) rows -> y (N, d) in h2's dtype; ``scale`` / ``bias`` contiguous (K, d) or None."""
     n, d = h2.shape
     y = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
     if n == 0:
         return y
-    block_m, block_d = 16, min(128, max(16, next_pow2(d)))
+    block_m, block_d, warps = red_tiles(d)
     grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
     _red_multi_fwd_kernel[grid](
         h2, ids, scale if scale is not None else h2, bias if bias is not None else h2, y,
         n, d, h2.stride(0), h2.stride(1), y.stride(0),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=warps,
     )
     return y
 
@@ -168,7 +174,10 @@ def tiles(r: int, d: int) -> tuple:
     """(R_PAD, BLOCK_M, BLOCK_D, warps) of the low-rank kernel: the (BLOCK_M, R_PAD, BLOCK_D)
     parameter tile holds ``TILE_ELEMS`` elements or fewer (32 per thread of 4 warps), up to 16
     rows and 16 to 128 columns. Compiled ahead of time for sm_80 and sm_90a (Triton 3.9), 8192
-    elements spilled at R_PAD = 128 (about 600 bytes) and with an index at R_PAD = 4 and 8; not
+    elements spilled at R_PAD = 128 (about 600 bytes) and with an index at R_PAD = 4 and 8. These
+    tiles are in ``tools/triton_compile_check.py`` (every method's terms, with and without an
+    index, d = 4096, its ranks): with ``--quick``, at most 144 registers and no spill with Triton
+    3.6, at most 168 registers and an 8-byte stack (fp32, R_PAD = 64, sm_80) with Triton 3.9. Not
     yet timed on a GPU."""
     r_pad = next_pow2(r)
     block_m = max(1, min(16, TILE_ELEMS // (r_pad * 16)))
