@@ -157,6 +157,22 @@ def test_lowrank_multi_index_all_padding_and_empty_h(backend):
     assert y.shape == (0, 8)
 
 
+@pytest.mark.parametrize("mode", ["out", "out_index", "inplace_index"])
+@pytest.mark.parametrize("name,terms,tied,act", METHODS[:4], ids=[m[0] for m in METHODS[:4]])
+def test_lowrank_multi_ids_in_runs(backend, name, terms, tied, act, mode):
+    """Ids in runs of 20 (a sequence's rows share its adapter, as in a model), with -1 rows and
+    index padding inside the runs: row blocks of one adapter and blocks that straddle two (the
+    Triton kernel's 16-row blocks; the sparse form's bags), against float64."""
+    d, r, k, lead = 40, 3, 3, (4, 20)
+    base, view = make_base("contiguous", lead, d)
+    base.requires_grad_()
+    params = _stacks(k, d, r, terms=terms, tied=tied)
+    inplace, index, n_ids = _mode(mode, 80, k)
+    ids = (torch.arange(n_ids, device=DEVICE) // 20 + 1) % k
+    ids[torch.tensor([3, 25, 37], device=DEVICE)] = -1
+    _check_lowrank(backend, base, view, params, ids, inplace=inplace, act=act, index=index)
+
+
 @pytest.mark.parametrize("k", [1, 3], ids=lambda k: f"K{k}")
 def test_lowrank_multi_equals_single_adapter(backend, k):
     """Every row on adapter 0 equals ``lowrank_edit`` with adapter 0's parameters; the other
