@@ -18,10 +18,11 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ._rows import as_2d_plus, put_rows, row_selector
 from ._validate import check_hidden, check_index
-from .functional import lowrank_edit, lowrank_edit_, red
+from .functional import _lowrank_edit_fresh_, lowrank_edit, lowrank_edit_, red
 from .methods import METHODS
 from .orthogonal import orthonormal_rows, random_orthonormal_rows
 
@@ -39,6 +40,17 @@ def _linear_init(r, d, dtype, device):
     w = torch.empty(r, d, dtype=dtype, device=device).uniform_(-bound, bound)
     b = torch.empty(r, dtype=dtype, device=device).uniform_(-bound, bound)
     return nn.Parameter(w), nn.Parameter(b)
+
+
+def _has_module_hooks(module) -> bool:
+    """Whether calling ``module`` runs a hook: one of its own (FSDP2's ``fully_shard`` registers
+    some) or a global one (``torch.nn.modules.module.register_module_forward_hook`` and its kin).
+    Where none would run, ``_LowRankEdit._edit_fresh_rows_`` calls the op without
+    ``nn.Module.__call__``."""
+    m = _nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class RED(nn.Module):
@@ -105,6 +117,16 @@ class _LowRankEdit(nn.Module):
         B, A, a, C, c = self.edit_terms()
         op = lowrank_edit_ if inplace else lowrank_edit
         return op(h, B, A, a, C, c, act=self.act, index=index, backend=self.backend)
+
+    def _edit_fresh_rows_(self, h, index):
+        """``self(h, index, inplace=True)`` for a model's hook (``hf.attach._edit_rows``), under
+        ``functional._lowrank_edit_fresh_``'s preconditions (``h`` fresh from its layer, not a
+        view, not a leaf that requires grad; ``index`` checked with the batch's rows). Skips
+        ``nn.Module.__call__`` unless some hook (this module's, or a global one) must run."""
+        if _has_module_hooks(self):
+            return self(h, index, inplace=True)
+        B, A, a, C, c = self.edit_terms()
+        return _lowrank_edit_fresh_(h, B, A, a, C, c, self.act, index, self.backend)
 
     def extra_repr(self):
         act = f", act={self.act!r}" if self.act is not None else ""

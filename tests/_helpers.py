@@ -287,3 +287,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a float tensor's bits: compares NaNs and signed zeros exactly."""
     it = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.contiguous().view(it)
+
+
+def count_calls(monkeypatch, owner, name: str) -> dict:
+    """Wrap ``owner.name`` (a module's function) for the test's duration so that each call adds
+    one to the returned dict's entry ``name``: which path a call took, asserted by the test."""
+    calls = {name: 0}
+    fn = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -96,7 +96,8 @@ def _edit_rows(iv, h, index, dropout: float, training: bool, copy: bool = False)
     # it (``_is_view()`` is a graph break)
     if copy or (h.requires_grad and h.is_leaf) or h._base is not None:
         return iv(h, index)
-    return iv(h, index, inplace=True)
+    fresh = getattr(iv, "_edit_fresh_rows_", None)  # a ReFT module; a mixed batch's editor has none
+    return iv(h, index, inplace=True) if fresh is None else fresh(h, index)
 
 
 class _RedHook:

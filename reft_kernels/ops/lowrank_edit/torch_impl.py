@@ -28,7 +28,7 @@ from ..._rows import (
     acc_dtype, adds_rows, as_rows, edit_plan, first_real_entry, gather_rows, put_rows_, row_selector, rows_view,
     scratch_buffer,
 )
-from . import torch_constant
+from . import torch_constant, torch_listed
 
 _BLOCK_ELEMS = 1 << 22
 
@@ -235,6 +235,10 @@ def bwd(g, x, index, A, B, C, z, u, spec, need):
             return (g if need[0] else None), torch_constant.param_grads(_rows(g), z, u, B, spec, need)
         out = _bwd_rows(_rows(g), _rows(x), z, u, A, B, C, spec, need)
         return (out[0].reshape(g.shape) if need[0] else None), out[1:]
+    if g.numel() and torch_listed.applies(g, index, A, C, spec):  # a model's per-layer backward
+        rows = rows_view(g)
+        if rows.dim() == 2:
+            return torch_listed.bwd(g, rows, x, index, A, B, C, z, u, spec, need)
     if g.numel() == 0:  # h had no rows: every entry is padding, every gradient is zero
         zeros = x.new_zeros(x.shape)
         out = _bwd_rows(zeros, zeros, z, u, A, B, C, spec, need)
