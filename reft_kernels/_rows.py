@@ -71,7 +71,10 @@ def as_2d_plus(t: torch.Tensor) -> torch.Tensor:
 # selector, the validity mask, where row 0 is listed) runs once per index, not once per layer
 # and pass. Keyed by id, checked against a weak reference and the version counter (an in-place
 # write re-derives); not kept under torch.compile (it traces the ops), during CUDA-graph capture,
-# or for inference tensors (no version counter).
+# or for inference tensors (no version counter). When full, the entries of tensors that are gone
+# are dropped (all entries only if none is gone): a full clear in the middle of a forward made
+# the layers after it derive their index's facts again, a step's launch count depending on what
+# ran before it in the process.
 _FACTS: dict = {}  # (kind, id(index), lead shape) -> (weakref, version, facts)
 _FACTS_SIZE = 64
 
@@ -90,8 +93,11 @@ def cached_facts(kind: str, index: torch.Tensor, lead: tuple, compute):
             return hit[2]
     facts = compute(index, lead)
     if cache:
-        if len(_FACTS) >= _FACTS_SIZE:
+        if len(_FACTS) >= _FACTS_SIZE:  # drop the entries of tensors that are gone; all if none is
+            live = {k: v for k, v in _FACTS.items() if v[0]() is not None}
             _FACTS.clear()
+            if len(live) < _FACTS_SIZE:
+                _FACTS.update(live)
         _FACTS[key] = (weakref.ref(index), index._version, facts)
     return facts
 

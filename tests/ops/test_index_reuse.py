@@ -54,3 +54,34 @@ def test_a_new_index_in_freed_memory_is_derived_again(backend):
         index = torch.tensor(entries)  # often the address the previous one had
         _check(h, index, params, backend)
         del index
+
+
+def test_a_full_cache_keeps_the_live_indexes(monkeypatch):
+    """When the per-index cache fills up, the entries of tensors that are gone make room and the
+    live ones stay: a full clear in the middle of a forward made the layers after it derive their
+    index's facts again (a training step's launch count then depended on what ran before it in
+    the process: tests/scale/test_launch_budget.py failed that way in one CI run)."""
+    from reft_kernels import _rows
+
+    monkeypatch.setattr(_rows, "_FACTS", {})
+    derived = []
+
+    def derive(index, lead):
+        derived.append(index.tolist())  # (not the tensor: that would keep it alive)
+        return object()
+
+    live = [torch.arange(3) + i for i in range(4)]
+    for t in live:
+        _rows.cached_facts("probe", t, (3,), derive)
+    gone = [torch.arange(3) - i for i in range(_rows._FACTS_SIZE)]  # distinct ids while alive
+    for t in gone:  # fill the cache past its size, then let these tensors go
+        _rows.cached_facts("probe", t, (3,), derive)
+        if len(_rows._FACTS) == _rows._FACTS_SIZE:
+            break
+    del gone, t
+    _rows.cached_facts("probe", torch.arange(5), (5,), derive)  # the insert that finds it full
+    derived.clear()
+    for t in live:  # the eviction kept them: no derivation again
+        _rows.cached_facts("probe", t, (3,), derive)
+    assert derived == []
+    assert len(_rows._FACTS) < _rows._FACTS_SIZE
