@@ -12,6 +12,8 @@ import weakref
 
 import torch
 
+from ._validate import make_room
+
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as an (N, d) matrix: a view whenever the leading dimensions can be merged (any
@@ -72,9 +74,8 @@ def as_2d_plus(t: torch.Tensor) -> torch.Tensor:
 # and pass. Keyed by id, checked against a weak reference and the version counter (an in-place
 # write re-derives); not kept under torch.compile (it traces the ops), during CUDA-graph capture,
 # or for inference tensors (no version counter). When full, the entries of tensors that are gone
-# are dropped (all entries only if none is gone): a full clear in the middle of a forward made
-# the layers after it derive their index's facts again, a step's launch count depending on what
-# ran before it in the process.
+# are dropped (``make_room``): a full clear in the middle of a forward made the layers after it
+# derive their index's facts again, a step's launch count depending on what ran before it.
 _FACTS: dict = {}  # (kind, id(index), lead shape) -> (weakref, version, facts)
 _FACTS_SIZE = 64
 
@@ -93,11 +94,7 @@ def cached_facts(kind: str, index: torch.Tensor, lead: tuple, compute):
             return hit[2]
     facts = compute(index, lead)
     if cache:
-        if len(_FACTS) >= _FACTS_SIZE:  # drop the entries of tensors that are gone; all if none is
-            live = {k: v for k, v in _FACTS.items() if v[0]() is not None}
-            _FACTS.clear()
-            if len(live) < _FACTS_SIZE:
-                _FACTS.update(live)
+        make_room(_FACTS, _FACTS_SIZE)
         _FACTS[key] = (weakref.ref(index), index._version, facts)
     return facts
 

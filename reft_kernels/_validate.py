@@ -50,6 +50,18 @@ def check_backend_dtype(backend: str, h: torch.Tensor) -> None:
         )
 
 
+def make_room(cache: dict, size: int) -> None:
+    """The eviction of the package's caches keyed by tensor ``id`` (each value starting with a
+    weak reference to its tensor): once ``cache`` holds ``size`` entries, drop those whose tensor
+    is gone, and every entry only if none is. (Clearing everything instead would drop the live
+    tensors' entries too, e.g. in the middle of a forward whose layers share an index.)"""
+    if len(cache) >= size:
+        for key in [k for k, v in cache.items() if v[0]() is None]:
+            del cache[key]
+        if len(cache) >= size:
+            cache.clear()
+
+
 class CheckedTensors:
     """Tensors whose values were checked (or built valid), each with the fact checked against
     (``n_rows``, a number of adapters): a value check with its host synchronisation is then paid
@@ -68,10 +80,7 @@ class CheckedTensors:
     def add(self, t: torch.Tensor, fact) -> None:
         if torch.compiler.is_compiling() or torch.is_inference(t) or t.device.type == "meta":
             return
-        if len(self._seen) >= self._size:  # drop the tensors that are gone; all if none is
-            self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
-            if len(self._seen) >= self._size:
-                self._seen.clear()
+        make_room(self._seen, self._size)
         self._seen[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), fact)
 
 
