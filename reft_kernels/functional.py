@@ -11,7 +11,6 @@ from __future__ import annotations
 
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _cuda
 from ._activations import act_code
@@ -96,7 +95,9 @@ def _spec(be, code, tied):
     return spec
 
 
-def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
+def _prepare(h, B, A, a, C, c, act, index, backend, inplace, target_checked=False):
+    """The checked call: (spec, A, a, B, C, c, index, transformed). ``target_checked``: the caller
+    has established what ``_check_inplace`` tests (``_lowrank_edit_fresh_``)."""
     d = check_hidden(h)
     if not isinstance(B, torch.Tensor):
         raise TypeError(f"B must be a torch.Tensor of shape (r, d), got {type(B).__name__}")
@@ -120,7 +121,8 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
         if index is not None:
             index = check_index(index, h.numel() // d, h)
         if inplace:
-            _check_inplace(h, B, A, a, C, c, index)
+            if not target_checked:
+                _check_inplace(h, B, A, a, C, c, index)
             if index is None:
                 index = torch.arange(h.numel() // d, device=h.device)
         return _spec("torch", code, tied), A, a, B, (None if tied else C), c, index, False
@@ -147,7 +149,8 @@ def _prepare(h, B, A, a, C, c, act, index, backend, inplace):
     if index is not None:
         index = check_index(index, n_rows, h)
     if inplace:
-        _check_inplace(h, B, A, a, C, c, index)
+        if not target_checked:
+            _check_inplace(h, B, A, a, C, c, index)
         if index is None:
             index = torch.arange(n_rows, device=h.device)
     if be == "triton":
@@ -223,7 +226,12 @@ def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None,
     transform it raises RuntimeError (use ``lowrank_edit``); under forward-mode AD, with
     ``backend="torch"``, it writes the out-of-place result into ``h``.
     """
-    spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True)
+    return _edit_in_place(h, B, A, a, C, c, act, index, backend, False)
+
+
+def _edit_in_place(h, B, A, a, C, c, act, index, backend, target_checked):
+    spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=True,
+                                                       target_checked=target_checked)
     if transformed:  # forward-mode AD: the edit of a copy, written back (tangent and graph follow)
         return h.copy_(lowrank_torch.fwd_differentiable(h.clone(), A, a, B, C, c, spec, index))
     return lowrank_function.run(h, A, a, B, C, c, spec, index)
@@ -232,12 +240,10 @@ def lowrank_edit_(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None,
 def _lowrank_edit_fresh_(h, B, A, a, C, c, act, index, backend):
     """``lowrank_edit_(h, B, A, a, C, c, act=act, index=index, backend=backend)`` for an ``h``
     that a model's hook took fresh from its layer: the call ``reft_kernels.hf`` makes once per
-    layer and step. The caller guarantees what ``lowrank_edit_``'s in-place checks establish:
-    ``h`` is not a view and not a leaf that requires grad (``hf.attach._edit_rows`` tests both),
-    so it owns its memory, which no parameter and no index shares. On the PyTorch backend outside
-    transforms (the default on a CPU) the parameters and the index (against ``h``'s rows: a
-    lookup for the batch's rows, ``remember_index_checked``) are checked and the Function applied
-    directly; anywhere else this is ``lowrank_edit_``.
+    layer and step. The caller guarantees what ``lowrank_edit_``'s in-place target checks
+    (``_check_inplace``) establish: ``h`` is not a view and not a leaf that requires grad
+    (``hf.attach._edit_rows`` tests both), so it owns its memory, which no parameter and no index
+    shares. Those checks are skipped; every other check and the dispatch are ``lowrank_edit_``'s.
 
     Why: inside a training step each call runs between the model's large matrix products, where
     Python costs several times what a warm loop shows. Measured in the d = 256 LLaMA step of
@@ -245,18 +251,4 @@ def _lowrank_edit_fresh_(h, B, A, a, C, c, act, index, backend):
     alternating steps, 30 rounds), a ReFT hook's call took 577 us per layer through the module's
     ``__call__`` and ``lowrank_edit_``, 525 us through this entry
     (``modules._LowRankEdit._edit_fresh_rows_``); the op's own forward, 292 us of each."""
-    if (not _plain_torch(backend, h) or not lowrank_function.plain_call()
-            or getattr(forward_ad, "_current_level", -1) >= 0):
-        return lowrank_edit_(h, B, A, a, C, c, act=act, index=index, backend=backend)
-    d = check_hidden(h)
-    if not isinstance(B, torch.Tensor) or B.dim() != 2 or B.shape[0] < 1:
-        return lowrank_edit_(h, B, A, a, C, c, act=act, index=index, backend=backend)  # its error
-    rd, r1 = (B.shape[0], d), (B.shape[0],)
-    check_param(B, "B", rd, h, optional=False)
-    check_param(A, "A", rd, h, optional=True)
-    check_param(C, "C", rd, h, optional=True)
-    check_param(a, "a", r1, h, optional=True)
-    check_param(c, "c", r1, h, optional=True)
-    index = check_index(index, h.numel() // d, h)
-    tied = C is not None and C is B
-    return lowrank_function.run(h, A, a, B, (None if tied else C), c, _spec("torch", act_code(act), tied), index)
+    return _edit_in_place(h, B, A, a, C, c, act, index, backend, True)
