@@ -49,7 +49,7 @@ def _threads_wait(command: str) -> None:
 def _info(_args) -> int:
     import torch
 
-    from . import _backend, _triton, _versions
+    from . import _backend, _triton, _versions, cpu_ext
 
     cuda = torch.cuda.is_available()
     print(f"reft_kernels {__version__}")
@@ -67,6 +67,7 @@ def _info(_args) -> int:
         print(f"range {line}")
     print(f"device       {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA device)'}")
     print(f"CUDA ext     {'built' if _backend.cuda_extension_available() else 'not built (reft_kernels._C)'}")
+    print(f"CPU ext      {cpu_ext.status()}")  # builds it on a first run (about 15 s on 2 cores)
     for dev in (["cuda"] if cuda else []) + ["cpu"]:
         print(f"backends on {dev:4s} {', '.join(_backend.available_backends(torch.device(dev)))}")
     env = _backend.env_backend()

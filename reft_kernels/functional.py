@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cuda
+from . import _cuda, cpu_ext
 from ._activations import act_code
 from ._backend import env_backend, resolve_backend
 from ._constants import CUDA_MAX_RANK
@@ -22,6 +22,7 @@ from ._transforms import transform_in_use, transform_reason, wrapped
 from ._validate import (
     TRITON_DTYPES, check_backend_dtype, check_hidden, check_index, check_inplace_target, check_param,
 )
+from .ops._autograd import plain_call
 from .ops.lowrank_edit.contract import Spec
 from .ops.lowrank_edit import function as lowrank_function
 from .ops.lowrank_edit import torch_impl as lowrank_torch
@@ -57,6 +58,10 @@ def red(h, scale=None, bias=None, *, backend=None):
     check_param(bias, "bias", (d,), h, optional=True)
     transform = transform_in_use((h, scale, bias))
     if transform is None and _plain_torch(backend, h):
+        if plain_call() and cpu_ext.red_applies(h, scale, bias):
+            y = cpu_ext.red(h, scale, bias)  # None: the extension is not built
+            if y is not None:
+                return y
         return red_function.run(h, scale, bias, "torch")
     why = _kernel_dtype_reason(h, backend) or transform_reason("red", transform, backend)
     be = resolve_backend(backend, h.device, triton_unsupported=why, cuda_unsupported=why,
@@ -208,6 +213,13 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
     if transformed:
         return lowrank_torch.fwd_differentiable(h, A, a, B, C, c, spec, index)
     if index is not None:  # the in-place edit of a contiguous copy
+        if spec.backend == "torch" and plain_call() and cpu_ext.lowrank_rows_applies(h, index, A, a, B, C, c,
+                                                                                    any_layout=True):
+            # lowrank_edit_ on h.clone(), literally, so that the two agree bit for bit (as
+            # documented) whichever path the clone's layout takes
+            x = h.clone()
+            out = cpu_ext.lowrank_rows_(x, index, A, a, B, C, c, spec) if x.is_contiguous() else None
+            return lowrank_function.run(x, A, a, B, C, c, spec, index) if out is None else out
         return lowrank_function.run_copy(h, A, a, B, C, c, spec, index)
     return lowrank_function.run(h, A, a, B, C, c, spec, index)
 
@@ -234,6 +246,10 @@ def _edit_in_place(h, B, A, a, C, c, act, index, backend, target_checked):
                                                        target_checked=target_checked)
     if transformed:  # forward-mode AD: the edit of a copy, written back (tangent and graph follow)
         return h.copy_(lowrank_torch.fwd_differentiable(h.clone(), A, a, B, C, c, spec, index))
+    if spec.backend == "torch" and plain_call() and cpu_ext.lowrank_rows_applies(h, index, A, a, B, C, c):
+        out = cpu_ext.lowrank_rows_(h, index, A, a, B, C, c, spec)  # None: the extension is not built
+        if out is not None:
+            return out
     return lowrank_function.run(h, A, a, B, C, c, spec, index)
 
 

@@ -19,7 +19,10 @@ against another call of the code path under test:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reft_kernels.reference import LOWP_FACTOR, lowrank_edit_reference, red_reference
 
@@ -301,3 +304,24 @@ def count_calls(monkeypatch, owner, name: str) -> dict:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix, self.names = prefix, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).split(".")[-1]
+        if str(func.namespace) == self.prefix:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def ops_called(namespace: str = "reft_kernels_cpu"):
+    """Yields the list of the names of the ops of ``namespace`` that run inside the block
+    (forward and backward), in order, as a dispatch mode sees them (below autograd)."""
+    mode = _OpNames(namespace)
+    with mode:
+        yield mode.names

@@ -308,8 +308,10 @@ def test_dropout_only_on_intervened_rows(arch, share):
     changed = (train_logits != eval_logits).any(-1)
     assert torch.equal(changed, rows), (changed, rows)
     # pyreft's dropout(h + edit): each element of an edited row is dropped or scaled by 1 / (1 - p)
+    # (to rounding: the edit in training runs out of place on the gathered rows, in eval in place,
+    # on the CPU through the CPU extension, whose sums round otherwise)
     kept = train_h[rows] != 0
-    assert torch.equal(train_h[rows][kept], 2 * eval_h[rows][kept])
+    torch.testing.assert_close(train_h[rows][kept], 2 * eval_h[rows][kept], rtol=1e-6, atol=1e-6)
     assert 0.25 < kept.float().mean() < 0.75
     assert torch.equal(train_h[~rows], eval_h[~rows])
 

@@ -8,7 +8,8 @@ import torch
 
 from reft_kernels.modules import LoReFT
 from reft_kernels.ops.lowrank_edit import torch_listed
-from tests._helpers import count_calls
+from reft_kernels import cpu_ext
+from tests._helpers import count_calls, ops_called
 
 
 @pytest.fixture
@@ -21,24 +22,32 @@ def _index(n_rows, n, seed):
     return torch.randperm(n_rows, generator=gen)[:n]
 
 
-def test_fresh_rows_entry_matches_module_forward(spy):
-    """The hooks' entry gives the module forward's values and gradients (both backwards flat)."""
+@pytest.mark.parametrize("ext", ["on", "off"])
+def test_fresh_rows_entry_matches_module_forward(spy, ext, monkeypatch):
+    """The hooks' entry gives the module forward's values and gradients: through the CPU
+    extension by default, through the PyTorch path's flat backward with the extension off."""
+    if ext == "off":
+        monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
+    elif not cpu_ext.enabled():
+        pytest.skip(f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
     torch.manual_seed(6)
     m = LoReFT(16, 3, dtype=torch.float64)
     x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
     index = _index(14, 6, 5)
     g = torch.randn(2, 7, 16, dtype=torch.float64)
     outs = []
-    for call in ("forward", "fresh"):
-        h = x * 1.0  # a fresh non-leaf, as a layer's output
-        y = m(h, index, inplace=True) if call == "forward" else m._edit_fresh_rows_(h, index)
-        assert y is h
-        grads = torch.autograd.grad(y, [x, m.rotation, m.weight, m.bias], g)
-        outs.append((y.detach(), grads))
+    with ops_called() as names:
+        for call in ("forward", "fresh"):
+            h = x * 1.0  # a fresh non-leaf, as a layer's output
+            y = m(h, index, inplace=True) if call == "forward" else m._edit_fresh_rows_(h, index)
+            assert y is h
+            grads = torch.autograd.grad(y, [x, m.rotation, m.weight, m.bias], g)
+            outs.append((y.detach(), grads))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert spy == {"bwd": 2}
+    assert spy == {"bwd": 2 if ext == "off" else 0}
+    assert names == ([] if ext == "off" else ["lowrank_rows_fwd", "lowrank_rows_bwd"] * 2)
 
 
 @pytest.mark.parametrize("kind", ["forward", "forward_pre", "global_forward"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import reft_kernels as rk
+from reft_kernels import cpu_ext
 from reft_kernels.ops.lowrank_edit import torch_listed
 from tests._helpers import count_calls, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params
 
@@ -20,6 +21,9 @@ PATTERNS = [("BAa", True), ("BAa", False), ("Ba", True), ("BAaCc", False), ("BCc
 
 @pytest.fixture
 def spy(monkeypatch):
+    # the CPU extension takes these calls by default (tests/ops/test_cpu_ext.py): off here, so
+    # that the PyTorch path's flat backward is what runs
+    monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
     return count_calls(monkeypatch, torch_listed, "bwd")
 
 

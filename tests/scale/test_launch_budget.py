@@ -11,6 +11,11 @@ with a zero scratch row, and to 15 when the CPU writes rows back with ``index_ad
 ``ops/lowrank_edit/torch_impl.py``).
 The per-step counts (the batched R, the index bookkeeping done once per index) are bounded
 too, loosely: they do not grow with the layers.
+
+On a CPU the PyTorch backend's calls go to the CPU extension (``reft_kernels/cpu_ext``) where it
+is built: one op forward and one backward per layer (``cpu_ext``; inside, its allocations and
+copies do not dispatch). The ``torch`` rows count the PyTorch path itself, with the extension
+off: what the PyTorch backend runs on a GPU, and on a CPU without a compiler.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from reft_kernels import cpu_ext  # noqa: E402
 from reft_kernels._triton import HAS_TRITON  # noqa: E402
 from reft_kernels.benchmark.launches import counting, per_layer  # noqa: E402
 from reft_kernels.hf import REDConfig, ReftConfig  # noqa: E402
@@ -30,22 +36,31 @@ BUDGET = {
     ("loreft_f7l7", "triton"): (5, 6, 80),
     ("red", "torch"): (5, 6, 10),
     ("red", "triton"): (3, 3, 10),  # 2 here: one program per column block needs no finishing sum
+    ("loreft_f7l7", "cpu_ext"): (2, 16, 80),
+    ("red", "cpu_ext"): (2, 6, 10),
 }
 CONFIGS = {"loreft_f7l7": LOREFT, "red": RED}
 
 
 @pytest.mark.parametrize("case,backend", list(BUDGET), ids=[f"{c}-{b}" for c, b in BUDGET])
-def test_launches_per_layer(case, backend):
+def test_launches_per_layer(case, backend, monkeypatch):
     if backend == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
+    if backend == "cpu_ext" and not cpu_ext.enabled():
+        pytest.skip(f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
+    if backend == "torch":  # the PyTorch path itself (see the docstring)
+        monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
     ceiling, target, step_ceiling = BUDGET[(case, backend)]
-    counts = per_layer(CONFIGS[case], backend=backend)
+    counts = per_layer(CONFIGS[case], backend="torch" if backend == "cpu_ext" else backend)
     layer, step = counts["per_layer"], counts["per_step"]
     # no host synchronisation per layer; per step, the one read of the labels' flag (hf/flag_watch.py
     # reads it at once on a CPU, where it is free; on a GPU it copies it without waiting)
     assert layer["syncs"] == 0 and step["syncs"] <= (1 if case != "red" else 0), counts
     if backend == "triton":
         assert layer["triton"] >= 2, counts  # the op ran as Triton kernels (forward and backward)
+    elif backend == "cpu_ext":  # the extension's forward and backward ran, nothing else per layer
+        fwd, bwd = ("lowrank_rows_fwd", "lowrank_rows_bwd") if case != "red" else ("red_fwd", "red_bwd")
+        assert counts["layer_names"] == {fwd: 1, bwd: 1}, counts
     else:
         assert layer["triton"] == 0, counts
     assert layer["total"] <= ceiling, (f"{case} on {backend}: {layer['total']} launches per layer, "

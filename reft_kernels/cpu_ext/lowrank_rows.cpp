@@ -1,0 +1,363 @@
+// The in-place low-rank edit of listed rows on the CPU, forward and backward each one pass in
+// C++, with its autograd in C++: the call a model's ReFT hooks make once per layer and step
+// (reft_kernels/cpu_ext/__init__.py says when it is taken and how it is built).
+//
+//     y = h + (act(h A^T + a) - h C^T - c) B      on the rows index[i] >= 0 of h (N, d), in place
+//
+// Ops (namespace reft_kernels_cpu):
+//   lowrank_rows_(h, index, A, a, B, C, c, act, tied) -> h
+//       the autograd entry: edits h in place (marked dirty) and, when a gradient is needed,
+//       records one node whose backward is one call of lowrank_rows_bwd;
+//   lowrank_rows_fwd(h, index, A, a, B, C, c, act, tied, save) -> (hsave, z, u)
+//       the forward pass: hsave (n, d) the original rows (row i of a -1 entry: zero), z (n, r)
+//       the latent (zero at -1 entries), u (n, r) the pre-activation h A^T + a (zero at -1
+//       entries; empty for the identity); all three empty when save is false;
+//   lowrank_rows_bwd(g, hsave, index, z, u, A, B, C, act, tied, need) -> (dh, dA, da, dB, dC, dc)
+//       the backward pass, need = (dh, dA, da, dB, dC, dc) flags; a gradient not needed comes
+//       back as a 0-element tensor.
+// Shapes and numerics: h (N, d) contiguous rows (any leading shape that merges into them),
+// index (n,) int64 with entries in [-1, N), the non-negative ones distinct (the caller checks);
+// A, B, C (r, d) and a, c (r,) contiguous, in h's dtype, float32 or float64, which is also the
+// accumulation dtype (as the PyTorch path). C undefined when tied (C is B). Each dot product over
+// d is summed in 8 lanes combined in a fixed order; each parameter gradient is summed over the
+// entries in index order: deterministic, no atomics, no threads (the listed rows of one call are
+// few; the caller sends larger calls to the PyTorch path).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include "common.h"
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using reft_cpu::maybe;
+using reft_cpu::opt;
+
+// Activation codes: reft_kernels/_constants.py (IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID).
+enum Act : int64_t { kIdentity = 0, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid, kNumAct };
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+template <typename T>
+inline T act_fwd(T u, int64_t act) {
+  switch (act) {
+    case kRelu: return u > T(0) ? u : T(0);
+    case kGelu: return T(0.5) * u * (T(1) + std::erf(u * T(0.7071067811865476)));
+    case kGeluTanh: return T(0.5) * u * (T(1) + std::tanh(T(0.7978845608028654) * (u + T(0.044715) * u * u * u)));
+    case kSilu: return u * sigmoid(u);
+    case kTanh: return std::tanh(u);
+    case kSigmoid: return sigmoid(u);
+    default: return u;
+  }
+}
+
+template <typename T>
+inline T act_grad(T u, int64_t act) {
+  switch (act) {
+    case kRelu: return u > T(0) ? T(1) : T(0);
+    case kGelu: {
+      T cdf = T(0.5) * (T(1) + std::erf(u * T(0.7071067811865476)));
+      return cdf + u * std::exp(T(-0.5) * u * u) * T(0.3989422804014327);
+    }
+    case kGeluTanh: {
+      T k = T(0.7978845608028654);
+      T t = std::tanh(k * (u + T(0.044715) * u * u * u));
+      return T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * u * u);
+    }
+    case kSilu: { T s = sigmoid(u); return s * (T(1) + u * (T(1) - s)); }
+    case kTanh: { T t = std::tanh(u); return T(1) - t * t; }
+    case kSigmoid: { T s = sigmoid(u); return s * (T(1) - s); }
+    default: return T(1);
+  }
+}
+
+// sum_j x[j] y[j] in 8 lanes (so that the compiler vectorises it without reassociating on its
+// own), the lanes then combined in a fixed order: the same result on every call.
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t d) {
+  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int l = 0; l < 8; ++l) lane[l] += x[j + l] * y[j + l];
+  }
+  for (; j < d; ++j) lane[j & 7] += x[j] * y[j];
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// y[j] += s x[j]
+template <typename T>
+inline void axpy(T* y, T s, const T* x, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) y[j] += s * x[j];
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+template <typename T>
+void fwd_kernel(T* h, const int64_t* idx, int64_t n, int64_t d, int64_t r, const T* A, const T* a,
+                const T* B, const T* Cm, const T* c, int64_t act, T* hsave, T* z, T* u) {
+  std::vector<T> zi(r);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = idx[i];
+    if (row < 0) {
+      if (hsave) std::memset(hsave + i * d, 0, sizeof(T) * d);
+      if (z) std::memset(z + i * r, 0, sizeof(T) * r);
+      if (u) std::memset(u + i * r, 0, sizeof(T) * r);
+      continue;
+    }
+    T* x = h + row * d;
+    for (int64_t k = 0; k < r; ++k) {
+      T uk = (A ? dot(x, A + k * d, d) : T(0)) + (a ? a[k] : T(0));
+      if (u) u[i * r + k] = uk;
+      T zk = act_fwd(uk, act);
+      if (Cm) zk -= dot(x, Cm + k * d, d);
+      if (c) zk -= c[k];
+      zi[k] = zk;
+      if (z) z[i * r + k] = zk;
+    }
+    if (hsave) std::memcpy(hsave + i * d, x, sizeof(T) * d);
+    for (int64_t k = 0; k < r; ++k) axpy(x, zi[k], B + k * d, d);
+  }
+}
+
+template <typename T>
+void bwd_kernel(const T* g, T* dh, const T* x, const int64_t* idx, int64_t n, int64_t d, int64_t r,
+                const T* z, const T* u, const T* A, const T* B, const T* Cm, bool tied, int64_t act,
+                T* dA, T* da, T* dB, T* dC, T* dc) {
+  std::vector<T> gz(r), ga(r);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = idx[i];
+    if (row < 0) continue;  // a padding entry: no gradient anywhere
+    const T* gi = g + row * d;
+    const T* xi = x + i * d;
+    for (int64_t k = 0; k < r; ++k) {
+      gz[k] = dot(gi, B + k * d, d);
+      ga[k] = act == kIdentity ? gz[k] : gz[k] * act_grad(u[i * r + k], act);
+    }
+    for (int64_t k = 0; k < r; ++k) {
+      if (dA) axpy(dA + k * d, ga[k], xi, d);
+      if (da) da[k] += ga[k];
+      if (dB) {
+        axpy(dB + k * d, z[i * r + k], gi, d);
+        if (tied) axpy(dB + k * d, -gz[k], xi, d);
+      }
+      if (dC) axpy(dC + k * d, -gz[k], xi, d);
+      if (dc) dc[k] -= gz[k];
+    }
+    if (dh) {
+      T* out = dh + row * d;  // dh is a copy of g: add ga A - gz Cm to the listed row
+      for (int64_t k = 0; k < r; ++k) {
+        if (A) axpy(out, ga[k], A + k * d, d);
+        if (Cm) axpy(out, -gz[k], Cm + k * d, d);
+      }
+    }
+  }
+}
+
+void check_args(const at::Tensor& h, const at::Tensor& index, const std::optional<at::Tensor>& A,
+                const std::optional<at::Tensor>& a, const at::Tensor& B, const std::optional<at::Tensor>& C,
+                const std::optional<at::Tensor>& c, int64_t act) {
+  // The Python entry checks every argument first and comes here only with these holding; this
+  // repeats the ones that memory safety rests on, for direct calls of the op.
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous(), "lowrank_rows: h must be a contiguous CPU tensor");
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
+              "lowrank_rows: h must be float32 or float64, got ", h.scalar_type());
+  TORCH_CHECK(B.dim() == 2 && h.dim() >= 1 && B.size(1) == h.size(-1), "lowrank_rows: B must be (r, d)");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous() && index.device().is_cpu(),
+              "lowrank_rows: index must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK(act >= 0 && act < kNumAct, "lowrank_rows: unknown activation code ", act);
+  const auto r = B.size(0), d = B.size(1);
+  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == h.scalar_type() && t.is_contiguous() &&
+                    t.device().is_cpu(),
+                "lowrank_rows: ", name, " must be a contiguous CPU tensor of shape ", at::IntArrayRef(shape),
+                " in h's dtype");
+  };
+  check(B, {r, d}, "B");
+  if (A && A->defined()) check(*A, {r, d}, "A");
+  if (C && C->defined()) check(*C, {r, d}, "C");
+  if (a && a->defined()) check(*a, {r}, "a");
+  if (c && c->defined()) check(*c, {r}, "c");
+}
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_rows_fwd_cpu(
+    at::Tensor h, const at::Tensor& index, const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& a,
+    const at::Tensor& B, const std::optional<at::Tensor>& C, const std::optional<at::Tensor>& c, int64_t act,
+    bool tied, bool save) {
+  check_args(h, index, A, a, B, C, c, act);
+  const int64_t d = B.size(1), r = B.size(0), n = index.numel();
+  const int64_t N = h.numel() / d;
+  at::Tensor hsave, z, u;
+  auto opts = h.options();
+  if (save) {
+    hsave = at::empty({n, d}, opts);
+    z = at::empty({n, r}, opts);
+    u = at::empty({act == kIdentity ? 0 : n, r}, opts);
+  } else {
+    hsave = at::empty({0}, opts);
+    z = at::empty({0}, opts);
+    u = at::empty({0}, opts);
+  }
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(idx[i] >= -1 && idx[i] < N, "lowrank_rows: index entry ", idx[i], " is outside [-1, ", N, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lowrank_rows_fwd", [&] {
+    const at::Tensor Cm = tied ? B : opt(C);
+    fwd_kernel<scalar_t>(h.data_ptr<scalar_t>(), idx, n, d, r, ptr_or_null<scalar_t>(opt(A)),
+                         ptr_or_null<scalar_t>(opt(a)), B.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Cm),
+                         ptr_or_null<scalar_t>(opt(c)), act, save ? hsave.data_ptr<scalar_t>() : nullptr,
+                         save ? z.data_ptr<scalar_t>() : nullptr,
+                         (save && act != kIdentity) ? u.data_ptr<scalar_t>() : nullptr);
+  });
+  if (!h.is_inference()) torch::autograd::impl::bump_version(h);  // h was written behind autograd's back
+  return {hsave, z, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_rows_bwd_cpu(
+    const at::Tensor& g, const at::Tensor& hsave, const at::Tensor& index, const at::Tensor& z, const at::Tensor& u,
+    const std::optional<at::Tensor>& A, const at::Tensor& B, const std::optional<at::Tensor>& C, int64_t act,
+    bool tied, c10::List<bool> need) {
+  TORCH_CHECK(need.size() == 6, "lowrank_rows_bwd: need has 6 flags (dh, dA, da, dB, dC, dc)");
+  const int64_t d = B.size(1), r = B.size(0), n = index.numel();
+  TORCH_CHECK(g.scalar_type() == B.scalar_type() && g.numel() % d == 0, "lowrank_rows_bwd: g must be (..., d) in B's dtype");
+  TORCH_CHECK(hsave.sizes() == at::IntArrayRef({n, d}) && z.sizes() == at::IntArrayRef({n, r}),
+              "lowrank_rows_bwd: hsave and z must be the forward's (n, d) and (n, r)");
+  TORCH_CHECK(act == kIdentity || u.sizes() == at::IntArrayRef({n, r}), "lowrank_rows_bwd: u must be (n, r)");
+  const at::Tensor gc = g.contiguous();
+  auto opts = B.options();
+  auto grad = [&](bool needed, std::vector<int64_t> shape) {
+    return needed ? at::zeros(shape, opts) : at::empty({0}, opts);
+  };
+  const bool has_a = A.has_value() && A->defined(), has_c = C.has_value() && C->defined();
+  at::Tensor dh;
+  if (need[0]) {
+    dh = gc.is_same(g) ? g.clone(at::MemoryFormat::Contiguous) : gc;  // a copy of g that is ours
+  } else {
+    dh = at::empty({0}, g.options());
+  }
+  at::Tensor dA = grad(need[1] && has_a, {r, d}), da = grad(need[2], {r}), dB = grad(need[3], {r, d});
+  at::Tensor dC = grad(need[4] && has_c, {r, d}), dc = grad(need[5], {r});
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lowrank_rows_bwd", [&] {
+    auto out = [&](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    const at::Tensor Cm = tied ? B : opt(C);
+    bwd_kernel<scalar_t>(gc.data_ptr<scalar_t>(), need[0] ? dh.data_ptr<scalar_t>() : nullptr,
+                         hsave.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), n, d, r, z.data_ptr<scalar_t>(),
+                         act == kIdentity ? nullptr : u.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(opt(A)),
+                         B.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Cm), tied, act, out(dA), out(da), out(dB),
+                         out(dC), out(dc));
+  });
+  return {dh, dA, da, dB, dC, dc};
+}
+
+// The ops called through the dispatcher from below autograd (so that a dispatch mode sees them).
+const auto& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("reft_kernels_cpu::lowrank_rows_fwd", "")
+                             .typed<decltype(lowrank_rows_fwd_cpu)>();
+  return op;
+}
+
+const auto& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("reft_kernels_cpu::lowrank_rows_bwd", "")
+                             .typed<decltype(lowrank_rows_bwd_cpu)>();
+  return op;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Inputs: h, index, A, a, B, C, c (nullopt when absent: not inputs of the node), act, tied.
+struct LowrankRowsFunction : public torch::autograd::Function<LowrankRowsFunction> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor h, const at::Tensor& index,
+                            const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& a,
+                            const at::Tensor& B, const std::optional<at::Tensor>& C,
+                            const std::optional<at::Tensor>& c, int64_t act, bool tied) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [hsave, z, u] = fwd_op().call(h, index, A, a, B, C, c, act, tied, true);
+    ctx->mark_dirty({h});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["tied"] = tied;
+    // which of (A, a, C, c) are inputs of the node: needs_input_grad counts only those
+    ctx->saved_data["present"] = c10::List<bool>({A.has_value(), a.has_value(), C.has_value(), c.has_value()});
+    ctx->save_for_backward({hsave, index, z, u, opt(A), B, opt(C)});
+    return h;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const bool tied = ctx->saved_data["tied"].toBool();
+    // the node's inputs, in order: h, index, then A, a (when present), B, then C, c (when present)
+    const auto present = ctx->saved_data["present"].toBoolList();
+    size_t edge = 2;
+    auto needs = [&](bool is_input) { return is_input && ctx->needs_input_grad(edge++); };
+    const bool need_A = needs(present[0]), need_a = needs(present[1]), need_B = needs(true);
+    const bool need_C = needs(present[2]), need_c = needs(present[3]);
+    c10::List<bool> need({ctx->needs_input_grad(0), need_A, need_a, need_B, need_C, need_c});
+    const at::Tensor& g = grads[0];  // defined: the Function materialises missing gradients as zeros
+    at::Tensor dh, dA, da, dB, dC, dc;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(dh, dA, da, dB, dC, dc) = bwd_op().call(g, saved[0], saved[1], saved[2], saved[3], maybe(saved[4]),
+                                                       saved[5], maybe(saved[6]), act, tied, need);
+    }
+    auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
+    if (need[0]) dh = dh.view(g.sizes());
+    variable_list out = {keep(need[0], dh), keep(need[1], dA), keep(need[2], da), keep(need[3], dB),
+                         keep(need[4], dC), keep(need[5], dc)};
+    reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.lowrank_edit");
+    return {out[0], at::Tensor(), out[1], out[2], out[3], out[4], out[5], at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor lowrank_rows_autograd(at::Tensor h, const at::Tensor& index, const std::optional<at::Tensor>& A,
+                                 const std::optional<at::Tensor>& a, const at::Tensor& B,
+                                 const std::optional<at::Tensor>& C, const std::optional<at::Tensor>& c, int64_t act,
+                                 bool tied) {
+  if (!torch::autograd::GradMode::is_enabled() ||
+      !(h.requires_grad() || B.requires_grad() || reft_cpu::wants_grad(A) || reft_cpu::wants_grad(a) || reft_cpu::wants_grad(C) || reft_cpu::wants_grad(c))) {
+    // no gradient: the forward alone, nothing saved and no node (as the PyTorch path's run())
+    at::AutoDispatchBelowADInplaceOrView below;
+    fwd_op().call(h, index, A, a, B, C, c, act, tied, false);
+    return h;
+  }
+  return LowrankRowsFunction::apply(h, index, A, a, B, C, c, act, tied);
+}
+
+// Below autograd (no gradient recorded: inference, or called under AutoDispatchBelowAutograd).
+at::Tensor lowrank_rows_cpu(at::Tensor h, const at::Tensor& index, const std::optional<at::Tensor>& A,
+                            const std::optional<at::Tensor>& a, const at::Tensor& B, const std::optional<at::Tensor>& C,
+                            const std::optional<at::Tensor>& c, int64_t act, bool tied) {
+  lowrank_rows_fwd_cpu(h, index, A, a, B, C, c, act, tied, false);
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reft_kernels_cpu, m) {
+  m.def("lowrank_rows_(Tensor(a!) h, Tensor index, Tensor? A, Tensor? a, Tensor B, Tensor? C, Tensor? c, "
+        "int act, bool tied) -> Tensor(a!)");
+  m.def("lowrank_rows_fwd(Tensor(a!) h, Tensor index, Tensor? A, Tensor? a, Tensor B, Tensor? C, Tensor? c, "
+        "int act, bool tied, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def("lowrank_rows_bwd(Tensor g, Tensor hsave, Tensor index, Tensor z, Tensor u, Tensor? A, Tensor B, "
+        "Tensor? C, int act, bool tied, bool[] need) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, CPU, m) {
+  m.impl("lowrank_rows_", &lowrank_rows_cpu);
+  m.impl("lowrank_rows_fwd", &lowrank_rows_fwd_cpu);
+  m.impl("lowrank_rows_bwd", &lowrank_rows_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, Autograd, m) {
+  m.impl("lowrank_rows_", &lowrank_rows_autograd);
+}

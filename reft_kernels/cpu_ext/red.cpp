@@ -1,0 +1,230 @@
+// RED on the CPU, y = h * scale + bias over every row, forward and backward each one pass in
+// C++, with its autograd in C++ (reft_kernels/cpu_ext/__init__.py says when it is taken).
+//
+// Ops (namespace reft_kernels_cpu):
+//   red(h, scale, bias) -> y            the autograd entry: y a new tensor shaped like h; when a
+//                                       gradient is needed, one node whose backward is one call
+//                                       of red_bwd
+//   red_fwd(h, scale, bias) -> y        the forward pass
+//   red_bwd(g, h, scale, need) -> (dh, dscale, dbias)
+//                                       need = (dh, dscale, dbias); one not needed comes back as a
+//                                       0-element tensor; h is read only for dscale
+// Shapes and numerics: h (..., d) contiguous, float32 or float64; scale, bias (d,) contiguous in
+// h's dtype, either may be absent (undefined). y = fma(h, scale, bias), one rounding, as the
+// Triton and CUDA kernels. The column sums of the backward (dscale = sum g * h, dbias = sum g)
+// are taken over fixed blocks of kBlockRows rows, each block's partial summed in row order and
+// the partials then in block order: the same bits whatever the number of threads (the blocks
+// run in parallel through at::parallel_for).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include "common.h"
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using reft_cpu::maybe;
+using reft_cpu::opt;
+
+constexpr int64_t kBlockRows = 128;
+// Rows per thread below which at::parallel_for keeps a call on one thread: a fork costs more
+// than a few hundred short rows.
+constexpr int64_t kGrainRows = 256;
+
+
+void check_args(const at::Tensor& h, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1, "red: h must be a contiguous CPU tensor (..., d)");
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, "red: h must be float32 or float64, got ",
+              h.scalar_type());
+  const int64_t d = h.size(-1);
+  for (const auto* t : {&scale, &bias}) {
+    if (t->has_value() && (*t)->defined()) {
+      const at::Tensor& p = **t;
+      TORCH_CHECK(p.dim() == 1 && p.size(0) == d && p.scalar_type() == h.scalar_type() && p.is_contiguous() &&
+                      p.device().is_cpu(),
+                  "red: scale and bias must be contiguous (", d, ",) CPU tensors in h's dtype");
+    }
+  }
+}
+
+at::Tensor red_fwd_cpu(const at::Tensor& h, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
+  check_args(h, scale, bias);
+  at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
+  const int64_t d = h.size(-1), n = d ? h.numel() / d : 0;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "red_fwd", [&] {
+    const scalar_t* x = h.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    const at::Tensor s = opt(scale), t = opt(bias);
+    const scalar_t* sp = s.defined() ? s.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* tp = t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kGrainRows, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* xi = x + i * d;
+        scalar_t* yi = out + i * d;
+        if (sp && tp) {
+          for (int64_t j = 0; j < d; ++j) yi[j] = std::fma(xi[j], sp[j], tp[j]);
+        } else if (sp) {
+          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * sp[j];
+        } else if (tp) {
+          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] + tp[j];
+        } else {
+          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j];
+        }
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> red_bwd_cpu(const at::Tensor& g, const std::optional<at::Tensor>& h,
+                                                           const std::optional<at::Tensor>& scale, c10::List<bool> need) {
+  TORCH_CHECK(need.size() == 3, "red_bwd: need has 3 flags (dh, dscale, dbias)");
+  TORCH_CHECK(g.device().is_cpu() && g.dim() >= 1 && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble),
+              "red_bwd: g must be a float32 or float64 CPU tensor (..., d)");
+  const int64_t d = g.size(-1), n = d ? g.numel() / d : 0;
+  const at::Tensor gc = g.contiguous();
+  const at::Tensor s = opt(scale);
+  const bool need_dh = need[0], need_ds = need[1], need_dt = need[2];
+  TORCH_CHECK(!need_ds || (h.has_value() && h->sizes() == g.sizes() && h->is_contiguous() &&
+                           h->scalar_type() == g.scalar_type()),
+              "red_bwd: dscale needs h, contiguous, shaped and typed like g");
+  TORCH_CHECK(!s.defined() || (s.dim() == 1 && s.size(0) == d && s.scalar_type() == g.scalar_type() && s.is_contiguous()),
+              "red_bwd: scale must be a contiguous (d,) tensor in g's dtype");
+  auto opts = g.options();
+  at::Tensor dh = need_dh ? at::empty({n, d}, opts) : at::empty({0}, opts);
+  at::Tensor ds = need_ds ? at::empty({d}, opts) : at::empty({0}, opts);
+  at::Tensor dt = need_dt ? at::empty({d}, opts) : at::empty({0}, opts);
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  // per block: the partial column sums of g * h and of g
+  at::Tensor part = at::zeros({blocks, 2, d}, opts);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "red_bwd", [&] {
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* hp = need_ds ? h->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = s.defined() ? s.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dhp = need_dh ? dh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pp = part.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrainRows / kBlockRows);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* psh = pp + (2 * b) * d;
+        scalar_t* pst = psh + d;
+        const int64_t end = std::min(n, (b + 1) * kBlockRows);
+        for (int64_t i = b * kBlockRows; i < end; ++i) {
+          const scalar_t* gi = gp + i * d;
+          if (dhp) {
+            scalar_t* o = dhp + i * d;
+            if (sp) {
+              for (int64_t j = 0; j < d; ++j) o[j] = gi[j] * sp[j];
+            } else {
+              for (int64_t j = 0; j < d; ++j) o[j] = gi[j];
+            }
+          }
+          if (hp) {
+            const scalar_t* hi = hp + i * d;
+            for (int64_t j = 0; j < d; ++j) psh[j] += gi[j] * hi[j];
+          }
+          if (need_dt) {
+            for (int64_t j = 0; j < d; ++j) pst[j] += gi[j];
+          }
+        }
+      }
+    });
+    // the blocks' partials, in block order
+    scalar_t* dsp = need_ds ? ds.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = need_dt ? dt.data_ptr<scalar_t>() : nullptr;
+    for (int64_t j = 0; j < d; ++j) {
+      if (dsp) dsp[j] = 0;
+      if (dtp) dtp[j] = 0;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const scalar_t* psh = pp + (2 * b) * d;
+      const scalar_t* pst = psh + d;
+      if (dsp) for (int64_t j = 0; j < d; ++j) dsp[j] += psh[j];
+      if (dtp) for (int64_t j = 0; j < d; ++j) dtp[j] += pst[j];
+    }
+  });
+  if (need_dh) dh = dh.view(g.sizes());
+  return {dh, ds, dt};
+}
+
+const auto& fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("reft_kernels_cpu::red_fwd", "").typed<decltype(red_fwd_cpu)>();
+  return op;
+}
+
+const auto& bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("reft_kernels_cpu::red_bwd", "").typed<decltype(red_bwd_cpu)>();
+  return op;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Inputs: h, scale, bias (nullopt when absent: not inputs of the node).
+struct RedFunction : public torch::autograd::Function<RedFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& bias) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = fwd_op().call(h, scale, bias);
+    }
+    const bool has_s = scale.has_value(), has_t = bias.has_value();
+    ctx->saved_data["present"] = c10::List<bool>({has_s, has_t});
+    // h only when scale needs a gradient (as the PyTorch path)
+    const bool keep_h = has_s && scale->requires_grad();
+    ctx->save_for_backward({keep_h ? h : at::Tensor(), opt(scale)});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto present = ctx->saved_data["present"].toBoolList();
+    size_t edge = 1;
+    auto needs = [&](bool is_input) { return is_input && ctx->needs_input_grad(edge++); };
+    const bool need_ds = needs(present[0]), need_dt = needs(present[1]);
+    c10::List<bool> need({ctx->needs_input_grad(0), need_ds, need_dt});
+    const at::Tensor& g = grads[0];
+    at::Tensor dh, ds, dt;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(dh, ds, dt) = bwd_op().call(g, need_ds ? std::optional<at::Tensor>(saved[0]) : std::nullopt,
+                                           saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt, need);
+    }
+    auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
+    variable_list out = {keep(need[0], dh), keep(need_ds, ds), keep(need_dt, dt)};
+    reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.red");
+    return out;
+  }
+};
+
+at::Tensor red_autograd(const at::Tensor& h, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
+  if (!torch::autograd::GradMode::is_enabled() || !(h.requires_grad() || reft_cpu::wants_grad(scale) || reft_cpu::wants_grad(bias))) {
+    at::AutoDispatchBelowADInplaceOrView below;  // no gradient: the forward alone, no node
+    return fwd_op().call(h, scale, bias);
+  }
+  return RedFunction::apply(h, scale, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reft_kernels_cpu, m) {
+  m.def("red(Tensor h, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("red_fwd(Tensor h, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("red_bwd(Tensor g, Tensor? h, Tensor? scale, bool[] need) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, CPU, m) {
+  m.impl("red", &red_fwd_cpu);
+  m.impl("red_fwd", &red_fwd_cpu);
+  m.impl("red_bwd", &red_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, Autograd, m) { m.impl("red", &red_autograd); }

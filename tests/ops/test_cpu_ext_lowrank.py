@@ -1,0 +1,223 @@
+"""The CPU extension's in-place edit of listed rows (``reft_kernels/cpu_ext``): taken by
+``lowrank_edit_`` on float32/float64 CPU rows, checked against the float64 reference (output and
+every gradient) for every term pattern, activation and padding, with each input alone requiring
+grad; a dispatch mode confirms which path ran (the extension's forward and backward ops, or the
+PyTorch path for the calls it leaves there). Also: gradcheck, no-grad and inference calls, the
+version counter, determinism, the off switch, a failed build, and direct calls of the op.
+
+Fails (does not skip) where the extension cannot be built, unless ``REFT_KERNELS_CPU_EXT=0``
+turns it off: a broken build in CI must not pass as a skip."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import reft_kernels as rk
+from reft_kernels import cpu_ext
+from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params
+from tests._helpers import ops_called as ext_ops
+
+pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
+
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
+# (terms, tied): LoReFT/NoReFT, DiReFT, ConsReFT, every term, C without A, a constant latent
+PATTERNS = [("BAa", True), ("BAa", False), ("Ba", True), ("BAaCc", False), ("BCc", False), ("Ba", False)]
+
+
+def _index(n_rows, n, seed, n_pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.randperm(n_rows, generator=gen)[:n], torch.full((n_pad,), -1)])
+    return idx[torch.randperm(idx.numel(), generator=gen)]
+
+
+def test_it_builds():
+    assert cpu_ext.lowrank_rows_op() is not None, cpu_ext.status()
+
+
+@pytest.mark.parametrize("terms,tied", PATTERNS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_pad", [0, 3])
+def test_against_reference(terms, tied, act, dtype, n_pad):
+    torch.manual_seed(hash((terms, tied, act, str(dtype), n_pad)) % 2**31)
+    base, view = make_base("contiguous", (3, 9), 21, dtype)  # d = 21: the dot products' lane tail
+    base.requires_grad_(True)
+    params = make_lowrank_params(21, 4, dtype, terms=terms, tied=tied)
+    index = _index(27, 11, 1, n_pad)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
+                                kernel_kwargs={"act": act, "index": index}, ref_kwargs={"act": act, "index": index})
+    assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
+
+
+@pytest.mark.parametrize("grad_of", ["h", "B", "A", "a", "C", "c", "params"])
+def test_each_gradient_alone(grad_of):
+    """Each input alone requiring grad, and every parameter but not h (no dh: the first edited
+    layer of a model)."""
+    torch.manual_seed(3)
+    base, view = make_base("contiguous", (2, 8), 12, torch.float32)
+    params = make_lowrank_params(12, 3, torch.float32, terms="BAaCc", requires_grad=False)
+    if grad_of == "h":
+        base.requires_grad_(True)
+    elif grad_of == "params":
+        for v in params.values():
+            v.requires_grad_(True)
+    else:
+        params[grad_of].requires_grad_(True)
+    index = _index(16, 7, 2, n_pad=2)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
+                                kernel_kwargs={"index": index, "act": "tanh"}, ref_kwargs={"index": index, "act": "tanh"})
+    assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
+
+
+def test_gradcheck():
+    torch.manual_seed(6)
+    h = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    params = make_lowrank_params(7, 2, torch.float64, terms="BAaCc")
+    index = torch.tensor([4, -1, 0, 9])
+
+    def f(h, B, A, a, C, c):
+        return rk.lowrank_edit_(h.clone(), B, A, a, C, c, act="silu", index=index)
+
+    assert torch.autograd.gradcheck(f, (h, params["B"], params["A"], params["a"], params["C"], params["c"]))
+
+
+def test_noncontiguous_upstream_gradient():
+    """``sum().backward()`` hands the backward an expanded gradient: read through a copy."""
+    torch.manual_seed(4)
+    h0 = torch.randn(2, 6, 10, dtype=torch.float64, requires_grad=True)
+    params = make_lowrank_params(10, 2, torch.float64, terms="BAa", tied=True)
+    index = _index(12, 5, 3)
+    rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index).sum().backward()
+    h1 = h0.detach().requires_grad_(True)
+    p1 = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in params.items()}
+    p1["C"] = p1["B"]
+    lowrank_ref_fn(h1, **p1, index=index).sum().backward()
+    torch.testing.assert_close(h0.grad, h1.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(params["B"].grad, p1["B"].grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_without_gradient(mode):
+    """No node, the right values, and (outside inference mode) h's version bumped."""
+    torch.manual_seed(7)
+    h = torch.randn(3, 4, 8)
+    params = make_lowrank_params(8, 2, torch.float32, terms="BAa", tied=True, requires_grad=mode != "nothing_requires_grad")
+    index = torch.tensor([1, -1, 10])
+    want = lowrank_ref_fn(h.double(), *(params[k].double() if params[k] is not None else None for k in "BAaCc"),
+                          index=index)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    with ctx():
+        x = h.clone()
+        v0 = None if mode == "inference_mode" else x._version
+        with ext_ops() as names:
+            y = rk.lowrank_edit_(x, params["B"], params["A"], params["a"], params["C"], index=index)
+    # (inference mode leaves out the autograd kernel: the op's own CPU kernel runs)
+    assert y is x and y.grad_fn is None
+    assert names == (["lowrank_rows_"] if mode == "inference_mode" else ["lowrank_rows_fwd"])
+    if v0 is not None:
+        assert x._version > v0
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_tensor_edited_in_place_is_caught():
+    """Autograd sees the write: a tensor saved by an earlier op and then edited raises at backward."""
+    h0 = torch.randn(2, 3, 6, requires_grad=True)
+    params = make_lowrank_params(6, 2, torch.float32, terms="BAa", tied=True)
+    x = h0 * 2
+    s = x.sin()  # saves x
+    rk.lowrank_edit_(x, params["B"], params["A"], params["a"], params["C"], index=torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+def test_deterministic():
+    torch.manual_seed(8)
+    h0 = torch.randn(4, 16, 40, requires_grad=True)
+    params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
+    index = _index(64, 30, 5, n_pad=4)
+    g = torch.randn(4, 16, 40)
+    runs = []
+    for _ in range(2):
+        y = rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index)
+        runs.append([y.detach().clone(), *torch.autograd.grad(y, [h0, params["B"], params["A"], params["a"]], g)])
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp32_h_fp64_params", "transposed", "too_many_rows", "off", "no_index"])
+def test_calls_left_to_the_pytorch_path(case, monkeypatch):
+    """Low precision, mixed dtypes, non-contiguous rows (in place), more than MAX_ROWS entries,
+    the switch off and the out-of-place op over every row take the PyTorch path, each still right."""
+    torch.manual_seed(9)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    layout = "transposed" if case == "transposed" else "contiguous"
+    lead = (2, cpu_ext.MAX_ROWS) if case == "too_many_rows" else (3, 5)
+    base, view = make_base(layout, lead, 16, dtype)
+    base.requires_grad_(True)
+    params = make_lowrank_params(16, 2, torch.float64 if case == "fp32_h_fp64_params" else dtype, terms="BAa", tied=True)
+    n_rows = lead[0] * lead[1]
+    index = None if case == "no_index" else (torch.arange(n_rows) if case == "too_many_rows" else _index(n_rows, 6, 4, 1))
+    if case == "off":
+        monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
+    fn = rk.lowrank_edit if case == "no_index" else rk.lowrank_edit_
+    with ext_ops() as names:
+        check_against_reference(fn, lowrank_ref_fn, base, view, params, inplace=fn is rk.lowrank_edit_,
+                                kernel_kwargs={"index": index}, ref_kwargs={"index": index})
+    assert names == []
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_out_of_place_with_an_index_edits_a_copy(layout):
+    """``lowrank_edit`` with an index on a contiguous h: the extension's edit of a copy (on a
+    transposed h the PyTorch path's, as ``lowrank_edit_`` there), against the reference, and bit
+    for bit ``h.clone()`` then ``lowrank_edit_``."""
+    torch.manual_seed(11)
+    base, view = make_base(layout, (3, 5), 16, torch.float32)
+    base.requires_grad_(True)
+    params = make_lowrank_params(16, 2, torch.float32, terms="BAa", tied=True)
+    index = _index(15, 6, 4, 1)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit, lowrank_ref_fn, base, view, params,
+                                kernel_kwargs={"index": index}, ref_kwargs={"index": index})
+    assert names == (["lowrank_rows_fwd", "lowrank_rows_bwd"] if layout == "contiguous" else [])
+    h = view(base).detach()
+    args = (params["B"], params["A"], params["a"], params["C"])
+    assert torch.equal(rk.lowrank_edit(h, *args, index=index), rk.lowrank_edit_(h.clone(), *args, index=index))
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("Error building extension 'reft_kernels_cpu'\nno compiler here")
+
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "_load", broken)
+    torch.manual_seed(10)
+    h = torch.randn(2, 4, 8)
+    params = make_lowrank_params(8, 2, torch.float32, terms="BAa", tied=True)
+    index = torch.tensor([0, 5])
+    want = lowrank_ref_fn(h.double(), *(params[k].double() if params[k] is not None else None for k in "BAaCc"),
+                          index=index)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        y = rk.lowrank_edit_(h.clone(), params["B"], params["A"], params["a"], params["C"], index=index)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    assert "no compiler here" in cpu_ext.status()
+    assert not cpu_ext.lowrank_rows_applies(h, index, params["A"], params["a"], params["B"], None, None)
+
+
+@pytest.mark.parametrize("case", ["bf16_h", "short_B", "bad_index_entry", "2d_index", "A_dtype", "bad_act"])
+def test_direct_calls_of_the_op_are_checked(case):
+    """The op called directly (not through ``lowrank_edit_``) refuses what would read or write
+    out of bounds, before writing anything."""
+    op = cpu_ext.lowrank_rows_op()
+    h = torch.randn(6, 8, dtype=torch.bfloat16 if case == "bf16_h" else torch.float32)
+    B = torch.randn(2, 7 if case == "short_B" else 8)
+    A = torch.randn(2, 8, dtype=torch.float64 if case == "A_dtype" else torch.float32)
+    index = {"bad_index_entry": torch.tensor([0, 6]), "2d_index": torch.tensor([[0, 1]])}.get(case, torch.tensor([0, 1]))
+    before = h.clone()
+    with pytest.raises(RuntimeError, match="lowrank_rows"):
+        op(h, index, A, None, B, None, None, 99 if case == "bad_act" else 0, True)
+    assert torch.equal(h, before)
