@@ -1,28 +1,35 @@
 """The CPU extension: C++ ops for the calls whose cost on a CPU is their launches and Python, not
-their arithmetic, built on first use with the C++ compiler of the machine (``lowrank_rows.cpp``).
+their arithmetic, built on first use with the machine's C++ compiler (``lowrank_rows.cpp``,
+``red.cpp``; docs/backends.md, "The CPU extension").
 
-``torch.ops.reft_kernels_cpu.lowrank_rows_``: the in-place low-rank edit of listed rows,
-forward and backward each one pass in C++ with the autograd node in C++. A model's ReFT hooks
-call ``lowrank_edit_`` once per layer and step on a few rows (f7+l7: 14 per sequence); on the
-PyTorch path that call is 7 ATen launches forward and 9 backward plus an autograd Function in
-Python, and inside a training step, between the model's large matrix products, each launch or
-Python call costs 30-40 us (caches cold). Measured in the d = 256 LLaMA step of ``bench --e2e``
-at f7+l7 on the 2-core CPU (6 layers, 56 of 1024 rows, both paths in one process, alternating
-steps, 30 rounds): the hook's forward 524 -> 209 us per layer, the step's backward 95.0 -> 90.8
-ms against 89.2 frozen, the whole step +4.6% -> +1.2% over the frozen step.
+- ``torch.ops.reft_kernels_cpu.lowrank_rows_``: the in-place low-rank edit of listed rows,
+  forward and backward each one pass, with its autograd node in C++. A model's ReFT hooks call
+  ``lowrank_edit_`` once per layer and step; on the PyTorch path that call is 7 ATen launches
+  forward and 9 backward plus an autograd Function in Python, and inside a training step,
+  between the model's large matrix products, each launch or Python call costs 30-40 us (caches
+  cold). Measured in the d = 256 LLaMA step of ``bench --e2e`` at f7+l7 on the 2-core CPU (6
+  layers, 56 of 1024 rows; both paths in one process, alternating steps, 30 rounds): the hook's
+  forward 524 -> 209 us per layer, the step's backward 95.0 -> 90.8 ms against 89.2 frozen, the
+  whole step +4.6% -> +1.2% over the frozen step (+3.2% -> +1.8% in a 40-round rerun).
+- ``torch.ops.reft_kernels_cpu.red``: RED, ``y = h * scale + bias``, the same way (one op
+  forward, one backward, against ``addcmul`` and a Python backward of 3-4 launches). In the same
+  step with RED on every layer (40 rounds): +2.4% -> -0.2% over the frozen step, the naive
+  ``h * s + t`` hook +1.3%.
 
-When it runs (``lowrank_rows_applies``): ``lowrank_edit_`` on the PyTorch backend with an
-index, outside ``torch.compile`` and ``torch.func`` transforms, on a contiguous float32 or
-float64 CPU ``h`` with every parameter contiguous in ``h``'s dtype, plain tensors (no subclass
-such as DTensor), and at most ``MAX_ROWS`` index entries (above, the ATen path's multithreaded
-matrix products win). The numerics are the PyTorch path's: one dtype throughout, parameter
-gradients summed in index order (deterministic).
+When they run: ``lowrank_edit_`` with an index of at most ``MAX_ROWS`` entries
+(``lowrank_rows_applies``; ``lowrank_edit`` with an index edits a copy through it) and ``red``
+(``red_applies``), on the PyTorch backend, outside ``torch.compile``, ``torch.func`` transforms
+and forward-mode AD, on a contiguous float32 or float64 CPU ``h`` with every parameter
+contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). Numerics: one dtype
+throughout, as the PyTorch path; sums over rows by fixed blocks added in order, so the same bits
+whatever the number of threads (see each source's header).
 
-Build: ``torch.utils.cpp_extension.load`` (ninja and a C++17 compiler), once per torch version,
-Python version and CPU capability, into ``$REFT_KERNELS_CACHE/cpu_ext`` (default
-``~/.cache/reft_kernels/cpu_ext``); about 15 s on 2 cores, then a load of the cached library.
-``REFT_KERNELS_CPU_EXT=0`` turns it off (the PyTorch path runs); a build that fails warns once and
-the PyTorch path runs. ``reft-kernels info`` builds it and reports the outcome.
+Build: ``torch.utils.cpp_extension.load`` (ninja and the C++ compiler torch extensions need),
+once per torch version, Python version and CPU capability, into ``$REFT_KERNELS_CACHE/cpu_ext``
+(default ``~/.cache/reft_kernels/cpu_ext``); about 15 s on 2 cores, then a load of the cached
+library. ``REFT_KERNELS_CPU_EXT=0`` turns it off (the PyTorch path runs); a build that fails
+warns once, naming the compiler's first error, and the PyTorch path runs. ``reft-kernels info``
+builds it and reports the outcome.
 """
 from __future__ import annotations
 
@@ -36,12 +43,13 @@ import torch
 
 ENV_VAR = "REFT_KERNELS_CPU_EXT"
 SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp")]
-# Index entries above which the PyTorch path takes the call: the extension's edit runs on one
-# thread, the PyTorch path's matrix products on every core. Measured on the 2-core CPU (fwd + bwd
-# of the in-place edit of n of max(n, 1024) rows, r = 8, median of 60, two threads), PyTorch path
-# time over the extension's: d = 256: 1.25 (n = 128), 1.16 (256), 1.05 (512), 1.07 (1024);
-# d = 576: 1.64, 1.46, 1.36, 1.00.
-MAX_ROWS = 512
+# Index entries above which the PyTorch path takes the call (measured up to here). Measured on
+# the 2-core CPU, both on two threads (fwd + bwd of the in-place edit of n of max(n, 1024) rows,
+# r = 8, median of 60), PyTorch path time over the extension's: d = 256: 2.01 (n = 128), 1.59
+# (512), 1.05 (1024), 0.77 (2048), 1.31 (4096); d = 576: 1.58, 1.11, 1.10, 1.04, 1.18. Inside the
+# d = 256 step at every position (1024 rows a layer; A/B, 30 rounds): the hook's forward 1053 ->
+# 769 us per layer, the step +5.7% -> +4.6% over the frozen one.
+MAX_ROWS = 4096
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -19,10 +19,12 @@
 // index (n,) int64 with entries in [-1, N), the non-negative ones distinct (the caller checks);
 // A, B, C (r, d) and a, c (r,) contiguous, in h's dtype, float32 or float64, which is also the
 // accumulation dtype (as the PyTorch path). C undefined when tied (C is B). Each dot product over
-// d is summed in 8 lanes combined in a fixed order; each parameter gradient is summed over the
-// entries in index order: deterministic, no atomics, no threads (the listed rows of one call are
-// few; the caller sends larger calls to the PyTorch path).
+// d is summed in 8 lanes combined in a fixed order; each parameter gradient is summed over fixed
+// blocks of kBlockEntries entries, each in index order, and the blocks' partials in block order:
+// deterministic whatever the number of threads, no atomics. Threads: at::parallel_for over the
+// entries (forward) and over the blocks (backward).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include "common.h"
 #include <torch/library.h>
@@ -34,6 +36,12 @@
 #include <vector>
 
 namespace {
+
+// Entries per block: the backward's parameter sums go by fixed blocks of entries (each summed
+// in index order, the blocks' partials then in block order), so the result does not depend on
+// the number of threads; the forward splits its entries across threads in chunks of at least
+// this many. (A model's f7+l7 call over a few sequences is one block: one thread, no partials.)
+constexpr int64_t kBlockEntries = 64;
 
 using reft_cpu::maybe;
 using reft_cpu::opt;
@@ -99,11 +107,12 @@ inline void axpy(T* y, T s, const T* x, int64_t d) {
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+// Entries [i0, i1) of the forward.
 template <typename T>
-void fwd_kernel(T* h, const int64_t* idx, int64_t n, int64_t d, int64_t r, const T* A, const T* a,
+void fwd_kernel(T* h, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r, const T* A, const T* a,
                 const T* B, const T* Cm, const T* c, int64_t act, T* hsave, T* z, T* u) {
   std::vector<T> zi(r);
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = idx[i];
     if (row < 0) {
       if (hsave) std::memset(hsave + i * d, 0, sizeof(T) * d);
@@ -126,12 +135,13 @@ void fwd_kernel(T* h, const int64_t* idx, int64_t n, int64_t d, int64_t r, const
   }
 }
 
+// Entries [i0, i1) of the backward: their rows of dh, and their sums added to dA .. dc.
 template <typename T>
-void bwd_kernel(const T* g, T* dh, const T* x, const int64_t* idx, int64_t n, int64_t d, int64_t r,
+void bwd_kernel(const T* g, T* dh, const T* x, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r,
                 const T* z, const T* u, const T* A, const T* B, const T* Cm, bool tied, int64_t act,
                 T* dA, T* da, T* dB, T* dC, T* dc) {
   std::vector<T> gz(r), ga(r);
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = idx[i];
     if (row < 0) continue;  // a padding entry: no gradient anywhere
     const T* gi = g + row * d;
@@ -211,11 +221,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_rows_fwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lowrank_rows_fwd", [&] {
     const at::Tensor Cm = tied ? B : opt(C);
-    fwd_kernel<scalar_t>(h.data_ptr<scalar_t>(), idx, n, d, r, ptr_or_null<scalar_t>(opt(A)),
-                         ptr_or_null<scalar_t>(opt(a)), B.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Cm),
-                         ptr_or_null<scalar_t>(opt(c)), act, save ? hsave.data_ptr<scalar_t>() : nullptr,
-                         save ? z.data_ptr<scalar_t>() : nullptr,
-                         (save && act != kIdentity) ? u.data_ptr<scalar_t>() : nullptr);
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t *Ap = ptr_or_null<scalar_t>(opt(A)), *ap = ptr_or_null<scalar_t>(opt(a));
+    const scalar_t *Bp = B.data_ptr<scalar_t>(), *Cp = ptr_or_null<scalar_t>(Cm), *cp = ptr_or_null<scalar_t>(opt(c));
+    scalar_t* hs = save ? hsave.data_ptr<scalar_t>() : nullptr;
+    scalar_t* zp = save ? z.data_ptr<scalar_t>() : nullptr;
+    scalar_t* up = (save && act != kIdentity) ? u.data_ptr<scalar_t>() : nullptr;
+    // entries are independent (distinct rows): split across threads, kBlockEntries at least each
+    at::parallel_for(0, n, kBlockEntries, [&](int64_t i0, int64_t i1) {
+      fwd_kernel<scalar_t>(hp, idx, i0, i1, d, r, Ap, ap, Bp, Cp, cp, act, hs, zp, up);
+    });
   });
   if (!h.is_inference()) torch::autograd::impl::bump_version(h);  // h was written behind autograd's back
   return {hsave, z, u};
@@ -248,11 +263,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lowrank_rows_bwd", [&] {
     auto out = [&](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     const at::Tensor Cm = tied ? B : opt(C);
-    bwd_kernel<scalar_t>(gc.data_ptr<scalar_t>(), need[0] ? dh.data_ptr<scalar_t>() : nullptr,
-                         hsave.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), n, d, r, z.data_ptr<scalar_t>(),
-                         act == kIdentity ? nullptr : u.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(opt(A)),
-                         B.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Cm), tied, act, out(dA), out(da), out(dB),
-                         out(dC), out(dc));
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    scalar_t* dhp = need[0] ? dh.data_ptr<scalar_t>() : nullptr;
+    const scalar_t *xp = hsave.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    const scalar_t* up = act == kIdentity ? nullptr : u.data_ptr<scalar_t>();
+    const scalar_t *Ap = ptr_or_null<scalar_t>(opt(A)), *Bp = B.data_ptr<scalar_t>(), *Cp = ptr_or_null<scalar_t>(Cm);
+    const int64_t* idx = index.data_ptr<int64_t>();
+    scalar_t *dAp = out(dA), *dap = out(da), *dBp = out(dB), *dCp = out(dC), *dcp = out(dc);
+    const int64_t blocks = (n + kBlockEntries - 1) / kBlockEntries;
+    if (blocks <= 1) {  // one block: its sums are the gradients
+      bwd_kernel<scalar_t>(gp, dhp, xp, idx, 0, n, d, r, zp, up, Ap, Bp, Cp, tied, act, dAp, dap, dBp, dCp, dcp);
+      return;
+    }
+    // Each block of kBlockEntries entries sums into a partial of its own (blocks in parallel; the
+    // rows of dh they write are distinct), then the partials are added in block order.
+    const int64_t rd = r * d, stride = 3 * rd + 2 * r;
+    at::Tensor part = at::zeros({blocks, stride}, B.options());
+    scalar_t* pp = part.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* q = pp + b * stride;
+        bwd_kernel<scalar_t>(gp, dhp, xp, idx, b * kBlockEntries, std::min(n, (b + 1) * kBlockEntries), d, r, zp, up,
+                             Ap, Bp, Cp, tied, act, dAp ? q : nullptr, dap ? q + 3 * rd : nullptr,
+                             dBp ? q + rd : nullptr, dCp ? q + 2 * rd : nullptr, dcp ? q + 3 * rd + r : nullptr);
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b) {
+      const scalar_t* q = pp + b * stride;
+      if (dAp) axpy(dAp, scalar_t(1), q, rd);
+      if (dBp) axpy(dBp, scalar_t(1), q + rd, rd);
+      if (dCp) axpy(dCp, scalar_t(1), q + 2 * rd, rd);
+      if (dap) axpy(dap, scalar_t(1), q + 3 * rd, r);
+      if (dcp) axpy(dcp, scalar_t(1), q + 3 * rd + r, r);
+    }
   });
   return {dh, dA, da, dB, dC, dc};
 }

@@ -52,6 +52,39 @@ def test_against_reference(terms, tied, act, dtype, n_pad):
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_several_blocks_against_reference(act):
+    """More entries than one block of the backward's sums (3 blocks, the last short, padding in
+    each): the blocks' partials added in order."""
+    torch.manual_seed(12)
+    base, view = make_base("contiguous", (4, 50), 24, torch.float32)
+    base.requires_grad_(True)
+    params = make_lowrank_params(24, 5, torch.float32, terms="BAaCc")
+    index = _index(200, 144, 7, n_pad=6)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
+                                kernel_kwargs={"act": act, "index": index}, ref_kwargs={"act": act, "index": index})
+    assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
+
+
+def test_same_bits_whatever_the_thread_count():
+    torch.manual_seed(13)
+    h0 = torch.randn(4, 64, 40, requires_grad=True)
+    params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
+    index = _index(256, 200, 5, n_pad=4)
+    g = torch.randn(4, 64, 40)
+    runs, before = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index)
+            runs.append([y.detach().clone(), *torch.autograd.grad(y, [h0, params["B"], params["A"], params["a"]], g)])
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("grad_of", ["h", "B", "A", "a", "C", "c", "params"])
 def test_each_gradient_alone(grad_of):
     """Each input alone requiring grad, and every parameter but not h (no dh: the first edited
