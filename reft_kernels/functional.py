@@ -221,6 +221,11 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
             out = cpu_ext.lowrank_rows_(x, index, A, a, B, C, c, spec) if x.is_contiguous() else None
             return lowrank_function.run(x, A, a, B, C, c, spec, index) if out is None else out
         return lowrank_function.run_copy(h, A, a, B, C, c, spec, index)
+    if A is None and C is None and not spec.tied and spec.backend == "torch" and plain_call() \
+            and cpu_ext.const_rows_applies(h, a, B, c):  # a latent that is one row (LoBiReFT)
+        out = cpu_ext.const_rows(h, a, B, c, spec)  # None: the extension is not built
+        if out is not None:
+            return out
     return lowrank_function.run(h, A, a, B, C, c, spec, index)
 
 

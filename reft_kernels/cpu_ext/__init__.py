@@ -1,6 +1,6 @@
 """The CPU extension: C++ ops for the calls whose cost on a CPU is their launches and Python, not
-their arithmetic, built on first use with the machine's C++ compiler (``lowrank_rows.cpp``,
-``red.cpp``; docs/backends.md, "The CPU extension").
+their arithmetic, built on first use with the machine's C++ compiler (``lowrank_rows.cpp``, ``red.cpp``,
+``const_rows.cpp``, ``common.h``; docs/backends.md, "The CPU extension").
 
 - ``torch.ops.reft_kernels_cpu.lowrank_rows_``: the in-place low-rank edit of listed rows,
   forward and backward each one pass, with its autograd node in C++. A model's ReFT hooks call
@@ -15,12 +15,17 @@ their arithmetic, built on first use with the machine's C++ compiler (``lowrank_
   forward, one backward, against ``addcmul`` and a Python backward of 3-4 launches). In the same
   step with RED on every layer (40 rounds): +2.4% -> -0.2% over the frozen step, the naive
   ``h * s + t`` hook +1.3%.
+- ``torch.ops.reft_kernels_cpu.const_rows``: the edit of every row with a latent that is one row
+  (LoBiReFT's ``h + b R``): one op forward, and backward one op for the parameters while ``dh``
+  is the incoming gradient itself, as eager's add (against 2-3 small launches and an add
+  forward and a Python backward).
 
 When they run: ``lowrank_edit_`` with an index of at most ``MAX_ROWS`` entries
-(``lowrank_rows_applies``; ``lowrank_edit`` with an index edits a copy through it) and ``red``
-(``red_applies``), on the PyTorch backend, outside ``torch.compile``, ``torch.func`` transforms
-and forward-mode AD, on a contiguous float32 or float64 CPU ``h`` with every parameter
-contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). Numerics: one dtype
+(``lowrank_rows_applies``; ``lowrank_edit`` with an index edits a copy through it), ``red``
+(``red_applies``) and ``lowrank_edit`` without an index, no ``A`` and no ``C``
+(``const_rows_applies``), on the PyTorch backend, outside ``torch.compile``, ``torch.func``
+transforms and forward-mode AD, on a contiguous float32 or float64 CPU ``h`` with every
+parameter contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). Numerics: one dtype
 throughout, as the PyTorch path; sums over rows by fixed blocks added in order, so the same bits
 whatever the number of threads (see each source's header).
 
@@ -42,7 +47,7 @@ from pathlib import Path
 import torch
 
 ENV_VAR = "REFT_KERNELS_CPU_EXT"
-SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp")]
+SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp", "const_rows.cpp")]
 # Index entries above which the PyTorch path takes the call (measured up to here). Measured on
 # the 2-core CPU, both on two threads (fwd + bwd of the in-place edit of n of max(n, 1024) rows,
 # r = 8, median of 60), PyTorch path time over the extension's: d = 256: 2.01 (n = 128), 1.59
@@ -85,7 +90,7 @@ def _load():
     load(name="reft_kernels_cpu", sources=[str(p) for p in SOURCES], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
          is_python_module=False, build_directory=str(path), verbose=False)
     ops = torch.ops.reft_kernels_cpu
-    return {"lowrank_rows_": ops.lowrank_rows_.default, "red": ops.red.default}
+    return {"lowrank_rows_": ops.lowrank_rows_.default, "red": ops.red.default, "const_rows": ops.const_rows.default}
 
 
 def _ops():
@@ -166,6 +171,22 @@ def red_applies(h, scale, bias) -> bool:
     contiguous in its dtype, plain tensors. Does not build anything."""
     return (h.dtype in _DTYPES and h.device.type == "cpu" and type(h) in _PLAIN and h.is_contiguous()
             and h.numel() > 0 and _fits(scale, h) and _fits(bias, h) and enabled() and "error" not in _state)
+
+
+def const_rows_applies(h, a, B, c) -> bool:
+    """Whether the checked call ``lowrank_edit(h, B, None, a, None, c)`` (every row, a latent
+    that is one row: LoBiReFT and the other a/c-only term patterns, not tied) on the PyTorch
+    backend is this extension's: as ``red_applies``. Does not build anything."""
+    return (h.dtype in _DTYPES and h.device.type == "cpu" and type(h) in _PLAIN and h.is_contiguous()
+            and h.numel() > 0 and _fits(B, h) and _fits(a, h) and _fits(c, h) and enabled() and "error" not in _state)
+
+
+def const_rows(h, a, B, c, spec):
+    """``h + (act(a) - c) B`` through the extension, or None when it is not available."""
+    ops = _state.get("ops") or _ops()
+    if ops is None:
+        return None
+    return ops["const_rows"](h, a, B, c, spec.act)
 
 
 def red(h, scale, bias):

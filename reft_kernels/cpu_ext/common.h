@@ -2,14 +2,56 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace reft_cpu {
+
+// Activation codes: reft_kernels/_constants.py (IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID).
+enum Act : int64_t { kIdentity = 0, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid, kNumAct };
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+template <typename T>
+inline T act_fwd(T u, int64_t act) {
+  switch (act) {
+    case kRelu: return u > T(0) ? u : T(0);
+    case kGelu: return T(0.5) * u * (T(1) + std::erf(u * T(0.7071067811865476)));
+    case kGeluTanh: return T(0.5) * u * (T(1) + std::tanh(T(0.7978845608028654) * (u + T(0.044715) * u * u * u)));
+    case kSilu: return u * sigmoid(u);
+    case kTanh: return std::tanh(u);
+    case kSigmoid: return sigmoid(u);
+    default: return u;
+  }
+}
+
+template <typename T>
+inline T act_grad(T u, int64_t act) {
+  switch (act) {
+    case kRelu: return u > T(0) ? T(1) : T(0);
+    case kGelu: {
+      T cdf = T(0.5) * (T(1) + std::erf(u * T(0.7071067811865476)));
+      return cdf + u * std::exp(T(-0.5) * u * u) * T(0.3989422804014327);
+    }
+    case kGeluTanh: {
+      T k = T(0.7978845608028654);
+      T t = std::tanh(k * (u + T(0.044715) * u * u * u));
+      return T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * u * u);
+    }
+    case kSilu: { T s = sigmoid(u); return s * (T(1) + u * (T(1) - s)); }
+    case kTanh: { T t = std::tanh(u); return T(1) - t * t; }
+    case kSigmoid: { T s = sigmoid(u); return s * (T(1) - s); }
+    default: return T(1);
+  }
+}
 
 inline at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
@@ -17,6 +59,34 @@ inline bool wants_grad(const std::optional<at::Tensor>& t) { return t.has_value(
 
 inline std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Rows per block of the column sums below: fixed, so that a sum's bits do not depend on the
+// number of threads.
+constexpr int64_t kBlockRows = 128;
+
+// Column sums over n rows of width d by fixed blocks of kBlockRows rows: `rows(i0, i1, partial)`
+// adds the rows [i0, i1) of each of its `sums` sums into `partial` (sums x d, zeroed; it may also
+// write per-row outputs of those rows); the blocks run on the intra-op threads, at least two
+// blocks a thread, and their partials are added in block order into out[k] (d values; nullptr:
+// not wanted). No rows: zeros.
+template <typename T, typename F>
+void blocked_column_sums(int64_t n, int64_t d, int64_t sums, T* const* out, const at::TensorOptions& opts, F rows) {
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  at::Tensor part = at::zeros({std::max<int64_t>(blocks, 1), sums, d}, opts);
+  T* pp = part.template data_ptr<T>();
+  at::parallel_for(0, blocks, 2, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows(b * kBlockRows, std::min(n, (b + 1) * kBlockRows), pp + b * sums * d);
+  });
+  for (int64_t k = 0; k < sums; ++k) {
+    T* o = out[k];
+    if (!o) continue;
+    std::fill(o, o + d, T(0));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* q = pp + (b * sums + k) * d;
+      for (int64_t j = 0; j < d; ++j) o[j] += q[j];
+    }
+  }
 }
 
 // For a backward run with create_graph=True: its gradients are right but carry no second-order

@@ -46,44 +46,10 @@ constexpr int64_t kBlockEntries = 64;
 using reft_cpu::maybe;
 using reft_cpu::opt;
 
-// Activation codes: reft_kernels/_constants.py (IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, SIGMOID).
-enum Act : int64_t { kIdentity = 0, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid, kNumAct };
-
-template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
-
-template <typename T>
-inline T act_fwd(T u, int64_t act) {
-  switch (act) {
-    case kRelu: return u > T(0) ? u : T(0);
-    case kGelu: return T(0.5) * u * (T(1) + std::erf(u * T(0.7071067811865476)));
-    case kGeluTanh: return T(0.5) * u * (T(1) + std::tanh(T(0.7978845608028654) * (u + T(0.044715) * u * u * u)));
-    case kSilu: return u * sigmoid(u);
-    case kTanh: return std::tanh(u);
-    case kSigmoid: return sigmoid(u);
-    default: return u;
-  }
-}
-
-template <typename T>
-inline T act_grad(T u, int64_t act) {
-  switch (act) {
-    case kRelu: return u > T(0) ? T(1) : T(0);
-    case kGelu: {
-      T cdf = T(0.5) * (T(1) + std::erf(u * T(0.7071067811865476)));
-      return cdf + u * std::exp(T(-0.5) * u * u) * T(0.3989422804014327);
-    }
-    case kGeluTanh: {
-      T k = T(0.7978845608028654);
-      T t = std::tanh(k * (u + T(0.044715) * u * u * u));
-      return T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * u * u);
-    }
-    case kSilu: { T s = sigmoid(u); return s * (T(1) + u * (T(1) - s)); }
-    case kTanh: { T t = std::tanh(u); return T(1) - t * t; }
-    case kSigmoid: { T s = sigmoid(u); return s * (T(1) - s); }
-    default: return T(1);
-  }
-}
+using reft_cpu::act_fwd;
+using reft_cpu::act_grad;
+using reft_cpu::kIdentity;
+using reft_cpu::kNumAct;
 
 // sum_j x[j] y[j] in 8 lanes (so that the compiler vectorises it without reassociating on its
 // own), the lanes then combined in a fixed order: the same result on every call.

@@ -31,7 +31,6 @@ namespace {
 using reft_cpu::maybe;
 using reft_cpu::opt;
 
-constexpr int64_t kBlockRows = 128;
 // Rows per thread below which at::parallel_for keeps a call on one thread: a fork costs more
 // than a few hundred short rows.
 constexpr int64_t kGrainRows = 256;
@@ -99,54 +98,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_bwd_cpu(const at::Tensor& g, 
   at::Tensor dh = need_dh ? at::empty({n, d}, opts) : at::empty({0}, opts);
   at::Tensor ds = need_ds ? at::empty({d}, opts) : at::empty({0}, opts);
   at::Tensor dt = need_dt ? at::empty({d}, opts) : at::empty({0}, opts);
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  // per block: the partial column sums of g * h and of g
-  at::Tensor part = at::zeros({blocks, 2, d}, opts);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "red_bwd", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const scalar_t* hp = need_ds ? h->data_ptr<scalar_t>() : nullptr;
     const scalar_t* sp = s.defined() ? s.data_ptr<scalar_t>() : nullptr;
     scalar_t* dhp = need_dh ? dh.data_ptr<scalar_t>() : nullptr;
-    scalar_t* pp = part.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainRows / kBlockRows);
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        scalar_t* psh = pp + (2 * b) * d;
-        scalar_t* pst = psh + d;
-        const int64_t end = std::min(n, (b + 1) * kBlockRows);
-        for (int64_t i = b * kBlockRows; i < end; ++i) {
-          const scalar_t* gi = gp + i * d;
-          if (dhp) {
-            scalar_t* o = dhp + i * d;
-            if (sp) {
-              for (int64_t j = 0; j < d; ++j) o[j] = gi[j] * sp[j];
-            } else {
-              for (int64_t j = 0; j < d; ++j) o[j] = gi[j];
-            }
+    scalar_t* const out[2] = {need_ds ? ds.data_ptr<scalar_t>() : nullptr, need_dt ? dt.data_ptr<scalar_t>() : nullptr};
+    // per block: dh's rows, and the partial column sums of g * h and of g
+    reft_cpu::blocked_column_sums<scalar_t>(n, d, 2, out, opts, [&](int64_t i0, int64_t i1, scalar_t* partial) {
+      scalar_t* psh = partial;
+      scalar_t* pst = partial + d;
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* gi = gp + i * d;
+        if (dhp) {
+          scalar_t* o = dhp + i * d;
+          if (sp) {
+            for (int64_t j = 0; j < d; ++j) o[j] = gi[j] * sp[j];
+          } else {
+            for (int64_t j = 0; j < d; ++j) o[j] = gi[j];
           }
-          if (hp) {
-            const scalar_t* hi = hp + i * d;
-            for (int64_t j = 0; j < d; ++j) psh[j] += gi[j] * hi[j];
-          }
-          if (need_dt) {
-            for (int64_t j = 0; j < d; ++j) pst[j] += gi[j];
-          }
+        }
+        if (hp) {
+          const scalar_t* hi = hp + i * d;
+          for (int64_t j = 0; j < d; ++j) psh[j] += gi[j] * hi[j];
+        }
+        if (need_dt) {
+          for (int64_t j = 0; j < d; ++j) pst[j] += gi[j];
         }
       }
     });
-    // the blocks' partials, in block order
-    scalar_t* dsp = need_ds ? ds.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dtp = need_dt ? dt.data_ptr<scalar_t>() : nullptr;
-    for (int64_t j = 0; j < d; ++j) {
-      if (dsp) dsp[j] = 0;
-      if (dtp) dtp[j] = 0;
-    }
-    for (int64_t b = 0; b < blocks; ++b) {
-      const scalar_t* psh = pp + (2 * b) * d;
-      const scalar_t* pst = psh + d;
-      if (dsp) for (int64_t j = 0; j < d; ++j) dsp[j] += psh[j];
-      if (dtp) for (int64_t j = 0; j < d; ++j) dtp[j] += pst[j];
-    }
   });
   if (need_dh) dh = dh.view(g.sizes());
   return {dh, ds, dt};

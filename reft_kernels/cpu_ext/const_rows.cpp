@@ -1,0 +1,219 @@
+// The low-rank edit of every row with a latent that is one row for every row (no A, no C:
+// LoBiReFT's h + b R and the other a/c-only term patterns), forward and backward each one op, with
+// its autograd in C++ (reft_kernels/cpu_ext/__init__.py says when it is taken).
+//
+//     y = h + v,   v = z B,   z = act(a) - c      (a, c: (r,); absent a reads as 0, absent c as 0)
+//
+// Ops (namespace reft_kernels_cpu):
+//   const_rows(h, a, B, c, act) -> y         the autograd entry: y a new tensor shaped like h
+//   const_rows_fwd(h, a, B, c, act) -> (y, z)
+//   const_rows_bwd(g, z, a, B, act, need) -> (da, dB, dc)
+//       need = (da, dB, dc); one not needed comes back as a 0-element tensor. dh is g itself
+//       (the edit adds a constant row), which the autograd node passes on without a copy.
+// Shapes and numerics: h (..., d) contiguous, float32 or float64; a, c (r,), B (r, d) contiguous
+// in h's dtype. v is summed over k in order, then y = h + v, one rounding (as eager h + b @ R).
+// The backward's column sum s = sum_i g_i goes by fixed row blocks (common.h), the same bits
+// whatever the number of threads; then dB = z^T s, dz = B s, da = dz act'(a), dc = -dz.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include "common.h"
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using reft_cpu::maybe;
+using reft_cpu::opt;
+
+// Rows per thread below which the forward stays on one thread.
+constexpr int64_t kGrainRows = 256;
+
+// act(u) and act'(u) of the (r,) latent row: common.h's, in double (r values).
+using reft_cpu::act_fwd;
+using reft_cpu::act_grad;
+
+void check_args(const at::Tensor& h, const std::optional<at::Tensor>& a, const at::Tensor& B,
+                const std::optional<at::Tensor>& c, int64_t act) {
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1, "const_rows: h must be a contiguous CPU tensor (..., d)");
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, "const_rows: h must be float32 or float64, got ",
+              h.scalar_type());
+  TORCH_CHECK(act >= 0 && act < reft_cpu::kNumAct, "const_rows: unknown activation code ", act);
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == h.size(-1) && B.scalar_type() == h.scalar_type() && B.is_contiguous() &&
+                  B.device().is_cpu(),
+              "const_rows: B must be a contiguous (r, d) CPU tensor in h's dtype, d = ", h.size(-1));
+  for (const auto* t : {&a, &c}) {
+    if (t->has_value() && (*t)->defined()) {
+      const at::Tensor& p = **t;
+      TORCH_CHECK(p.dim() == 1 && p.size(0) == B.size(0) && p.scalar_type() == h.scalar_type() && p.is_contiguous() &&
+                      p.device().is_cpu(),
+                  "const_rows: a and c must be contiguous (r,) CPU tensors in h's dtype, r = ", B.size(0));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> const_rows_fwd_cpu(const at::Tensor& h, const std::optional<at::Tensor>& a,
+                                                      const at::Tensor& B, const std::optional<at::Tensor>& c,
+                                                      int64_t act) {
+  check_args(h, a, B, c, act);
+  const int64_t d = B.size(1), r = B.size(0), n = d ? h.numel() / d : 0;
+  at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
+  at::Tensor z = at::empty({r}, B.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "const_rows_fwd", [&] {
+    const at::Tensor at_ = opt(a), ct = opt(c);
+    const scalar_t* ap = at_.defined() ? at_.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cp = ct.defined() ? ct.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* Bp = B.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < r; ++k) {
+      zp[k] = static_cast<scalar_t>(act_fwd<double>(ap ? static_cast<double>(ap[k]) : 0.0, act)) - (cp ? cp[k] : scalar_t(0));
+    }
+    std::vector<scalar_t> v(d, scalar_t(0));  // v = z B, summed over k in order
+    for (int64_t k = 0; k < r; ++k) {
+      const scalar_t* Bk = Bp + k * d;
+      for (int64_t j = 0; j < d; ++j) v[j] += zp[k] * Bk[j];
+    }
+    const scalar_t* x = h.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data();
+    at::parallel_for(0, n, kGrainRows, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xi = x + i * d;
+        scalar_t* yi = out + i * d;
+        for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] + vp[j];
+      }
+    });
+  });
+  return {y, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> const_rows_bwd_cpu(const at::Tensor& g, const at::Tensor& z,
+                                                                  const std::optional<at::Tensor>& a, const at::Tensor& B,
+                                                                  int64_t act, c10::List<bool> need) {
+  TORCH_CHECK(need.size() == 3, "const_rows_bwd: need has 3 flags (da, dB, dc)");
+  const int64_t d = B.size(1), r = B.size(0);
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == B.scalar_type() && g.dim() >= 1 && g.size(-1) == d,
+              "const_rows_bwd: g must be a CPU tensor (..., d) in B's dtype");
+  TORCH_CHECK(z.numel() == r && z.scalar_type() == B.scalar_type(), "const_rows_bwd: z must be the forward's (r,) latent");
+  const int64_t n = d ? g.numel() / d : 0;
+  const at::Tensor gc = g.contiguous();
+  auto opts = B.options();
+  at::Tensor da = need[0] ? at::empty({r}, opts) : at::empty({0}, opts);
+  at::Tensor dB = need[1] ? at::empty({r, d}, opts) : at::empty({0}, opts);
+  at::Tensor dc = need[2] ? at::empty({r}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "const_rows_bwd", [&] {
+    std::vector<scalar_t> s(d);
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    scalar_t* const out[1] = {s.data()};
+    reft_cpu::blocked_column_sums<scalar_t>(n, d, 1, out, opts, [&](int64_t i0, int64_t i1, scalar_t* partial) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* gi = gp + i * d;
+        for (int64_t j = 0; j < d; ++j) partial[j] += gi[j];
+      }
+    });
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* Bp = B.data_ptr<scalar_t>();
+    const at::Tensor at_ = opt(a);
+    const scalar_t* ap = at_.defined() ? at_.data_ptr<scalar_t>() : nullptr;
+    for (int64_t k = 0; k < r; ++k) {
+      const scalar_t* Bk = Bp + k * d;
+      if (need[1]) {
+        scalar_t* o = dB.data_ptr<scalar_t>() + k * d;
+        for (int64_t j = 0; j < d; ++j) o[j] = zp[k] * s[j];
+      }
+      scalar_t dz = 0;
+      for (int64_t j = 0; j < d; ++j) dz += Bk[j] * s[j];
+      if (need[0]) da.data_ptr<scalar_t>()[k] = dz * static_cast<scalar_t>(act_grad<double>(ap ? static_cast<double>(ap[k]) : 0.0, act));
+      if (need[2]) dc.data_ptr<scalar_t>()[k] = -dz;
+    }
+  });
+  return {da, dB, dc};
+}
+
+const auto& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("reft_kernels_cpu::const_rows_fwd", "")
+                             .typed<decltype(const_rows_fwd_cpu)>();
+  return op;
+}
+
+const auto& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("reft_kernels_cpu::const_rows_bwd", "")
+                             .typed<decltype(const_rows_bwd_cpu)>();
+  return op;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Inputs: h, a, B, c (a, c nullopt when absent: not inputs of the node), act.
+struct ConstRowsFunction : public torch::autograd::Function<ConstRowsFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& a,
+                            const at::Tensor& B, const std::optional<at::Tensor>& c, int64_t act) {
+    at::Tensor y, z;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, z) = fwd_op().call(h, a, B, c, act);
+    }
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["present"] = c10::List<bool>({a.has_value(), c.has_value()});
+    ctx->save_for_backward({z, opt(a), B});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto present = ctx->saved_data["present"].toBoolList();
+    size_t edge = 1;
+    auto needs = [&](bool is_input) { return is_input && ctx->needs_input_grad(edge++); };
+    const bool need_a = needs(present[0]), need_B = needs(true), need_c = needs(present[1]);
+    const at::Tensor& g = grads[0];
+    at::Tensor da, dB, dc;
+    if (need_a || need_B || need_c) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(da, dB, dc) = bwd_op().call(g, saved[0], maybe(saved[1]), saved[2], ctx->saved_data["act"].toInt(),
+                                           c10::List<bool>({need_a, need_B, need_c}));
+    }
+    auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
+    variable_list out = {keep(need_a, da), keep(need_B, dB), keep(need_c, dc)};
+    reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.lowrank_edit");
+    // dh = g: the edit adds the same row to every row (passed on as it is, as eager's add does)
+    return {ctx->needs_input_grad(0) ? g : at::Tensor(), out[0], out[1], out[2], at::Tensor()};
+  }
+};
+
+at::Tensor const_rows_autograd(const at::Tensor& h, const std::optional<at::Tensor>& a, const at::Tensor& B,
+                               const std::optional<at::Tensor>& c, int64_t act) {
+  if (!torch::autograd::GradMode::is_enabled() ||
+      !(h.requires_grad() || B.requires_grad() || reft_cpu::wants_grad(a) || reft_cpu::wants_grad(c))) {
+    at::AutoDispatchBelowADInplaceOrView below;  // no gradient: the forward alone, no node
+    return std::get<0>(fwd_op().call(h, a, B, c, act));
+  }
+  return ConstRowsFunction::apply(h, a, B, c, act);
+}
+
+at::Tensor const_rows_cpu(const at::Tensor& h, const std::optional<at::Tensor>& a, const at::Tensor& B,
+                          const std::optional<at::Tensor>& c, int64_t act) {
+  return std::get<0>(const_rows_fwd_cpu(h, a, B, c, act));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reft_kernels_cpu, m) {
+  m.def("const_rows(Tensor h, Tensor? a, Tensor B, Tensor? c, int act) -> Tensor");
+  m.def("const_rows_fwd(Tensor h, Tensor? a, Tensor B, Tensor? c, int act) -> (Tensor, Tensor)");
+  m.def("const_rows_bwd(Tensor g, Tensor z, Tensor? a, Tensor B, int act, bool[] need) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, CPU, m) {
+  m.impl("const_rows", &const_rows_cpu);
+  m.impl("const_rows_fwd", &const_rows_fwd_cpu);
+  m.impl("const_rows_bwd", &const_rows_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(reft_kernels_cpu, Autograd, m) { m.impl("const_rows", &const_rows_autograd); }
