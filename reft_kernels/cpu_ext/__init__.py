@@ -93,6 +93,13 @@ def _load():
     return {"lowrank_rows_": ops.lowrank_rows_.default, "red": ops.red.default, "const_rows": ops.const_rows.default}
 
 
+def _call(name):
+    """The C++ callable behind the op ``name`` (its OpOverload's own ``_op``: the Python
+    ``__call__`` around it costs about 1 us a call), or None (see ``_ops``)."""
+    ops = _state.get("ops") or _ops()
+    return None if ops is None else ops[name]._op
+
+
 def _ops():
     """The extension's ops by name (built or loaded on the first call), or None when the
     extension is turned off or could not be built (warned once, with the reason)."""
@@ -141,7 +148,8 @@ def status() -> str:
 
 
 def _fits(t, h) -> bool:
-    return t is None or (type(t) in _PLAIN and t.dtype == h.dtype and t.device.type == "cpu" and t.is_contiguous())
+    # (is_cpu, not device.type: a Tensor.device builds a device object, 0.3 us a call)
+    return t is None or (type(t) in _PLAIN and t.dtype == h.dtype and t.is_cpu and t.is_contiguous())
 
 
 def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
@@ -150,7 +158,7 @@ def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
     module docstring); ``any_layout``: all but ``h``'s contiguity (``lowrank_edit`` with an
     index, which edits a copy of ``h``). Does not build anything; ``lowrank_rows_`` may still
     find it missing."""
-    return (h.dtype in _DTYPES and h.device.type == "cpu" and type(h) in _PLAIN and (any_layout or h.is_contiguous())
+    return (h.dtype in _DTYPES and h.is_cpu and type(h) in _PLAIN and (any_layout or h.is_contiguous())
             and 0 < index.numel() <= MAX_ROWS and type(index) is torch.Tensor
             and _fits(B, h) and _fits(A, h) and _fits(a, h) and _fits(C, h) and _fits(c, h)
             and enabled() and "error" not in _state)
@@ -159,17 +167,15 @@ def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
 def lowrank_rows_(h, index, A, a, B, C, c, spec):
     """The edit through the extension, or None when it is not available (the caller then takes
     the PyTorch path)."""
-    ops = _state.get("ops") or _ops()
-    if ops is None:
-        return None
-    return ops["lowrank_rows_"](h, index, A, a, B, C, c, spec.act, spec.tied)
+    op = _call("lowrank_rows_")
+    return None if op is None else op(h, index, A, a, B, C, c, spec.act, spec.tied)
 
 
 def red_applies(h, scale, bias) -> bool:
     """Whether the checked call ``red(h, scale, bias)`` on the PyTorch backend is this
     extension's: a contiguous float32/float64 CPU ``h`` with at least one row and the parameters
     contiguous in its dtype, plain tensors. Does not build anything."""
-    return (h.dtype in _DTYPES and h.device.type == "cpu" and type(h) in _PLAIN and h.is_contiguous()
+    return (h.dtype in _DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous()
             and h.numel() > 0 and _fits(scale, h) and _fits(bias, h) and enabled() and "error" not in _state)
 
 
@@ -177,21 +183,17 @@ def const_rows_applies(h, a, B, c) -> bool:
     """Whether the checked call ``lowrank_edit(h, B, None, a, None, c)`` (every row, a latent
     that is one row: LoBiReFT and the other a/c-only term patterns, not tied) on the PyTorch
     backend is this extension's: as ``red_applies``. Does not build anything."""
-    return (h.dtype in _DTYPES and h.device.type == "cpu" and type(h) in _PLAIN and h.is_contiguous()
+    return (h.dtype in _DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous()
             and h.numel() > 0 and _fits(B, h) and _fits(a, h) and _fits(c, h) and enabled() and "error" not in _state)
 
 
 def const_rows(h, a, B, c, spec):
     """``h + (act(a) - c) B`` through the extension, or None when it is not available."""
-    ops = _state.get("ops") or _ops()
-    if ops is None:
-        return None
-    return ops["const_rows"](h, a, B, c, spec.act)
+    op = _call("const_rows")
+    return None if op is None else op(h, a, B, c, spec.act)
 
 
 def red(h, scale, bias):
     """``y = h * scale + bias`` through the extension, or None when it is not available."""
-    ops = _state.get("ops") or _ops()
-    if ops is None:
-        return None
-    return ops["red"](h, scale, bias)
+    op = _call("red")
+    return None if op is None else op(h, scale, bias)
