@@ -74,9 +74,15 @@ def build_dir() -> Path:
     return Path(root) / "cpu_ext" / tag
 
 
+def _openmp() -> list[str]:
+    """-fopenmp on Linux, where torch's intra-op threads are GCC's OpenMP: at::parallel_for (the
+    ops' row blocks) is OpenMP in torch's headers and runs serially without it. Elsewhere (Apple
+    clang takes no plain -fopenmp) the ops are built without it: the same results, one thread."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def _flags() -> list[str]:
-    # -fopenmp: at::parallel_for (RED's row blocks) is OpenMP in torch's headers, serial without it
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3", *_openmp()]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]  # the 8-lane dot products in 256-bit registers
     return flags
@@ -87,7 +93,7 @@ def _load():
 
     path = build_dir()
     path.mkdir(parents=True, exist_ok=True)
-    load(name="reft_kernels_cpu", sources=[str(p) for p in SOURCES], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+    load(name="reft_kernels_cpu", sources=[str(p) for p in SOURCES], extra_cflags=_flags(), extra_ldflags=_openmp(),
          is_python_module=False, build_directory=str(path), verbose=False)
     ops = torch.ops.reft_kernels_cpu
     return {"lowrank_rows_": ops.lowrank_rows_.default, "red": ops.red.default, "const_rows": ops.const_rows.default}
