@@ -30,14 +30,15 @@ throughout, as the PyTorch path; sums over rows by fixed blocks added in order, 
 whatever the number of threads (see each source's header).
 
 Build: ``torch.utils.cpp_extension.load`` (ninja and the C++ compiler torch extensions need),
-once per torch version, Python version and CPU capability, into ``$REFT_KERNELS_CACHE/cpu_ext``
-(default ``~/.cache/reft_kernels/cpu_ext``); about 15 s on 2 cores, then a load of the cached
-library. ``REFT_KERNELS_CPU_EXT=0`` turns it off (the PyTorch path runs); a build that fails
+once per torch version, Python version, CPU capability and source text (``build_dir``), into
+``$REFT_KERNELS_CACHE/cpu_ext`` (default ``~/.cache/reft_kernels/cpu_ext``); about 15-30 s on 2
+cores, then a load of the cached library. ``REFT_KERNELS_CPU_EXT=0`` turns it off (the PyTorch path runs); a build that fails
 warns once, naming the compiler's first error, and the PyTorch path runs. ``reft-kernels info``
 builds it and reports the outcome.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -48,6 +49,7 @@ import torch
 
 ENV_VAR = "REFT_KERNELS_CPU_EXT"
 SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp", "const_rows.cpp")]
+HEADER = Path(__file__).resolve().parent / "common.h"
 # Index entries above which the PyTorch path takes the call (measured up to here). Measured on
 # the 2-core CPU, both on two threads (fwd + bwd of the in-place edit of n of max(n, 1024) rows,
 # r = 8, median of 60), PyTorch path time over the extension's: d = 256: 2.01 (n = 128), 1.59
@@ -68,9 +70,13 @@ def enabled() -> bool:
 
 
 def build_dir() -> Path:
+    """One folder per torch version, Python version, CPU capability and source text: two
+    installs that differ in any of them (another release, another checkout) never rebuild over
+    each other's library or load a stale one."""
     root = os.environ.get("REFT_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reft_kernels")
     cap = torch.backends.cpu.get_cpu_capability()
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{cap.lower()}"
+    src = hashlib.sha1(b"".join(p.read_bytes() for p in (*SOURCES, HEADER))).hexdigest()[:12]
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{cap.lower()}-{src}"
     return Path(root) / "cpu_ext" / tag
 
 
