@@ -98,9 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> const_rows_bwd_cpu(const at::Tens
   const int64_t d = B.size(1), r = B.size(0);
   TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == B.scalar_type() && g.dim() >= 1 && g.size(-1) == d,
               "const_rows_bwd: g must be a CPU tensor (..., d) in B's dtype");
-  TORCH_CHECK(z.numel() == r && z.scalar_type() == B.scalar_type(), "const_rows_bwd: z must be the forward's (r,) latent");
+  TORCH_CHECK(z.numel() == r && z.scalar_type() == B.scalar_type() && z.is_contiguous(),
+              "const_rows_bwd: z must be the forward's (r,) latent");
   const int64_t n = d ? g.numel() / d : 0;
   const at::Tensor gc = g.contiguous();
+  check_args(gc, a, B, std::nullopt, act);  // B and a as the forward checks them (direct calls)
   auto opts = B.options();
   at::Tensor da = need[0] ? at::empty({r}, opts) : at::empty({0}, opts);
   at::Tensor dB = need[1] ? at::empty({r, d}, opts) : at::empty({0}, opts);

@@ -207,12 +207,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& A, const at::Tensor& B, const std::optional<at::Tensor>& C, int64_t act,
     bool tied, c10::List<bool> need) {
   TORCH_CHECK(need.size() == 6, "lowrank_rows_bwd: need has 6 flags (dh, dA, da, dB, dC, dc)");
-  const int64_t d = B.size(1), r = B.size(0), n = index.numel();
-  TORCH_CHECK(g.scalar_type() == B.scalar_type() && g.numel() % d == 0, "lowrank_rows_bwd: g must be (..., d) in B's dtype");
-  TORCH_CHECK(hsave.sizes() == at::IntArrayRef({n, d}) && z.sizes() == at::IntArrayRef({n, r}),
-              "lowrank_rows_bwd: hsave and z must be the forward's (n, d) and (n, r)");
-  TORCH_CHECK(act == kIdentity || u.sizes() == at::IntArrayRef({n, r}), "lowrank_rows_bwd: u must be (n, r)");
+  TORCH_CHECK(B.dim() == 2 && g.dim() >= 1 && g.size(-1) == B.size(1), "lowrank_rows_bwd: g must be (..., d), B (r, d)");
   const at::Tensor gc = g.contiguous();
+  // what the memory accesses rest on, for direct calls of the op (the autograd node passes the
+  // forward's own tensors): the parameters and index as the forward checks them, the saved
+  // tensors' shapes, and every index entry inside g's rows
+  check_args(gc, index, A, std::nullopt, B, C, std::nullopt, act);
+  const int64_t d = B.size(1), r = B.size(0), n = index.numel(), N = gc.numel() / d;
+  auto saved_ok = [&](const at::Tensor& t, std::vector<int64_t> shape) {
+    return t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == B.scalar_type() && t.is_contiguous();
+  };
+  TORCH_CHECK(saved_ok(hsave, {n, d}) && saved_ok(z, {n, r}) && (act == kIdentity || saved_ok(u, {n, r})),
+              "lowrank_rows_bwd: hsave, z and u must be the forward's contiguous (n, d), (n, r) and (n, r)");
+  const int64_t* ids = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ids[i] >= -1 && ids[i] < N, "lowrank_rows_bwd: index entry ", ids[i], " is outside [-1, ", N, ")");
+  }
   auto opts = B.options();
   auto grad = [&](bool needed, std::vector<int64_t> shape) {
     return needed ? at::zeros(shape, opts) : at::empty({0}, opts);

@@ -254,3 +254,16 @@ def test_direct_calls_of_the_op_are_checked(case):
     with pytest.raises(RuntimeError, match="lowrank_rows"):
         op(h, index, A, None, B, None, None, 99 if case == "bad_act" else 0, True)
     assert torch.equal(h, before)
+
+
+@pytest.mark.parametrize("case", ["bad_index_entry", "short_hsave", "B_dtype"])
+def test_direct_calls_of_the_backward_op_are_checked(case):
+    """The backward op called directly refuses what would read or write out of bounds."""
+    assert cpu_ext.lowrank_rows_op() is not None, cpu_ext.status()
+    bwd = torch.ops.reft_kernels_cpu.lowrank_rows_bwd.default
+    g, B = torch.randn(6, 8), torch.randn(2, 8, dtype=torch.float64 if case == "B_dtype" else torch.float32)
+    index = torch.tensor([0, 6]) if case == "bad_index_entry" else torch.tensor([0, 1])
+    hsave = torch.randn(1 if case == "short_hsave" else 2, 8)
+    z = torch.randn(2, 2)
+    with pytest.raises(RuntimeError, match="lowrank_rows"):
+        bwd(g, hsave, index, z, torch.empty(0), None, B, None, 0, True, [True, False, False, True, False, False])
