@@ -138,6 +138,14 @@ def padded_index(n_rows: int, n_listed: int, n_pad: int = 2, dtype=torch.int64, 
     return idx[torch.randperm(idx.numel(), device=device)].to(dtype)
 
 
+def seeded_index(n_rows: int, n: int, seed: int, n_pad: int = 0):
+    """``n`` distinct rows of ``n_rows`` and ``n_pad`` -1 entries, shuffled together, from a
+    generator of its own seeded with ``seed`` (the global RNG untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.randperm(n_rows, generator=gen)[:n], torch.full((n_pad,), -1)])
+    return idx[torch.randperm(idx.numel(), generator=gen)]
+
+
 def copy_params(params: dict, dtype=None, requires_grad=True) -> dict:
     """Detached copies (optionally cast), keeping ``C is B`` tying."""
     out, seen = {}, {}

@@ -51,23 +51,68 @@ using reft_cpu::act_grad;
 using reft_cpu::kIdentity;
 using reft_cpu::kNumAct;
 
-// sum_j x[j] y[j] in 8 lanes (so that the compiler vectorises it without reassociating on its
-// own), the lanes then combined in a fixed order: the same result on every call.
-template <typename T>
-inline T dot(const T* x, const T* y, int64_t d) {
-  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// K dot products x . M[k] (M's rows k < K, each of length d) in one pass over x. Each product is
+// summed in 8 lanes (so that the compiler vectorises it without reassociating on its own), the
+// lanes then combined in a fixed order: the same result on every call, for every K. Measured on
+// the 2-core CPU (AMD EPYC, fp32, d = 256, r = 8, one thread, 1024 listed rows), against one
+// product after another: forward 306 against 338 us; forward + backward (whose g B^T takes the
+// same products, with the groups of entries below) 653 against 1351 us.
+template <typename T, int K>
+inline void dots(const T* x, const T* M, int64_t d, T* out) {
+  T lane[K][8] = {};
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
-    for (int l = 0; l < 8; ++l) lane[l] += x[j + l] * y[j + l];
+    for (int k = 0; k < K; ++k) {
+      const T* m = M + k * d + j;
+      for (int l = 0; l < 8; ++l) lane[k][l] += x[j + l] * m[l];
+    }
   }
-  for (; j < d; ++j) lane[j & 7] += x[j] * y[j];
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; j < d; ++j) {
+    for (int k = 0; k < K; ++k) lane[k][j & 7] += x[j] * M[k * d + j];
+  }
+  for (int k = 0; k < K; ++k) {
+    const T* q = lane[k];
+    out[k] = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+  }
+}
+
+// Lanes held at once: 8 products of fp32 (8 registers of 8 lanes in AVX2), 4 of fp64.
+template <typename T>
+constexpr int kDots = sizeof(T) == 4 ? 8 : 4;
+
+// out[k] = x . M[k] for the r rows of M (r, d): groups of kDots<T> products, then 4, 2, 1.
+template <typename T>
+inline void dots_rows(const T* x, const T* M, int64_t r, int64_t d, T* out) {
+  int64_t k = 0;
+  for (; k + kDots<T> <= r; k += kDots<T>) dots<T, kDots<T>>(x, M + k * d, d, out + k);
+  if (kDots<T> > 4 && k + 4 <= r) { dots<T, 4>(x, M + k * d, d, out + k); k += 4; }
+  if (k + 2 <= r) { dots<T, 2>(x, M + k * d, d, out + k); k += 2; }
+  if (k < r) dots<T, 1>(x, M + k * d, d, out + k);
 }
 
 // y[j] += s x[j]
 template <typename T>
 inline void axpy(T* y, T s, const T* x, int64_t d) {
   for (int64_t j = 0; j < d; ++j) y[j] += s * x[j];
+}
+
+// y[j] += sum_k s[k] M[k][j], added in k order (as r calls of axpy would), over chunks of y that
+// stay in registers across the r rows instead of r passes that load and store all of y.
+template <typename T>
+inline void add_rows(T* y, const T* s, const T* M, int64_t r, int64_t d) {
+  constexpr int64_t kChunk = 32;
+  int64_t j0 = 0;
+  for (; j0 + kChunk <= d; j0 += kChunk) {
+    T acc[kChunk];
+    for (int64_t l = 0; l < kChunk; ++l) acc[l] = y[j0 + l];
+    for (int64_t k = 0; k < r; ++k) {
+      const T sk = s[k];
+      const T* m = M + k * d + j0;
+      for (int64_t l = 0; l < kChunk; ++l) acc[l] += sk * m[l];
+    }
+    for (int64_t l = 0; l < kChunk; ++l) y[j0 + l] = acc[l];
+  }
+  for (int64_t k = 0; k < r; ++k) axpy(y + j0, s[k], M + k * d + j0, d - j0);
 }
 
 template <typename T>
@@ -77,7 +122,7 @@ const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>()
 template <typename T>
 void fwd_kernel(T* h, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r, const T* A, const T* a,
                 const T* B, const T* Cm, const T* c, int64_t act, T* hsave, T* z, T* u) {
-  std::vector<T> zi(r);
+  std::vector<T> zi(r), ui(r), ci(r);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = idx[i];
     if (row < 0) {
@@ -87,18 +132,53 @@ void fwd_kernel(T* h, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int
       continue;
     }
     T* x = h + row * d;
+    if (A) dots_rows(x, A, r, d, ui.data());
+    if (Cm) dots_rows(x, Cm, r, d, ci.data());
     for (int64_t k = 0; k < r; ++k) {
-      T uk = (A ? dot(x, A + k * d, d) : T(0)) + (a ? a[k] : T(0));
+      T uk = (A ? ui[k] : T(0)) + (a ? a[k] : T(0));
       if (u) u[i * r + k] = uk;
       T zk = act_fwd(uk, act);
-      if (Cm) zk -= dot(x, Cm + k * d, d);
+      if (Cm) zk -= ci[k];
       if (c) zk -= c[k];
       zi[k] = zk;
       if (z) z[i * r + k] = zk;
     }
     if (hsave) std::memcpy(hsave + i * d, x, sizeof(T) * d);
-    for (int64_t k = 0; k < r; ++k) axpy(x, zi[k], B + k * d, d);
+    add_rows(x, zi.data(), B, r, d);
   }
+}
+
+// Entries per group of the backward's parameter sums: each sum's row k takes the group's terms
+// one after another, in index order (the order of one entry at a time, so the same bits), with
+// one load and store of that row per group instead of per entry.
+constexpr int kGroup = 4;
+
+// out[k][j] += s[t][k] v[t][j] for the terms t < nt in order, for the r rows of out (r, d).
+template <typename T>
+inline void add_terms(T* out, int nt, const T* const* s, const T* const* v, int64_t r, int64_t d) {
+  for (int64_t k = 0; k < r; ++k) {
+    T* o = out + k * d;
+    if (nt == 4) {
+      const T s0 = s[0][k], s1 = s[1][k], s2 = s[2][k], s3 = s[3][k];
+      const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+      for (int64_t j = 0; j < d; ++j) {
+        T acc = o[j];
+        acc += s0 * v0[j];
+        acc += s1 * v1[j];
+        acc += s2 * v2[j];
+        acc += s3 * v3[j];
+        o[j] = acc;
+      }
+    } else {
+      for (int t = 0; t < nt; ++t) axpy(o, s[t][k], v[t], d);
+    }
+  }
+}
+
+// Up to 2 kGroup terms: in fours, in order.
+template <typename T>
+inline void add_terms_in_fours(T* out, int nt, const T* const* s, const T* const* v, int64_t r, int64_t d) {
+  for (int t = 0; t < nt; t += 4) add_terms(out, std::min(4, nt - t), s + t, v + t, r, d);
 }
 
 // Entries [i0, i1) of the backward: their rows of dh, and their sums added to dA .. dc.
@@ -106,31 +186,61 @@ template <typename T>
 void bwd_kernel(const T* g, T* dh, const T* x, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r,
                 const T* z, const T* u, const T* A, const T* B, const T* Cm, bool tied, int64_t act,
                 T* dA, T* da, T* dB, T* dC, T* dc) {
-  std::vector<T> gz(r), ga(r);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t row = idx[i];
-    if (row < 0) continue;  // a padding entry: no gradient anywhere
-    const T* gi = g + row * d;
-    const T* xi = x + i * d;
-    for (int64_t k = 0; k < r; ++k) {
-      gz[k] = dot(gi, B + k * d, d);
-      ga[k] = act == kIdentity ? gz[k] : gz[k] * act_grad(u[i * r + k], act);
-    }
-    for (int64_t k = 0; k < r; ++k) {
-      if (dA) axpy(dA + k * d, ga[k], xi, d);
-      if (da) da[k] += ga[k];
-      if (dB) {
-        axpy(dB + k * d, z[i * r + k], gi, d);
-        if (tied) axpy(dB + k * d, -gz[k], xi, d);
-      }
-      if (dC) axpy(dC + k * d, -gz[k], xi, d);
-      if (dc) dc[k] -= gz[k];
-    }
-    if (dh) {
-      T* out = dh + row * d;  // dh is a copy of g: add ga A - gz Cm to the listed row
+  // per entry of the group: gz = g_row B^T, ga = gz act'(u), mgz = -gz
+  std::vector<T> buf(3 * kGroup * r);
+  T *gz[kGroup], *ga[kGroup], *mgz[kGroup];
+  for (int e = 0; e < kGroup; ++e) {
+    gz[e] = buf.data() + e * r;
+    ga[e] = buf.data() + (kGroup + e) * r;
+    mgz[e] = buf.data() + (2 * kGroup + e) * r;
+  }
+  const T *gi[kGroup], *xi[kGroup], *zi[kGroup];
+  int64_t rows[kGroup];
+  int64_t i = i0;
+  while (i < i1) {
+    int ne = 0;  // the next (up to) kGroup listed entries; padding entries (-1) get no gradient
+    for (; i < i1 && ne < kGroup; ++i) {
+      const int64_t row = idx[i];
+      if (row < 0) continue;
+      rows[ne] = row;
+      gi[ne] = g + row * d;
+      xi[ne] = x + i * d;
+      zi[ne] = z + i * r;
+      dots_rows(gi[ne], B, r, d, gz[ne]);
       for (int64_t k = 0; k < r; ++k) {
-        if (A) axpy(out, ga[k], A + k * d, d);
-        if (Cm) axpy(out, -gz[k], Cm + k * d, d);
+        ga[ne][k] = act == kIdentity ? gz[ne][k] : gz[ne][k] * act_grad(u[i * r + k], act);
+        mgz[ne][k] = -gz[ne][k];
+      }
+      ++ne;
+    }
+    if (ne == 0) break;
+    // each sum's terms in index order, as one entry at a time adds them; -(s v) as (-s) v, equal
+    if (dA) add_terms_in_fours(dA, ne, ga, xi, r, d);
+    if (dB) {
+      if (tied) {  // each entry's z g, then its -gz x
+        const T* s2[2 * kGroup];
+        const T* v2[2 * kGroup];
+        for (int e = 0; e < ne; ++e) {
+          s2[2 * e] = zi[e];
+          v2[2 * e] = gi[e];
+          s2[2 * e + 1] = mgz[e];
+          v2[2 * e + 1] = xi[e];
+        }
+        add_terms_in_fours(dB, 2 * ne, s2, v2, r, d);
+      } else {
+        add_terms_in_fours(dB, ne, zi, gi, r, d);
+      }
+    }
+    if (dC) add_terms_in_fours(dC, ne, mgz, xi, r, d);
+    for (int e = 0; e < ne; ++e) {
+      for (int64_t k = 0; k < r; ++k) {
+        if (da) da[k] += ga[e][k];
+        if (dc) dc[k] -= gz[e][k];
+      }
+      if (dh) {
+        T* out = dh + rows[e] * d;  // dh is a copy of g: add ga A - gz Cm to the listed row
+        if (A) add_rows(out, ga[e], A, r, d);
+        if (Cm) add_rows(out, mgz[e], Cm, r, d);
       }
     }
   }

@@ -16,7 +16,7 @@ import torch
 
 import reft_kernels as rk
 from reft_kernels import cpu_ext
-from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params
+from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, seeded_index
 from tests._helpers import ops_called as ext_ops
 
 pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
 # (terms, tied): LoReFT/NoReFT, DiReFT, ConsReFT, every term, C without A, a constant latent
 PATTERNS = [("BAa", True), ("BAa", False), ("Ba", True), ("BAaCc", False), ("BCc", False), ("Ba", False)]
-
-
-def _index(n_rows, n, seed, n_pad=0):
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.randperm(n_rows, generator=gen)[:n], torch.full((n_pad,), -1)])
-    return idx[torch.randperm(idx.numel(), generator=gen)]
 
 
 def test_it_builds():
@@ -45,7 +39,7 @@ def test_against_reference(terms, tied, act, dtype, n_pad):
     base, view = make_base("contiguous", (3, 9), 21, dtype)  # d = 21: the dot products' lane tail
     base.requires_grad_(True)
     params = make_lowrank_params(21, 4, dtype, terms=terms, tied=tied)
-    index = _index(27, 11, 1, n_pad)
+    index = seeded_index(27, 11, 1, n_pad)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                                 kernel_kwargs={"act": act, "index": index}, ref_kwargs={"act": act, "index": index})
@@ -60,10 +54,28 @@ def test_several_blocks_against_reference(act):
     base, view = make_base("contiguous", (4, 50), 24, torch.float32)
     base.requires_grad_(True)
     params = make_lowrank_params(24, 5, torch.float32, terms="BAaCc")
-    index = _index(200, 144, 7, n_pad=6)
+    index = seeded_index(200, 144, 7, n_pad=6)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                                 kernel_kwargs={"act": act, "index": index}, ref_kwargs={"act": act, "index": index})
+    assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
+
+
+@pytest.mark.parametrize("rank", [1, 7, 13, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("terms,tied", [("BAa", True), ("BAaCc", False)])
+def test_ranks_against_reference(rank, dtype, terms, tied):
+    """Ranks that take each group size of the dot products (8 or 4 products at once by dtype,
+    then 4, 2, 1) and of the backward's groups of entries (4 listed entries at a time, padding
+    between them)."""
+    torch.manual_seed(rank * 7 + len(terms))
+    base, view = make_base("contiguous", (3, 11), 37, dtype)
+    base.requires_grad_(True)
+    params = make_lowrank_params(37, rank, dtype, terms=terms, tied=tied)
+    index = seeded_index(33, 14, rank, n_pad=5)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
+                                kernel_kwargs={"act": "tanh", "index": index}, ref_kwargs={"act": "tanh", "index": index})
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
@@ -71,7 +83,7 @@ def test_same_bits_whatever_the_thread_count():
     torch.manual_seed(13)
     h0 = torch.randn(4, 64, 40, requires_grad=True)
     params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
-    index = _index(256, 200, 5, n_pad=4)
+    index = seeded_index(256, 200, 5, n_pad=4)
     g = torch.randn(4, 64, 40)
     runs, before = [], torch.get_num_threads()
     try:
@@ -99,7 +111,7 @@ def test_each_gradient_alone(grad_of):
             v.requires_grad_(True)
     else:
         params[grad_of].requires_grad_(True)
-    index = _index(16, 7, 2, n_pad=2)
+    index = seeded_index(16, 7, 2, n_pad=2)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                                 kernel_kwargs={"index": index, "act": "tanh"}, ref_kwargs={"index": index, "act": "tanh"})
@@ -123,7 +135,7 @@ def test_noncontiguous_upstream_gradient():
     torch.manual_seed(4)
     h0 = torch.randn(2, 6, 10, dtype=torch.float64, requires_grad=True)
     params = make_lowrank_params(10, 2, torch.float64, terms="BAa", tied=True)
-    index = _index(12, 5, 3)
+    index = seeded_index(12, 5, 3)
     rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index).sum().backward()
     h1 = h0.detach().requires_grad_(True)
     p1 = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in params.items()}
@@ -171,7 +183,7 @@ def test_deterministic():
     torch.manual_seed(8)
     h0 = torch.randn(4, 16, 40, requires_grad=True)
     params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
-    index = _index(64, 30, 5, n_pad=4)
+    index = seeded_index(64, 30, 5, n_pad=4)
     g = torch.randn(4, 16, 40)
     runs = []
     for _ in range(2):
@@ -193,7 +205,7 @@ def test_calls_left_to_the_pytorch_path(case, monkeypatch):
     base.requires_grad_(True)
     params = make_lowrank_params(16, 2, torch.float64 if case == "fp32_h_fp64_params" else dtype, terms="BAa", tied=True)
     n_rows = lead[0] * lead[1]
-    index = None if case == "no_index" else (torch.arange(n_rows) if case == "too_many_rows" else _index(n_rows, 6, 4, 1))
+    index = None if case == "no_index" else (torch.arange(n_rows) if case == "too_many_rows" else seeded_index(n_rows, 6, 4, 1))
     if case == "off":
         monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
     fn = rk.lowrank_edit if case == "no_index" else rk.lowrank_edit_
@@ -212,7 +224,7 @@ def test_out_of_place_with_an_index_edits_a_copy(layout):
     base, view = make_base(layout, (3, 5), 16, torch.float32)
     base.requires_grad_(True)
     params = make_lowrank_params(16, 2, torch.float32, terms="BAa", tied=True)
-    index = _index(15, 6, 4, 1)
+    index = seeded_index(15, 6, 4, 1)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit, lowrank_ref_fn, base, view, params,
                                 kernel_kwargs={"index": index}, ref_kwargs={"index": index})

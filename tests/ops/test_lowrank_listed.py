@@ -13,6 +13,7 @@ import reft_kernels as rk
 from reft_kernels import cpu_ext
 from reft_kernels.ops.lowrank_edit import torch_listed
 from tests._helpers import count_calls, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params
+from tests._helpers import seeded_index
 
 # (terms, tied): LoReFT/NoReFT (tied, W and b), DiReFT/NodiReFT (no C), ConsReFT (tied, b
 # only), the general pattern with every term, and C without A
@@ -27,13 +28,6 @@ def spy(monkeypatch):
     return count_calls(monkeypatch, torch_listed, "bwd")
 
 
-def _index(n_rows, n, seed, n_pad=0):
-    """``n`` distinct rows of ``n_rows`` and ``n_pad`` -1 entries, shuffled together."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.randperm(n_rows, generator=gen)[:n], torch.full((n_pad,), -1)])
-    return idx[torch.randperm(idx.numel(), generator=gen)]
-
-
 @pytest.mark.parametrize("terms,tied", PATTERNS)
 @pytest.mark.parametrize("act", [None, "gelu", "silu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -43,7 +37,7 @@ def test_listed_against_reference(spy, terms, tied, act, dtype, n_pad):
     base, view = make_base("contiguous", (3, 9), 20, dtype)
     base.requires_grad_(True)
     params = make_lowrank_params(20, 4, dtype, terms=terms, tied=tied)
-    index = _index(27, 11, 1, n_pad)
+    index = seeded_index(27, 11, 1, n_pad)
     check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                             kernel_kwargs={"act": act, "index": index, "backend": "torch"},
                             ref_kwargs={"act": act, "index": index})
@@ -64,7 +58,7 @@ def test_listed_each_gradient_alone(spy, grad_of):
             v.requires_grad_(True)
     else:
         params[grad_of].requires_grad_(True)
-    index = _index(16, 7, 2, n_pad=2)
+    index = seeded_index(16, 7, 2, n_pad=2)
     check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                             kernel_kwargs={"index": index, "backend": "torch", "act": "tanh"},
                             ref_kwargs={"index": index, "act": "tanh"})
@@ -77,7 +71,7 @@ def test_listed_noncontiguous_gradient(spy):
     torch.manual_seed(4)
     h0 = torch.randn(2, 6, 10, dtype=torch.float64, requires_grad=True)
     params = make_lowrank_params(10, 2, torch.float64, terms="BAa", tied=True)
-    index = _index(12, 5, 3)
+    index = seeded_index(12, 5, 3)
     h = h0.clone()
     rk.lowrank_edit_(h, params["B"], params["A"], params["a"], params["C"], index=index, backend="torch").sum().backward()
     h1 = h0.detach().requires_grad_(True)
@@ -100,7 +94,7 @@ def test_general_path_keeps_other_calls(spy, case):
     base.requires_grad_(True)
     terms, tied = ("Ba", False) if case == "constant_latent" else ("BAa", True)
     params = make_lowrank_params(16, 2, dtype, terms=terms, tied=tied)
-    index = torch.full((4,), -1) if case == "all_padding" else _index(15, 6, 4, n_pad=1)
+    index = torch.full((4,), -1) if case == "all_padding" else seeded_index(15, 6, 4, n_pad=1)
     fn = rk.lowrank_edit if case == "out_of_place_rows" else rk.lowrank_edit_
     check_against_reference(fn, lowrank_ref_fn, base, view, params, inplace=fn is rk.lowrank_edit_,
                             kernel_kwargs={"index": index, "backend": "torch"}, ref_kwargs={"index": index})
