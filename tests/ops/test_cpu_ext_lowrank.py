@@ -16,7 +16,7 @@ import torch
 
 import reft_kernels as rk
 from reft_kernels import cpu_ext
-from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, seeded_index
+from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, one_gradient_inputs, seeded_index
 from tests._helpers import ops_called as ext_ops
 
 pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
@@ -79,21 +79,27 @@ def test_ranks_against_reference(rank, dtype, terms, tied):
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
-def test_same_bits_whatever_the_thread_count():
-    torch.manual_seed(13)
-    h0 = torch.randn(4, 64, 40, requires_grad=True)
+def _edit_and_grads(seed, lead, n_rows, n, threads):
+    """[(output, dh, dB, dA, da)] of one tied BAa edit of fixed inputs, once per thread count in
+    ``threads``: what the bit-equality tests compare."""
+    torch.manual_seed(seed)
+    h0 = torch.randn(*lead, 40, requires_grad=True)
     params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
-    index = seeded_index(256, 200, 5, n_pad=4)
-    g = torch.randn(4, 64, 40)
+    index = seeded_index(n_rows, n, 5, n_pad=4)
+    g = torch.randn(*lead, 40)
     runs, before = [], torch.get_num_threads()
     try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+        for t in threads:
+            torch.set_num_threads(t)
             y = rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index)
             runs.append([y.detach().clone(), *torch.autograd.grad(y, [h0, params["B"], params["A"], params["a"]], g)])
     finally:
         torch.set_num_threads(before)
-    for x, y in zip(*runs):
+    return runs
+
+
+def test_same_bits_whatever_the_thread_count():
+    for x, y in zip(*_edit_and_grads(13, (4, 64), 256, 200, threads=(1, 2))):
         assert torch.equal(x, y)
 
 
@@ -101,17 +107,7 @@ def test_same_bits_whatever_the_thread_count():
 def test_each_gradient_alone(grad_of):
     """Each input alone requiring grad, and every parameter but not h (no dh: the first edited
     layer of a model)."""
-    torch.manual_seed(3)
-    base, view = make_base("contiguous", (2, 8), 12, torch.float32)
-    params = make_lowrank_params(12, 3, torch.float32, terms="BAaCc", requires_grad=False)
-    if grad_of == "h":
-        base.requires_grad_(True)
-    elif grad_of == "params":
-        for v in params.values():
-            v.requires_grad_(True)
-    else:
-        params[grad_of].requires_grad_(True)
-    index = seeded_index(16, 7, 2, n_pad=2)
+    base, view, params, index = one_gradient_inputs(grad_of)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                                 kernel_kwargs={"index": index, "act": "tanh"}, ref_kwargs={"index": index, "act": "tanh"})
@@ -180,16 +176,8 @@ def test_a_saved_tensor_edited_in_place_is_caught():
 
 
 def test_deterministic():
-    torch.manual_seed(8)
-    h0 = torch.randn(4, 16, 40, requires_grad=True)
-    params = make_lowrank_params(40, 8, torch.float32, terms="BAa", tied=True)
-    index = seeded_index(64, 30, 5, n_pad=4)
-    g = torch.randn(4, 16, 40)
-    runs = []
-    for _ in range(2):
-        y = rk.lowrank_edit_(h0.clone(), params["B"], params["A"], params["a"], params["C"], index=index)
-        runs.append([y.detach().clone(), *torch.autograd.grad(y, [h0, params["B"], params["A"], params["a"]], g)])
-    for x, y in zip(*runs):
+    before = torch.get_num_threads()
+    for x, y in zip(*_edit_and_grads(8, (4, 16), 64, 30, threads=(before, before))):
         assert torch.equal(x, y)
 
 

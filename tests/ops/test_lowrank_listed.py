@@ -13,7 +13,7 @@ import reft_kernels as rk
 from reft_kernels import cpu_ext
 from reft_kernels.ops.lowrank_edit import torch_listed
 from tests._helpers import count_calls, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params
-from tests._helpers import seeded_index
+from tests._helpers import one_gradient_inputs, seeded_index
 
 # (terms, tied): LoReFT/NoReFT (tied, W and b), DiReFT/NodiReFT (no C), ConsReFT (tied, b
 # only), the general pattern with every term, and C without A
@@ -48,17 +48,7 @@ def test_listed_against_reference(spy, terms, tied, act, dtype, n_pad):
 def test_listed_each_gradient_alone(spy, grad_of):
     """Each input alone requiring grad (and every parameter but not h): the backward computes
     only what is asked, every answer against the reference."""
-    torch.manual_seed(3)
-    base, view = make_base("contiguous", (2, 8), 12, torch.float32)
-    params = make_lowrank_params(12, 3, torch.float32, terms="BAaCc", requires_grad=False)
-    if grad_of in ("h",):
-        base.requires_grad_(True)
-    elif grad_of == "params":
-        for v in params.values():
-            v.requires_grad_(True)
-    else:
-        params[grad_of].requires_grad_(True)
-    index = seeded_index(16, 7, 2, n_pad=2)
+    base, view, params, index = one_gradient_inputs(grad_of)
     check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
                             kernel_kwargs={"index": index, "backend": "torch", "act": "tanh"},
                             ref_kwargs={"index": index, "act": "tanh"})
