@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
@@ -51,6 +52,15 @@ inline T act_grad(T u, int64_t act) {
     case kSigmoid: { T s = sigmoid(u); return s * (T(1) - s); }
     default: return T(1);
   }
+}
+
+// The typed handle of this extension's op Name (a constexpr char array holding e.g.
+// "reft_kernels_cpu::red_fwd"), found once per op: the autograd nodes call their forward and
+// backward ops through the dispatcher from below autograd, so that a dispatch mode sees them.
+template <typename Fn, const char* Name>
+const c10::TypedOperatorHandle<Fn>& op_handle() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").template typed<Fn>();
+  return op;
 }
 
 inline at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }

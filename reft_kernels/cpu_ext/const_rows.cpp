@@ -136,19 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> const_rows_bwd_cpu(const at::Tens
   return {da, dB, dc};
 }
 
-const auto& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reft_kernels_cpu::const_rows_fwd", "")
-                             .typed<decltype(const_rows_fwd_cpu)>();
-  return op;
-}
-
-const auto& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reft_kernels_cpu::const_rows_bwd", "")
-                             .typed<decltype(const_rows_bwd_cpu)>();
-  return op;
-}
+constexpr char kFwdName[] = "reft_kernels_cpu::const_rows_fwd";
+constexpr char kBwdName[] = "reft_kernels_cpu::const_rows_bwd";
+const auto& fwd_op() { return reft_cpu::op_handle<decltype(const_rows_fwd_cpu), kFwdName>(); }
+const auto& bwd_op() { return reft_cpu::op_handle<decltype(const_rows_bwd_cpu), kBwdName>(); }
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;

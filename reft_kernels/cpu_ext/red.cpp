@@ -132,17 +132,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_bwd_cpu(const at::Tensor& g, 
   return {dh, ds, dt};
 }
 
-const auto& fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("reft_kernels_cpu::red_fwd", "").typed<decltype(red_fwd_cpu)>();
-  return op;
-}
-
-const auto& bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("reft_kernels_cpu::red_bwd", "").typed<decltype(red_bwd_cpu)>();
-  return op;
-}
+constexpr char kFwdName[] = "reft_kernels_cpu::red_fwd";
+constexpr char kBwdName[] = "reft_kernels_cpu::red_bwd";
+const auto& fwd_op() { return reft_cpu::op_handle<decltype(red_fwd_cpu), kFwdName>(); }
+const auto& bwd_op() { return reft_cpu::op_handle<decltype(red_bwd_cpu), kBwdName>(); }
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
