@@ -146,18 +146,21 @@ def seeded_index(n_rows: int, n: int, seed: int, n_pad: int = 0):
     return idx[torch.randperm(idx.numel(), generator=gen)]
 
 
-def one_gradient_inputs(grad_of: str):
+def one_gradient_inputs(grad_of: str, tied: bool = False):
     """(base, view, params, index) of the "each gradient alone" tests: a (2, 8, 12) float32 ``h``
-    and BAaCc parameters of rank 3, of which only ``grad_of`` requires grad ("h", a parameter's
-    name, or "params" for every parameter but not h), and 7 listed rows among 2 padding entries."""
+    and BAaCc parameters of rank 3 (``tied``: BAa with C = B), of which only ``grad_of`` requires
+    grad ("h", a parameter's name, or "params" for every parameter but not h), and 7 listed rows
+    among 2 padding entries."""
     torch.manual_seed(3)
     base, view = make_base("contiguous", (2, 8), 12, torch.float32)
-    params = make_lowrank_params(12, 3, torch.float32, terms="BAaCc", requires_grad=False)
+    params = make_lowrank_params(12, 3, torch.float32, terms="BAa" if tied else "BAaCc", tied=tied,
+                                 requires_grad=False)
     if grad_of == "h":
         base.requires_grad_(True)
     elif grad_of == "params":
         for v in params.values():
-            v.requires_grad_(True)
+            if v is not None:
+                v.requires_grad_(True)
     else:
         params[grad_of].requires_grad_(True)
     return base, view, params, seeded_index(16, 7, 2, n_pad=2)

@@ -46,14 +46,15 @@ def test_against_reference(terms, tied, act, dtype, n_pad):
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
-@pytest.mark.parametrize("act", [None, "gelu"])
-def test_several_blocks_against_reference(act):
+@pytest.mark.parametrize("act,terms,tied", [(None, "BAaCc", False), (None, "BAa", True), ("gelu", "BAaCc", False)])
+def test_several_blocks_against_reference(act, terms, tied):
     """More entries than one block of the backward's sums (3 blocks, the last short, padding in
-    each): the blocks' partials added in order."""
+    each): the blocks' partials added in order (with the identity, the difference form's sums P
+    and Q, combined into dA, dB, dC after the blocks)."""
     torch.manual_seed(12)
     base, view = make_base("contiguous", (4, 50), 24, torch.float32)
     base.requires_grad_(True)
-    params = make_lowrank_params(24, 5, torch.float32, terms="BAaCc")
+    params = make_lowrank_params(24, 5, torch.float32, terms=terms, tied=tied)
     index = seeded_index(200, 144, 7, n_pad=6)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
@@ -64,10 +65,11 @@ def test_several_blocks_against_reference(act):
 @pytest.mark.parametrize("rank", [1, 7, 13, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("terms,tied", [("BAa", True), ("BAaCc", False)])
-def test_ranks_against_reference(rank, dtype, terms, tied):
+@pytest.mark.parametrize("act", [None, "tanh"])
+def test_ranks_against_reference(rank, dtype, terms, tied, act):
     """Ranks that take each group size of the dot products (8 or 4 products at once by dtype,
     then 4, 2, 1) and of the backward's groups of entries (4 listed entries at a time, padding
-    between them)."""
+    between them); the identity takes the difference form (one product per rank, with A - C)."""
     torch.manual_seed(rank * 7 + len(terms))
     base, view = make_base("contiguous", (3, 11), 37, dtype)
     base.requires_grad_(True)
@@ -75,7 +77,7 @@ def test_ranks_against_reference(rank, dtype, terms, tied):
     index = seeded_index(33, 14, rank, n_pad=5)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
-                                kernel_kwargs={"act": "tanh", "index": index}, ref_kwargs={"act": "tanh", "index": index})
+                                kernel_kwargs={"act": act, "index": index}, ref_kwargs={"act": act, "index": index})
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
@@ -104,13 +106,26 @@ def test_same_bits_whatever_the_thread_count():
 
 
 @pytest.mark.parametrize("grad_of", ["h", "B", "A", "a", "C", "c", "params"])
-def test_each_gradient_alone(grad_of):
+@pytest.mark.parametrize("act", [None, "tanh"])
+def test_each_gradient_alone(grad_of, act):
     """Each input alone requiring grad, and every parameter but not h (no dh: the first edited
-    layer of a model)."""
+    layer of a model). With the identity (the difference form), ``C`` alone needs the sum P
+    without dA."""
     base, view, params, index = one_gradient_inputs(grad_of)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
-                                kernel_kwargs={"index": index, "act": "tanh"}, ref_kwargs={"index": index, "act": "tanh"})
+                                kernel_kwargs={"index": index, "act": act}, ref_kwargs={"index": index, "act": act})
+    assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
+
+
+@pytest.mark.parametrize("grad_of", ["h", "B", "A", "a", "params"])
+def test_each_gradient_alone_tied(grad_of):
+    """LoReFT's tied C = B with the identity (the difference form): ``B`` alone needs the sum P
+    without dA (dB = Q - P)."""
+    base, view, params, index = one_gradient_inputs(grad_of, tied=True)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
+                                kernel_kwargs={"index": index}, ref_kwargs={"index": index})
     assert names == ["lowrank_rows_fwd", "lowrank_rows_bwd"]
 
 
