@@ -2,7 +2,8 @@
 bandwidth, and each op's minimal memory traffic (DESIGN.md section 2).
 
 Timing: on a GPU ``triton.testing.do_bench`` (warm-up, L2 flushed between runs, CUDA events);
-on a CPU ``torch.utils.benchmark.Timer.blocked_autorange``. Peak memory: on a GPU
+on a CPU ``torch.utils.benchmark.Timer.blocked_autorange`` (``block_times_ms``: its blocks, which
+``runner`` gathers over interleaved rounds). Peak memory: on a GPU
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on a CPU the peak
 of the bytes held by tensors allocated during the call, tracked op by op with a
 ``TorchDispatchMode`` (the CPU allocator keeps no statistics).
@@ -30,13 +31,26 @@ def time_ms(fn, device: torch.device, *, min_run_time: float = 0.2):
         # stable medians of these sub-millisecond kernels, and the GPU sweep fits one device call.
         med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
         return float(med), float(p20), float(p80)
+    return summary_ms(block_times_ms(fn, min_run_time=min_run_time))
+
+
+def block_times_ms(fn, *, min_run_time: float = 0.2, warmup: bool = True) -> list:
+    """On a CPU: the time of one ``fn()`` in milliseconds for each block of a blocked autorange
+    (``torch.utils.benchmark``), after one warm-up call (``warmup``)."""
     from torch.utils.benchmark import Timer
 
-    fn()  # warm-up
+    if warmup:
+        fn()
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    times = [t * 1e3 for t in m.times]
-    med, p20, p80 = _quantiles(times, [0.5, 0.2, 0.8]) if len(times) > 1 else (times[0],) * 3
+    return [t * 1e3 for t in m.times]
+
+
+def summary_ms(times: list):
+    """(median, p20, p80) of ``times`` (ms)."""
+    if len(times) == 1:
+        return (times[0],) * 3
+    med, p20, p80 = _quantiles(times, [0.5, 0.2, 0.8])
     return med, p20, p80
 
 

@@ -4,8 +4,9 @@ its peak memory; append the rows to ``<out>/<device>/results.csv`` (one schema, 
 and write the run's markdown table beside it (``results.md``).
 
 A provider that raises or disagrees with the reference is reported in the ``status`` column and
-not timed. Speed-ups are against ``eager`` and ``compile`` of the same case and mode, measured in
-the same run; ``gbps`` is the op's minimal traffic over the time and ``frac_of_copy`` that
+not timed. On a CPU the providers of a case are timed in interleaved rounds (``CPU_ROUNDS``).
+Speed-ups are against ``eager`` and ``compile`` of the same case and mode, measured in the same
+run; ``gbps`` is the op's minimal traffic over the time and ``frac_of_copy`` that
 against the copy bandwidth measured at the start of the run.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .._measured import card_slug
 from ..ops import variants
 from ..reference import LOWP_FACTOR
 from . import cases as C
-from .measure import copy_gbps, min_traffic_bytes, peak_mem_mb, time_ms
+from .measure import block_times_ms, copy_gbps, min_traffic_bytes, peak_mem_mb, summary_ms, time_ms
 
 COLUMNS = ("date", "commit", "device", "torch", "triton", "op", "method", "provider", "mode", "dtype", "n_rows",
            "d", "rank", "index_rows", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "copy_gbps", "frac_of_copy",
@@ -196,29 +197,40 @@ def provider_context(provider):
     return contextlib.nullcontext()
 
 
+# Interleaved rounds per mode on a CPU: each round times every provider once, in a rotated order
+# (``min_run_time / CPU_ROUNDS`` each), so a change of machine speed between providers hits them
+# all alike. On the quiet 2-core CPU the same op timed a few minutes apart read up to 35% apart
+# (245 against 160 us), enough to decide "ahead" or "behind" eager for ops at parity when each
+# provider was timed in one stretch. A GPU times each provider once (``do_bench``; the GPU sweep
+# is sized to one device call).
+CPU_ROUNDS = 5
+
+
 def run_case(case, providers, device, *, compiled_cache, min_run_time=0.2, copy_bw=None):
     """Rows (dicts over COLUMNS but the run's metadata) for one case: every provider that applies,
     every mode; a provider that fails its check or raises gets one row per mode with the reason."""
     inputs = C.make_inputs(case, device)
     g = upstream_grad(case, inputs)
     expected = {}  # filled once, by the first provider that applies
-    rows = []
+    checked = []
     for provider in providers:
         with provider_context(provider):
-            rows += _provider_rows(case, provider, inputs, g, expected, device, compiled_cache, min_run_time,
-                                   copy_bw)
+            got = _checked(case, provider, inputs, g, expected, compiled_cache)
+        if got is not None:
+            checked.append(got)
+    rows = _timed_rows(case, checked, inputs, g, device, min_run_time, copy_bw)
     _speedups(rows)
     return rows
 
 
-def _provider_rows(case, provider, inputs, g, expected, device, compiled_cache, min_run_time, copy_bw):
-    """One row per mode for ``provider`` on ``case`` (none when it does not apply)."""
-    base = {"op": case.op, "method": case.method, "provider": provider, "dtype": case.dtype,
-            "n_rows": case.n_rows, "d": case.d, "rank": case.rank or "", "index_rows": case.index_rows or ""}
+def _checked(case, provider, inputs, g, expected, compiled_cache):
+    """(provider, status, fn, leaves) for ``provider`` on ``case``, its output and gradients
+    checked (None when it does not apply)."""
+    fn = leaves = None
     try:
         got = provider_fn(case, provider, inputs, compiled_cache)
         if got is None:
-            return []
+            return None
         fn, extra = got
         leaves = list(leaves_of(inputs).values()) + extra
         if not expected:
@@ -226,22 +238,54 @@ def _provider_rows(case, provider, inputs, g, expected, device, compiled_cache, 
         status = check_provider(case, fn, inputs, g, expected)
     except Exception as exc:  # noqa: BLE001 - reported in the table, never timed
         status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    rows = []
+    return provider, status, fn, leaves
+
+
+def _timed_rows(case, checked, inputs, g, device, min_run_time, copy_bw):
+    """One row per checked provider and mode, provider by provider; the providers that passed
+    their check timed mode by mode in interleaved rounds (``CPU_ROUNDS``)."""
+    base = {"op": case.op, "method": case.method, "dtype": case.dtype, "n_rows": case.n_rows, "d": case.d,
+            "rank": case.rank or "", "index_rows": case.index_rows or ""}
+    rows = {(p, mode): dict(base, provider=p, mode=mode, status=status)
+            for p, status, _, _ in checked for mode in MODES}
+    ok = [(p, fn, leaves) for p, status, fn, leaves in checked if status == "ok"]
     for mode in MODES:
-        row = dict(base, mode=mode, status=status)
-        if status == "ok":
-            fn_mode = mode_fn(mode, fn, inputs, leaves, g)
-            row["time_ms"], row["time_p20_ms"], row["time_p80_ms"] = time_ms(fn_mode, device,
-                                                                              min_run_time=min_run_time)
-            row["peak_mem_mb"] = peak_mem_mb(fn_mode, device)
-            traffic = min_traffic_bytes(case.op, mode, case.n_rows, case.d, C.DTYPES[case.dtype].itemsize)
+        fns = {}
+        for p, fn, leaves in ok:
+            with provider_context(p):
+                fns[p] = mode_fn(mode, fn, inputs, leaves, g)
+                rows[p, mode]["peak_mem_mb"] = peak_mem_mb(fns[p], device)
+        stats = _interleaved(fns, device, min_run_time)
+        traffic = min_traffic_bytes(case.op, mode, case.n_rows, case.d, C.DTYPES[case.dtype].itemsize)
+        for p in fns:
+            row = rows[p, mode]
+            row["time_ms"], row["time_p20_ms"], row["time_p80_ms"] = stats[p]
             if traffic is not None:
                 row["gbps"] = traffic / (row["time_ms"] * 1e-3) / 1e9
                 if copy_bw:
                     row["copy_gbps"] = copy_bw
                     row["frac_of_copy"] = row["gbps"] / copy_bw
-        rows.append(row)
-    return rows
+    return [rows[p, mode] for p, *_ in checked for mode in MODES]
+
+
+def _interleaved(fns: dict, device, min_run_time):
+    """{provider: (median, p20, p80) ms} of each ``fns[provider]()``, each under its provider's
+    context: on a CPU over the blocks of ``CPU_ROUNDS`` rounds in a rotated order, on a GPU one
+    ``do_bench`` each."""
+    if device.type == "cuda":
+        out = {}
+        for p, fn in fns.items():
+            with provider_context(p):
+                out[p] = time_ms(fn, device, min_run_time=min_run_time)
+        return out
+    names = list(fns)
+    times = {p: [] for p in names}
+    for i in range(CPU_ROUNDS):
+        shift = i % max(len(names), 1)
+        for p in names[shift:] + names[:shift]:
+            with provider_context(p):
+                times[p] += block_times_ms(fns[p], min_run_time=min_run_time / CPU_ROUNDS, warmup=i == 0)
+    return {p: summary_ms(t) for p, t in times.items()}
 
 
 def mode_fn(mode, fn, inputs, leaves, g):

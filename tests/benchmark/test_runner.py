@@ -57,8 +57,8 @@ def test_schema_and_every_case_checks_ok(tmp_path):
 def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
     real = C.ours_fn
     timed = []
-    real_time = runner.time_ms
-    monkeypatch.setattr(runner, "time_ms", lambda fn, *a, **k: (timed.append(fn), real_time(fn, *a, **k))[1])
+    real_time = runner.block_times_ms
+    monkeypatch.setattr(runner, "block_times_ms", lambda fn, *a, **k: (timed.append(fn), real_time(fn, *a, **k))[1])
 
     def wrong(case, backend):
         f = real(case, backend)
@@ -69,7 +69,34 @@ def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
     torch_rows = [r for r in written if r["provider"] == "torch"]
     assert len(torch_rows) == 3 and all(r["status"].startswith("mismatch: out") for r in torch_rows)
     assert all(r["time_ms"] == "" for r in torch_rows)
-    assert len(timed) == 3  # eager's three modes only
+    assert len(set(timed)) == 3 and len(timed) == 3 * runner.CPU_ROUNDS  # eager's three modes only
+
+
+def test_cpu_timing_interleaves_the_providers(monkeypatch):
+    """On a CPU each round times every provider once, the order rotated round by round, and a
+    provider's times are the blocks of all its rounds."""
+    calls = []
+
+    def fake_blocks(fn, *, min_run_time, warmup):
+        calls.append(fn.__name__)
+        return [{"a": 1.0, "b": 2.0, "c": 3.0}[fn.__name__] + len(calls) / 1000]
+
+    monkeypatch.setattr(runner, "block_times_ms", fake_blocks)
+    fns = {}
+    for name in "abc":
+        def f():
+            pass
+        f.__name__ = name
+        fns[name] = f
+    stats = runner._interleaved(fns, CPU, 0.05)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == runner.CPU_ROUNDS
+    assert rounds[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    for name, base in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        mine = sorted(base + (i + 1) / 1000 for i, n in enumerate(calls) if n == name)
+        assert stats[name][0] == pytest.approx(mine[len(mine) // 2])
+        assert stats[name][1] <= stats[name][0] <= stats[name][2]
 
 
 def test_raising_provider_is_reported_and_not_timed(tmp_path, monkeypatch):
@@ -180,6 +207,7 @@ def test_variant_providers_run_under_their_switches(tmp_path, monkeypatch):
         return run
 
     monkeypatch.setattr(C, "ours_fn", spy)
+    monkeypatch.setattr(runner, "CPU_ROUNDS", 1)  # interpreted kernels: one round of timing is enough here
     cases = [C.Case("lowrank_edit", "loreft", "fp32", 40, 24, 3), C.Case("red", "red", "bf16", 40, 24)]
     providers = ["cuda", "triton", *C.VARIANT_PROVIDERS]
     with _cuda.on_host(build()):
