@@ -353,3 +353,44 @@ def ops_called(namespace: str = "reft_kernels_cpu"):
     mode = _OpNames(namespace)
     with mode:
         yield mode.names
+
+
+# How a gradient reaches an op's output in ``upstream_backward``. The first four hand the op's
+# backward a gradient that nothing else holds, so the CPU extension's nodes write dh into it
+# (``retain_grad`` keeps a copy of its own); the others one that something else still holds (a
+# Python hook that keeps it, the caller's tensor), so they work on a copy.
+UNSHARED = ("alone", "two_consumers_summed", "residual", "retained")
+UPSTREAMS = UNSHARED + ("hooked", "given_by_the_caller")
+
+
+def upstream_backward(y, upstream: str, w, w2, bwd_op: str) -> dict:
+    """The backward of ``y`` (float64) with its gradient arriving as ``upstream`` says: the loss
+    ``(y * w).sum()`` ("alone"; also under ``retain_grad`` or a Python hook that keeps the
+    gradient), two such losses summed, a residual ``((y + y * w2) * w).sum()``, or
+    ``y.backward(w)`` with the caller's tensor. Checks that a gradient something else holds is
+    left as it was. Returns the gradient that reached ``y`` (``want_g``) and the bytes that the
+    op ``reft_kernels_cpu::<bwd_op>`` allocated, children included (``bwd_bytes``)."""
+    kept = []
+    if upstream == "retained":
+        y.retain_grad()
+    if upstream == "hooked":
+        y.register_hook(lambda g: kept.append(g))
+    upstream_grad = w.clone()
+    with torch.profiler.profile(profile_memory=True) as prof:
+        if upstream == "given_by_the_caller":
+            y.backward(upstream_grad)
+        elif upstream == "two_consumers_summed":
+            ((y * w).sum() + (y * w2).sum()).backward()
+        elif upstream == "residual":  # the next layer's residual add: one gradient to both branches
+            ((y + y * w2) * w).sum().backward()
+        else:
+            (y * w).sum().backward()
+    if upstream == "retained":
+        assert torch.equal(y.grad, w)
+    if upstream == "hooked":
+        assert torch.equal(kept[0], w)
+    assert torch.equal(upstream_grad, w)
+    events = [e for e in prof.key_averages() if e.key == f"reft_kernels_cpu::{bwd_op}"]
+    assert len(events) == 1 and events[0].count == 1, [e.key for e in prof.key_averages()]
+    return {"want_g": {"two_consumers_summed": w + w2, "residual": w + w2 * w}.get(upstream, w),
+            "bwd_bytes": events[0].cpu_memory_usage}

@@ -99,6 +99,19 @@ void blocked_column_sums(int64_t n, int64_t d, int64_t sums, T* const* out, cons
   }
 }
 
+// Whether a node's backward may take the incoming gradient g over (write its own gradient for the
+// input into g's memory and hand g on), as AccumulateGrad takes over a gradient it alone holds:
+// nothing else can see g. The engine handed it to the node alone (one reference: the node's
+// backward takes its gradients by reference, so none is added), its storage is shared with no
+// other tensor, no graph is being recorded (no double backward reads it), and it is contiguous
+// in `dtype`, with no lazy negation or conjugation. A gradient that something else still holds
+// (another consumer's input buffer, a Python hook that keeps it, the caller's grad_outputs) has
+// more references and is not taken (retain_grad keeps a copy of its own).
+inline bool may_take_over(const at::Tensor& g, at::ScalarType dtype) {
+  return !at::GradMode::is_enabled() && g.defined() && g.use_count() == 1 && g.storage().use_count() == 1 &&
+         g.is_contiguous() && g.scalar_type() == dtype && !g.is_neg() && !g.is_conj() && !g.is_inference();
+}
+
 // For a backward run with create_graph=True: its gradients are right but carry no second-order
 // terms, so each defined one in `out` gets a node that raises if it is differentiated again (the
 // Python Functions do the same through ops/_autograd.py's once_differentiable, with this

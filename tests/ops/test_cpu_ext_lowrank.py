@@ -16,7 +16,10 @@ import torch
 
 import reft_kernels as rk
 from reft_kernels import cpu_ext
-from tests._helpers import check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, one_gradient_inputs, seeded_index
+from tests._helpers import (
+    UNSHARED, UPSTREAMS, check_against_reference, lowrank_ref_fn, make_base, make_lowrank_params, one_gradient_inputs,
+    seeded_index, upstream_backward,
+)
 from tests._helpers import ops_called as ext_ops
 
 pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
@@ -154,6 +157,38 @@ def test_noncontiguous_upstream_gradient():
     lowrank_ref_fn(h1, **p1, index=index).sum().backward()
     torch.testing.assert_close(h0.grad, h1.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(params["B"].grad, p1["B"].grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+@pytest.mark.parametrize("config", ["loreft", "every_term_gelu_several_blocks"])
+def test_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_it(upstream, config):
+    """The backward writes dh into the incoming gradient itself (no (N, d) copy among the bytes
+    the backward op allocates, under the profiler) when the engine handed it to the node alone; where anything else still
+    holds it (a Python hook that keeps it, the caller's ``grad_outputs``) it works on a copy, and
+    that gradient is left as it was. dh and every parameter gradient equal the float64
+    reference either way, in one block of entries and in several (in parallel)."""
+    torch.manual_seed(9)
+    if config == "loreft":
+        lead, d, act, index = (3, 8), 16, None, seeded_index(24, 9, 2, n_pad=2)
+        params = make_lowrank_params(d, 3, torch.float64, terms="BAa", tied=True)
+    else:
+        lead, d, act, index = (4, 50), 12, "gelu", seeded_index(200, 150, 3, n_pad=5)
+        params = make_lowrank_params(d, 3, torch.float64, terms="BAaCc")
+    h0 = torch.randn(*lead, d, dtype=torch.float64, requires_grad=True)
+    w, w2 = torch.randn(*lead, d, dtype=torch.float64), torch.randn(*lead, d, dtype=torch.float64)
+    terms = [params[k] for k in "BAaCc"]
+    y = rk.lowrank_edit_(h0.clone(), *terms, act=act, index=index)
+    got = upstream_backward(y, upstream, w, w2, "lowrank_rows_bwd")
+    h1 = h0.detach().requires_grad_(True)
+    p1 = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in params.items()}
+    if params["C"] is params["B"]:
+        p1["C"] = p1["B"]
+    lowrank_ref_fn(h1, **p1, act=act, index=index).backward(got["want_g"])
+    torch.testing.assert_close(h0.grad, h1.grad, rtol=1e-12, atol=1e-12)
+    for k, v in params.items():
+        if v is not None and v.requires_grad and not (k == "C" and v is params["B"]):
+            torch.testing.assert_close(v.grad, p1[k].grad, rtol=1e-12, atol=1e-12)
+    assert (got["bwd_bytes"] >= h0.numel() * 8) == (upstream not in UNSHARED)  # an (N, d) copy or not
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
