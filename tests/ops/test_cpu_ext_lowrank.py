@@ -163,10 +163,11 @@ def test_noncontiguous_upstream_gradient():
 @pytest.mark.parametrize("config", ["loreft", "every_term_gelu_several_blocks"])
 def test_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_it(upstream, config):
     """The backward writes dh into the incoming gradient itself (no (N, d) copy among the bytes
-    the backward op allocates, under the profiler) when the engine handed it to the node alone; where anything else still
-    holds it (a Python hook that keeps it, the caller's ``grad_outputs``) it works on a copy, and
-    that gradient is left as it was. dh and every parameter gradient equal the float64
-    reference either way, in one block of entries and in several (in parallel)."""
+    the backward op allocates, under the profiler) when the engine handed it to the node alone;
+    where anything else still holds it (a Python hook that keeps it, the caller's
+    ``grad_outputs``) it works on a copy, and that gradient is left as it was. dh and every
+    parameter gradient equal the float64 reference either way, in one block of entries and in
+    several (in parallel)."""
     torch.manual_seed(9)
     if config == "loreft":
         lead, d, act, index = (3, 8), 16, None, seeded_index(24, 9, 2, n_pad=2)
