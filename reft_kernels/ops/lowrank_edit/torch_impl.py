@@ -71,13 +71,12 @@ def _difference(A, B, C, spec):
     return A - cm
 
 
-def _latent(x, A, a, B, C, c, spec):
+def _latent(x, A, a, B, C, c, spec, D):
     """(z, u) for rows ``x`` (n, d); ``x`` and the parameters in one dtype. Plain ops only; the
     ``- x C^T`` term folds into one ``addmm`` when there is no ``c`` (one launch less per call).
-    With the identity and both A and C, the difference form (``_difference``; u is then None:
-    the identity saves none)."""
+    ``D``: ``_difference(A, B, C, spec)``, formed once by the caller for all its row blocks; when
+    it is not None, the difference form (u is then None: the identity saves none)."""
     n, r = x.shape[0], B.shape[0]
-    D = _difference(A, B, C, spec)
     if D is not None:
         z = F.linear(x, D, a)
         return (z - c if c is not None else z), None
@@ -109,8 +108,9 @@ def _fwd_rows(x, A, a, B, C, c, spec, save_u, keep=None, delta=False):
     acc = acc_dtype(x.dtype)
     n, d = x.shape
     r = B.shape[0]
+    D = _difference(A, B, C, spec)
     if x.dtype == acc:
-        z, u = _latent(x, A, a, B, C, c, spec)
+        z, u = _latent(x, A, a, B, C, c, spec, D)
         if keep is not None:
             z = torch.where(keep, z, 0)
         return (z @ B if delta else torch.addmm(x, z, B)), z, (u if save_u else None)
@@ -119,7 +119,7 @@ def _fwd_rows(x, A, a, B, C, c, spec, save_u, keep=None, delta=False):
     u = x.new_empty((n, r), dtype=acc) if save_u else None
     for i, j in _blocks(n, d, x.dtype):
         xc = x[i:j].to(acc)
-        zc, uc = _latent(xc, A, a, B, C, c, spec)
+        zc, uc = _latent(xc, A, a, B, C, c, spec, D)
         if keep is not None:
             zc = torch.where(keep[i:j], zc, 0)
         z[i:j] = zc
@@ -158,7 +158,8 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False, dh_d
     own = g.dtype != acc  # g's blocks are converted copies, free to overwrite
     identity = spec.act == IDENTITY
     D = _difference(A, B, C, spec) if need_dh else None
-    # the terms added to g for dh: g + gz (A - C) in the difference form, else g + ga A - gz C
+    # the terms added to g for dh: g + ga (A - C) in the difference form (the identity: ga is gz),
+    # else g + ga A - gz C
     dh_A, dh_C = (D, None) if D is not None else (A, cm)
     da_w = da_b = db = dc_w = dc_b = None
     dh = g.new_empty((n, d)) if need_dh and own else None
@@ -188,25 +189,24 @@ def _bwd_rows(g, x, z, u, A, B, C, spec, need, valid=None, g_private=False, dh_d
             dc_w = _add(dc_w, da_wk.neg() if identity else (gz.t() @ xc).neg_())
         if need_dc_b:
             dc_b = _add(dc_b, da_bk.neg() if identity else gz.sum(0).neg_())
-        ga_dh = gz if D is not None else ga  # the latent gradient that multiplies dh_A
         if need_dh and own:  # g + ga A - gz C into the converted block of g, last (it overwrites it)
             if dh_A is not None:
-                gc.addmm_(ga_dh, dh_A)
+                gc.addmm_(ga, dh_A)
             if dh_C is not None:
                 gc.addmm_(gz, dh_C, alpha=-1)
             dh[i:j] = gc  # the one rounding
         elif need_dh and g_private and dh_delta:  # ga A - gz C, added by the caller
-            dh = ga_dh @ dh_A if dh_A is not None else None
+            dh = ga @ dh_A if dh_A is not None else None
             if dh_C is not None:
                 dh = dh.addmm_(gz, dh_C, alpha=-1) if dh is not None else torch.mm(gz, dh_C).neg_()
         elif need_dh and g_private:  # one block, a copy of g's rows that is ours: in place
             if dh_A is not None:
-                gc.addmm_(ga_dh, dh_A)
+                gc.addmm_(ga, dh_A)
             if dh_C is not None:
                 gc.addmm_(gz, dh_C, alpha=-1)
             dh = gc
         elif need_dh:  # one block, g itself: out of place
-            dh = torch.addmm(gc, ga_dh, dh_A) if dh_A is not None else gc
+            dh = torch.addmm(gc, ga, dh_A) if dh_A is not None else gc
             if dh_C is not None:
                 dh = dh.addmm_(gz, dh_C, alpha=-1) if dh_A is not None else torch.addmm(gc, gz, dh_C, alpha=-1)
     if n == 0:  # no rows: zero gradients
@@ -321,12 +321,12 @@ def fwd_differentiable(h, A, a, B, C, c, spec, index):
     flat = h.reshape(-1, d)
     if index is None:
         x = flat.to(acc)
-        z, _ = _latent(x, A, a, B, C, c, spec)
+        z, _ = _latent(x, A, a, B, C, c, spec, _difference(A, B, C, spec))
         return torch.addmm(x, z, B).to(h.dtype).reshape(h.shape)
     n_rows, n = flat.shape[0], index.shape[0]
     sel = torch.where(index >= 0, index, n_rows + torch.arange(n, device=index.device))
     ext = torch.cat([flat, torch.zeros((n, d), dtype=h.dtype, device=h.device)])
     x = ext.index_select(0, sel).to(acc)
-    z, _ = _latent(x, A, a, B, C, c, spec)
+    z, _ = _latent(x, A, a, B, C, c, spec, _difference(A, B, C, spec))
     y = torch.addmm(x, z, B).to(h.dtype)
     return ext.index_copy(0, sel, y)[:n_rows].reshape(h.shape)

@@ -256,7 +256,7 @@ def fwd_rows(x, ids, A, a, B, C, c, spec, save_u, keep=None, delta=False):
 
 def _fwd_masked(x, mask, A2, a2, B2, cm, c2, spec, save_u, k, r, delta):
     # the rank-K r latent of every row, then masked to the row's own block
-    z, u = lowrank_torch._latent(x, A2, a2, B2, cm, c2, spec)
+    z, u = lowrank_torch._latent(x, A2, a2, B2, cm, c2, spec, lowrank_torch._difference(A2, B2, cm, spec))
     z = torch.where(mask, z, 0)
     y = z @ B2 if delta else torch.addmm(x, z, B2)
     u_c = _compact(torch.where(mask, u, 0), k, r) if save_u else None
