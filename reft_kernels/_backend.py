@@ -17,20 +17,21 @@ the PyTorch path for everything else.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from . import _cuda, _triton, _versions
+from ._environ import EnvSwitch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "REFT_KERNELS_BACKEND"
+_ENV_BACKEND = EnvSwitch(ENV_VAR, lambda v: v.strip().lower() or None)
 
 
 def env_backend() -> str | None:
     """The backend named by ``REFT_KERNELS_BACKEND`` (lower case), or None when unset or empty: the
     one place that reads it."""
-    return os.environ.get(ENV_VAR, "").strip().lower() or None
+    return _ENV_BACKEND()
 
 
 def cuda_extension_available() -> bool:

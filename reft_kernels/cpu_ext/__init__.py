@@ -48,7 +48,10 @@ from pathlib import Path
 
 import torch
 
+from .._environ import EnvSwitch
+
 ENV_VAR = "REFT_KERNELS_CPU_EXT"
+_ENABLED = EnvSwitch(ENV_VAR, lambda v: v.strip().lower() not in ("0", "false", "no", "off"))
 SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp", "const_rows.cpp")]
 HEADER = Path(__file__).resolve().parent / "common.h"
 # Index entries above which the PyTorch path takes the call (measured up to here). Measured on
@@ -66,8 +69,9 @@ _state: dict = {}  # "ops": {name: OpOverload} once loaded; "error": why it is n
 
 
 def enabled() -> bool:
-    """False when ``REFT_KERNELS_CPU_EXT`` turns the extension off (0, false, no, off)."""
-    return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "false", "no", "off")
+    """False when ``REFT_KERNELS_CPU_EXT`` turns the extension off (0, false, no, off); read at
+    every call (``_environ.py``)."""
+    return _ENABLED()
 
 
 def build_dir() -> Path:
