@@ -531,7 +531,14 @@ struct LowrankRowsFunction : public torch::autograd::Function<LowrankRowsFunctio
     }
     auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
     if (take_g) dh = g;
-    if (need[0]) dh = dh.view(g.sizes());
+    if (need[0] && !dh.sizes().equals(g.sizes())) {
+      // an alias of the op's (N, d) rows in g's shape, not a tracked view: a view would keep its
+      // base, so its storage would count two owners and the engine, summing it with another
+      // gradient later (the residual stream's), could not add into it in place (a new (N, d)
+      // tensor per edited layer, counted in the d = 256 LLaMA step under the profiler)
+      at::AutoDispatchBelowADInplaceOrView below;
+      dh = dh.view(g.sizes());
+    }
     variable_list out = {keep(need[0], dh), keep(need[1], dA), keep(need[2], da), keep(need[3], dB),
                          keep(need[4], dC), keep(need[5], dc)};
     reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.lowrank_edit");

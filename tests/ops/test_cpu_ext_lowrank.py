@@ -167,7 +167,8 @@ def test_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_i
     where anything else still holds it (a Python hook that keeps it, the caller's
     ``grad_outputs``) it works on a copy, and that gradient is left as it was. dh and every
     parameter gradient equal the float64 reference either way, in one block of entries and in
-    several (in parallel)."""
+    several (in parallel). Either way dh is not a view: a view keeps its base, and the engine
+    could then not add a later gradient into it in place (the residual stream's sum)."""
     torch.manual_seed(9)
     if config == "loreft":
         lead, d, act, index = (3, 8), 16, None, seeded_index(24, 9, 2, n_pad=2)
@@ -179,7 +180,11 @@ def test_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_i
     w, w2 = torch.randn(*lead, d, dtype=torch.float64), torch.randn(*lead, d, dtype=torch.float64)
     terms = [params[k] for k in "BAaCc"]
     y = rk.lowrank_edit_(h0.clone(), *terms, act=act, index=index)
+    dh_seen = []  # dh as the next node (h0.clone()'s) receives it (a hook on the op's own node
+    # would hold its incoming gradient, which stops the take-over)
+    y.grad_fn.next_functions[0][0].register_prehook(lambda grad_outputs: dh_seen.append(grad_outputs[0]))
     got = upstream_backward(y, upstream, w, w2, "lowrank_rows_bwd")
+    assert len(dh_seen) == 1 and dh_seen[0].shape == y.shape and not dh_seen[0]._is_view()
     h1 = h0.detach().requires_grad_(True)
     p1 = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in params.items()}
     if params["C"] is params["B"]:
