@@ -56,9 +56,23 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
+def _own_memory(outputs):
+    """``outputs`` with each gradient that is a view (e.g. ``dh`` in ``g``'s shape over an (N, d)
+    buffer) replaced by a plain alias of its memory. A view keeps its base alive, so its storage
+    has two owners, and the engine cannot sum a later gradient into it in place: in a model, the
+    residual stream's sum at the layer below an edit then made a new (B, S, d) tensor per edited
+    layer (the d = 256 LLaMA step at f7+l7, profiler: 27 out-of-place and 21 in-place adds of
+    (4, 256, 256) tensors, the frozen step's 22 and 26; ``tests/ops/test_gradient_sums_in_place.py``).
+    Once the backward returns, the alias is its storage's one owner."""
+    if not any(isinstance(t, torch.Tensor) and t._base is not None for t in outputs):
+        return outputs
+    return tuple(t.detach() if isinstance(t, torch.Tensor) and t._base is not None else t for t in outputs)
+
+
 def once_differentiable(op_name: str):
     """Like ``torch.autograd.function.once_differentiable`` for a backward, with an error naming
-    ``op_name``: the gradients it returns carry a node that raises if they are differentiated."""
+    ``op_name``: the gradients it returns carry a node that raises if they are differentiated.
+    Gradients that are views are handed on as plain aliases (``_own_memory``)."""
     message = (f"{op_name} does not support double backward: its gradient was computed with "
                "create_graph=True and is being differentiated again")
 
@@ -66,7 +80,7 @@ def once_differentiable(op_name: str):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():  # the usual backward (no create_graph): no context
-                return backward(ctx, *grads)
+                return _own_memory(backward(ctx, *grads))
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
             if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads) and \

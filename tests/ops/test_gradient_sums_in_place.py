@@ -1,7 +1,8 @@
-"""After RED's and the low-rank edit's backward the autograd engine sums the next gradient in
-place, as it does in the frozen model: nothing keeps the incoming gradient alive, and ``dh`` is a
-tensor of its own, not a view (a view keeps its base). Two layer patterns, each with one sum of
-two (B, S, d) gradients, counted with the profiler's ATen events of that shape:
+"""After the backward of RED, the low-rank edit and their multi-adapter forms, the autograd
+engine sums the next gradient in place, as it does in the frozen model: nothing keeps the
+incoming gradient alive, and ``dh`` is a tensor of its own, not a view (a view keeps its base).
+Two layer patterns, each with one sum of two (B, S, d) gradients, counted with the profiler's
+ATen events of that shape:
 
 - ``edit_then_residual``: ``h`` feeds an edited branch and a residual add (the residual's
   gradient arrives first and must not be held by the edit's backward);
@@ -21,12 +22,23 @@ SHAPE = (2, 7, 24)
 
 
 def _edit(op, m, backend, device):
-    if op == "red":
-        s, t = (torch.randn(SHAPE[-1], device=device, requires_grad=True) for _ in range(2))
-        return rk.red(m, s, t, backend=backend)
-    p = make_lowrank_params(SHAPE[-1], 3, torch.float32, terms="BAa", tied=True, device=device)
+    d = SHAPE[-1]
     index = torch.tensor([0, 5, 9], device=device)
-    return rk.lowrank_edit_(m, *(p[k] for k in "BAaCc"), index=index, backend=backend)
+    if op in ("red", "red_multi"):
+        lead = (2,) if op == "red_multi" else ()
+        s, t = (torch.randn(*lead, d, device=device, requires_grad=True) for _ in range(2))
+        if op == "red":
+            return rk.red(m, s, t, backend=backend)
+        ids = torch.tensor([1, -1], device=device)  # one adapter per sequence
+        return rk.red_multi(m, s, t, ids, backend=backend)
+    p = make_lowrank_params(d, 3, torch.float32, terms="BAa", tied=True, device=device)
+    terms = [p[k] for k in "BAaCc"]
+    if op == "lowrank_edit":
+        return rk.lowrank_edit_(m, *terms, index=index, backend=backend)
+    terms = [None if t is None else t.detach().expand(2, *t.shape).clone().requires_grad_() for t in terms]
+    terms[3] = terms[0]  # tied
+    ids = torch.tensor([0, 1, -1], device=device)
+    return rk.lowrank_edit_multi_(m, *terms, adapter_ids=ids, index=index, backend=backend)
 
 
 def _sums(backend, device, op, pattern):
@@ -46,7 +58,7 @@ def _sums(backend, device, op, pattern):
 
 
 @pytest.mark.parametrize("pattern", ["edit_then_residual", "residual_then_edit"])
-@pytest.mark.parametrize("op", ["red", "lowrank_edit"])
+@pytest.mark.parametrize("op", ["red", "lowrank_edit", "red_multi", "lowrank_edit_multi"])
 @pytest.mark.parametrize("ext", [True, False], ids=["default", "no_cpu_ext"])
 def test_the_engine_sums_in_place(monkeypatch, backend, device, op, pattern, ext):
     if backend == "triton" and _triton.INTERPRET:
@@ -56,6 +68,8 @@ def test_the_engine_sums_in_place(monkeypatch, backend, device, op, pattern, ext
         # incoming gradient's storage owners and references read the same before and after the
         # call). A GPU's compiled launch is what these cases are for.
         pytest.skip("under the Triton interpreter the sum is out of place (see the comment)")
+    if op.endswith("_multi") and backend == "cuda":
+        pytest.skip("the multi-adapter ops have no CUDA C++ kernels")
     if not ext:
         if backend != "torch" or device.type != "cpu":
             pytest.skip("the CPU extension serves backend='torch' on a CPU only")

@@ -1,5 +1,5 @@
 """The low-rank edit's backward hands on ``dh`` as a tensor of its own, not as a view of a
-larger buffer (``ops/lowrank_edit/function.py``; the CPU extension: ``lowrank_rows.cpp``): a view
+larger buffer (the Python Functions: ``ops/_autograd.py``; the CPU extension: ``lowrank_rows.cpp``): a view
 keeps its base alive, and the autograd engine then cannot add a later gradient into ``dh`` in
 place (in a model, the residual stream's sum at the layer below the edit)."""
 from __future__ import annotations

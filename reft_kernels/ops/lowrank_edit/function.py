@@ -57,12 +57,6 @@ class LowrankEditFunction(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:6])
         with autocast_off_for(g):
             dh, grads = _BWD[ctx.spec.backend](g, x, index, A, B, C, z, u, ctx.spec, need)
-        if dh is not None and dh._base is not None:
-            # g's shape over a (N, d) buffer: a view keeps that base alive, its storage then has two
-            # owners, and the engine cannot add a later gradient into dh in place (the residual
-            # stream's sum at the layer below: a new (B, S, d) tensor per edited layer). The
-            # alias below is dh's storage's one owner once the base is gone.
-            dh = dh.detach()
         dA, da, dB, dC, dc = grads
         tA, ta, tB, tC, tc = ctx.dtypes
         return dh, _as(dA, tA), _as(da, ta), _as(dB, tB), _as(dC, tC), _as(dc, tc), None, None

@@ -60,8 +60,6 @@ class RedFunction(torch.autograd.Function):
                                            need_dt)
         if dh is not None:
             dh = _shaped(dh, g)
-            if dh._base is not None:  # a view keeps its base: the engine could not sum into it
-                dh = dh.detach()  # in place (lowrank_edit/function.py says more)
         if ds is not None and ds.dtype != scale.dtype:
             ds = ds.to(scale.dtype)
         if dt is not None and dt.dtype != ctx.bias_dtype:
