@@ -25,7 +25,10 @@ When they run: ``lowrank_edit_`` with an index of at most ``MAX_ROWS`` entries
 (``red_applies``) and ``lowrank_edit`` without an index, no ``A`` and no ``C``
 (``const_rows_applies``), on the PyTorch backend, outside ``torch.compile``, ``torch.func``
 transforms and forward-mode AD, on a contiguous float32 or float64 CPU ``h`` with every
-parameter contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). Numerics: one dtype
+parameter contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). ``red`` and
+``lowrank_edit`` with a one-row latent reach their op before their own Python checks
+(``quick_op``; the op checks its arguments in C++, and a call it refuses takes the checked path).
+The autograd nodes of ``red`` and ``const_rows`` are plain ``Node``s (docs/backends.md). Numerics: one dtype
 throughout, as the PyTorch path; sums over rows by fixed blocks added in order, so the same bits
 whatever the number of threads (see each source's header).
 
@@ -211,6 +214,26 @@ def const_rows_applies(h, a, B, c) -> bool:
     backend is this extension's: as ``red_applies``. Does not build anything."""
     return (h.dtype in _DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous()
             and h.numel() > 0 and _fits(B, h) and _fits(a, h) and _fits(c, h) and enabled() and "error" not in _state)
+
+
+def quick_op(name, h, params):
+    """The op ``name`` (``"red"``, ``"const_rows"``) for a call of the public op that cheap tests
+    give to this extension before any of its own checks, or None: a plain contiguous float32 or
+    float64 CPU ``h`` with at least one element, ``params`` each None or a plain contiguous
+    tensor in ``h``'s dtype, the extension on and built. The caller has established the PyTorch backend
+    outside torch.compile, ``torch.func`` transforms and forward-mode AD (``functional.py``,
+    ``_quick``). The op checks the rest itself (shapes, devices, contiguity, ``r >= 1``) and
+    raises before it computes anything; the caller then takes its checked path, which names
+    the problem or runs the call elsewhere."""
+    if not (type(h) in _PLAIN and h.dtype in _DTYPES and h.is_cpu and h.is_contiguous() and h.numel() > 0):
+        return None
+    dtype = h.dtype
+    for t in params:  # (a strided parameter would be refused by the op: an exception per call)
+        if t is not None and (type(t) not in _PLAIN or t.dtype != dtype or not t.is_contiguous()):
+            return None
+    if not enabled() or "error" in _state:
+        return None
+    return _call(name)
 
 
 def const_rows(h, a, B, c, spec):

@@ -5,12 +5,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace reft_cpu {
@@ -61,6 +63,17 @@ template <typename Fn, const char* Name>
 const c10::TypedOperatorHandle<Fn>& op_handle() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").template typed<Fn>();
   return op;
+}
+
+// A new autograd node of type N, held as the torch in use holds nodes: an intrusive pointer
+// where Node is an intrusive_ptr_target (torch 2.13), a shared pointer before (torch 2.11).
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N());
+  }
 }
 
 inline at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }

@@ -16,7 +16,9 @@
 // whatever the number of threads; then dB = z^T s, dz = B s, da = dz act'(a), dc = -dz.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include "common.h"
 #include <torch/library.h>
 
@@ -43,9 +45,9 @@ void check_args(const at::Tensor& h, const std::optional<at::Tensor>& a, const a
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, "const_rows: h must be float32 or float64, got ",
               h.scalar_type());
   TORCH_CHECK(act >= 0 && act < reft_cpu::kNumAct, "const_rows: unknown activation code ", act);
-  TORCH_CHECK(B.dim() == 2 && B.size(1) == h.size(-1) && B.scalar_type() == h.scalar_type() && B.is_contiguous() &&
+  TORCH_CHECK(B.dim() == 2 && B.size(0) >= 1 && B.size(1) == h.size(-1) && B.scalar_type() == h.scalar_type() && B.is_contiguous() &&
                   B.device().is_cpu(),
-              "const_rows: B must be a contiguous (r, d) CPU tensor in h's dtype, d = ", h.size(-1));
+              "const_rows: B must be a contiguous (r, d) CPU tensor in h's dtype, r >= 1, d = ", h.size(-1));
   for (const auto* t : {&a, &c}) {
     if (t->has_value() && (*t)->defined()) {
       const at::Tensor& p = **t;
@@ -141,53 +143,70 @@ constexpr char kBwdName[] = "reft_kernels_cpu::const_rows_bwd";
 const auto& fwd_op() { return reft_cpu::op_handle<decltype(const_rows_fwd_cpu), kFwdName>(); }
 const auto& bwd_op() { return reft_cpu::op_handle<decltype(const_rows_bwd_cpu), kBwdName>(); }
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Inputs: h, a, B, c (a, c nullopt when absent: not inputs of the node), act.
-struct ConstRowsFunction : public torch::autograd::Function<ConstRowsFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& a,
-                            const at::Tensor& B, const std::optional<at::Tensor>& c, int64_t act) {
-    at::Tensor y, z;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, z) = fwd_op().call(h, a, B, c, act);
-    }
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["present"] = c10::List<bool>({a.has_value(), c.has_value()});
-    ctx->save_for_backward({z, opt(a), B});
-    return y;
+// The autograd node of const_rows: a plain Node, as PyTorch's own generated ops have (a
+// torch::autograd::Function's entry costs more per call: red.cpp). Edges: h, a, B, c (an absent
+// a or c has an empty edge).
+struct ConstRowsBackward : public torch::autograd::Node {
+  SavedVariable z_, a_, B_;
+  int64_t act_ = 0;
+  bool has_a_ = false, has_c_ = false;
+
+  std::string name() const override { return "reft_kernels::ConstRowsBackward"; }
+
+  void release_variables() override {
+    z_.reset_data();
+    a_.reset_data();
+    B_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const auto present = ctx->saved_data["present"].toBoolList();
-    size_t edge = 1;
-    auto needs = [&](bool is_input) { return is_input && ctx->needs_input_grad(edge++); };
-    const bool need_a = needs(present[0]), need_B = needs(true), need_c = needs(present[1]);
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& g = grads[0];
-    at::Tensor da, dB, dc;
-    if (need_a || need_B || need_c) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(da, dB, dc) = bwd_op().call(g, saved[0], maybe(saved[1]), saved[2], ctx->saved_data["act"].toInt(),
-                                           c10::List<bool>({need_a, need_B, need_c}));
-    }
-    auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
-    variable_list out = {keep(need_a, da), keep(need_B, dB), keep(need_c, dc)};
-    reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.lowrank_edit");
+    const bool need_h = task_should_compute_output(0);
+    const bool need_a = has_a_ && task_should_compute_output(1);
+    const bool need_B = task_should_compute_output(2);
+    const bool need_c = has_c_ && task_should_compute_output(3);
+    variable_list out(4);
+    if (!g.defined()) return out;
     // dh = g: the edit adds the same row to every row (passed on as it is, as eager's add does)
-    return {ctx->needs_input_grad(0) ? g : at::Tensor(), out[0], out[1], out[2], at::Tensor()};
+    if (need_h) out[0] = g;
+    if (!(need_a || need_B || need_c)) return out;
+    const at::Tensor z = z_.unpack(), a = a_.unpack(), B = B_.unpack();
+    at::Tensor da, dB, dc;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(da, dB, dc) = bwd_op().call(g, z, maybe(a), B, act_, c10::List<bool>({need_a, need_B, need_c}));
+    }
+    variable_list params = {need_a ? da : at::Tensor(), need_B ? dB : at::Tensor(), need_c ? dc : at::Tensor()};
+    reft_cpu::refuse_double_backward(params, g, {z, a, B}, "reft_kernels.lowrank_edit");
+    out[1] = params[0];
+    out[2] = params[1];
+    out[3] = params[2];
+    return out;
   }
 };
 
 at::Tensor const_rows_autograd(const at::Tensor& h, const std::optional<at::Tensor>& a, const at::Tensor& B,
                                const std::optional<at::Tensor>& c, int64_t act) {
-  if (!torch::autograd::GradMode::is_enabled() ||
-      !(h.requires_grad() || B.requires_grad() || reft_cpu::wants_grad(a) || reft_cpu::wants_grad(c))) {
-    at::AutoDispatchBelowADInplaceOrView below;  // no gradient: the forward alone, no node
-    return std::get<0>(fwd_op().call(h, a, B, c, act));
+  const at::Tensor at_ = opt(a), ct = opt(c);
+  at::Tensor y, z;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(y, z) = fwd_op().call(h, a, B, c, act);
   }
-  return ConstRowsFunction::apply(h, a, B, c, act);
+  if (!torch::autograd::compute_requires_grad(h, at_, B, ct)) return y;  // no gradient: no node
+  auto node = reft_cpu::make_node<ConstRowsBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(h, at_, B, ct));
+  node->act_ = act;
+  node->has_a_ = at_.defined();
+  node->has_c_ = ct.defined();
+  node->z_ = SavedVariable(z, false);
+  node->a_ = SavedVariable(at_, false);
+  node->B_ = SavedVariable(B, false);
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 at::Tensor const_rows_cpu(const at::Tensor& h, const std::optional<at::Tensor>& a, const at::Tensor& B,

@@ -17,7 +17,9 @@
 // run in parallel through at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include "common.h"
 #include <torch/library.h>
 
@@ -137,53 +139,64 @@ constexpr char kBwdName[] = "reft_kernels_cpu::red_bwd";
 const auto& fwd_op() { return reft_cpu::op_handle<decltype(red_fwd_cpu), kFwdName>(); }
 const auto& bwd_op() { return reft_cpu::op_handle<decltype(red_bwd_cpu), kBwdName>(); }
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Inputs: h, scale, bias (nullopt when absent: not inputs of the node).
-struct RedFunction : public torch::autograd::Function<RedFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& scale,
-                            const std::optional<at::Tensor>& bias) {
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      y = fwd_op().call(h, scale, bias);
-    }
-    const bool has_s = scale.has_value(), has_t = bias.has_value();
-    ctx->saved_data["present"] = c10::List<bool>({has_s, has_t});
-    // h only when scale needs a gradient (as the PyTorch path)
-    const bool keep_h = has_s && scale->requires_grad();
-    ctx->save_for_backward({keep_h ? h : at::Tensor(), opt(scale)});
-    return y;
+// The autograd node of red: a plain Node, as PyTorch's own generated ops have (a
+// torch::autograd::Function's entry costs more per call; see red_autograd). Edges: h, scale,
+// bias (an absent parameter's edge is empty).
+struct RedBackward : public torch::autograd::Node {
+  SavedVariable h_;      // only when scale needs a gradient (as the PyTorch path)
+  SavedVariable scale_;  // when scale is present
+  bool has_scale_ = false, has_bias_ = false;
+
+  std::string name() const override { return "reft_kernels::RedBackward"; }
+
+  void release_variables() override {
+    h_.reset_data();
+    scale_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const auto present = ctx->saved_data["present"].toBoolList();
-    size_t edge = 1;
-    auto needs = [&](bool is_input) { return is_input && ctx->needs_input_grad(edge++); };
-    const bool need_ds = needs(present[0]), need_dt = needs(present[1]);
-    c10::List<bool> need({ctx->needs_input_grad(0), need_ds, need_dt});
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& g = grads[0];
+    const bool need_dh = task_should_compute_output(0);
+    const bool need_ds = has_scale_ && task_should_compute_output(1);
+    const bool need_dt = has_bias_ && task_should_compute_output(2);
+    variable_list out(3);
+    if (!g.defined() || !(need_dh || need_ds || need_dt)) return out;
+    const at::Tensor h = need_ds ? h_.unpack() : at::Tensor();
+    const at::Tensor s = has_scale_ ? scale_.unpack() : at::Tensor();
     at::Tensor dh, ds, dt;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dh, ds, dt) = bwd_op().call(g, need_ds ? std::optional<at::Tensor>(saved[0]) : std::nullopt,
-                                           saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt, need);
+      std::tie(dh, ds, dt) = bwd_op().call(g, maybe(h), maybe(s), c10::List<bool>({need_dh, need_ds, need_dt}));
     }
-    auto keep = [](bool needed, const at::Tensor& t) { return needed ? t : at::Tensor(); };
-    variable_list out = {keep(need[0], dh), keep(need_ds, ds), keep(need_dt, dt)};
-    reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.red");
+    if (need_dh) out[0] = dh;
+    if (need_ds) out[1] = ds;
+    if (need_dt) out[2] = dt;
+    reft_cpu::refuse_double_backward(out, g, {h, s}, "reft_kernels.red");
     return out;
   }
 };
 
 at::Tensor red_autograd(const at::Tensor& h, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
-  if (!torch::autograd::GradMode::is_enabled() || !(h.requires_grad() || reft_cpu::wants_grad(scale) || reft_cpu::wants_grad(bias))) {
-    at::AutoDispatchBelowADInplaceOrView below;  // no gradient: the forward alone, no node
-    return fwd_op().call(h, scale, bias);
+  const at::Tensor s = opt(scale), t = opt(bias);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = fwd_op().call(h, scale, bias);
   }
-  return RedFunction::apply(h, scale, bias);
+  if (!torch::autograd::compute_requires_grad(h, s, t)) return y;  // no gradient: no node
+  auto node = reft_cpu::make_node<RedBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(h, s, t));
+  node->has_scale_ = s.defined();
+  node->has_bias_ = t.defined();
+  if (s.defined()) {
+    node->scale_ = SavedVariable(s, false);
+    if (s.requires_grad()) node->h_ = SavedVariable(h, false);
+  }
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 }  // namespace
