@@ -9,9 +9,10 @@
 //   red_bwd(g, h, scale, need) -> (dh, dscale, dbias)
 //                                       need = (dh, dscale, dbias); one not needed comes back as a
 //                                       0-element tensor; h is read only for dscale
-// Shapes and numerics: h (..., d) contiguous, float32 or float64; scale, bias (d,) contiguous in
-// h's dtype, either may be absent (undefined). y = fma(h, scale, bias), one rounding, as the
-// Triton and CUDA kernels. The column sums of the backward (dscale = sum g * h, dbias = sum g)
+// Shapes and numerics: h (..., d) contiguous, float32, float64 or bfloat16; scale, bias (d,)
+// contiguous in h's dtype (or float32 beside bfloat16 h), either may be absent (undefined).
+// Arithmetic in the accumulation dtype (float for bfloat16 h: common.h, "Storage and accumulation
+// types"): y = fma(h, scale, bias), one rounding, as the Triton and CUDA kernels. The column sums of the backward (dscale = sum g * h, dbias = sum g)
 // are taken over fixed blocks of kBlockRows rows, each block's partial summed in row order and
 // the partials then in block order: the same bits whatever the number of threads (the blocks
 // run in parallel through at::parallel_for).
@@ -40,15 +41,16 @@ constexpr int64_t kGrainRows = 256;
 
 void check_args(const at::Tensor& h, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1, "red: h must be a contiguous CPU tensor (..., d)");
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, "red: h must be float32 or float64, got ",
-              h.scalar_type());
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble || h.scalar_type() == at::kBFloat16,
+              "red: h must be float32, float64 or bfloat16, got ", h.scalar_type());
   const int64_t d = h.size(-1);
   for (const auto* t : {&scale, &bias}) {
     if (t->has_value() && (*t)->defined()) {
       const at::Tensor& p = **t;
-      TORCH_CHECK(p.dim() == 1 && p.size(0) == d && p.scalar_type() == h.scalar_type() && p.is_contiguous() &&
-                      p.device().is_cpu(),
-                  "red: scale and bias must be contiguous (", d, ",) CPU tensors in h's dtype");
+      TORCH_CHECK(p.dim() == 1 && p.size(0) == d && reft_cpu::param_dtype_ok(p.scalar_type(), h.scalar_type()) &&
+                      p.is_contiguous() && p.device().is_cpu(),
+                  "red: scale and bias must be contiguous (", d, ",) CPU tensors in h's dtype (or float32 beside "
+                  "bfloat16 h)");
     }
   }
 }
@@ -57,22 +59,26 @@ at::Tensor red_fwd_cpu(const at::Tensor& h, const std::optional<at::Tensor>& sca
   check_args(h, scale, bias);
   at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
   const int64_t d = h.size(-1), n = d ? h.numel() / d : 0;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "red_fwd", [&] {
+  const auto acc = reft_cpu::acc_type(h.scalar_type());
+  const at::Tensor s = reft_cpu::as_acc(opt(scale), acc), t = reft_cpu::as_acc(opt(bias), acc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "red_fwd", [&] {
+    using acc_t = reft_cpu::acc_t<scalar_t>;
+    using reft_cpu::ld;
+    using reft_cpu::st;
     const scalar_t* x = h.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
-    const at::Tensor s = opt(scale), t = opt(bias);
-    const scalar_t* sp = s.defined() ? s.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* tp = t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+    const acc_t* sp = s.defined() ? s.data_ptr<acc_t>() : nullptr;
+    const acc_t* tp = t.defined() ? t.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, n, kGrainRows, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* xi = x + i * d;
         scalar_t* yi = out + i * d;
         if (sp && tp) {
-          for (int64_t j = 0; j < d; ++j) yi[j] = std::fma(xi[j], sp[j], tp[j]);
+          for (int64_t j = 0; j < d; ++j) yi[j] = st<scalar_t>(std::fma(ld(xi[j]), sp[j], tp[j]));
         } else if (sp) {
-          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * sp[j];
+          for (int64_t j = 0; j < d; ++j) yi[j] = st<scalar_t>(ld(xi[j]) * sp[j]);
         } else if (tp) {
-          for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] + tp[j];
+          for (int64_t j = 0; j < d; ++j) yi[j] = st<scalar_t>(ld(xi[j]) + tp[j]);
         } else {
           for (int64_t j = 0; j < d; ++j) yi[j] = xi[j];
         }
@@ -82,50 +88,59 @@ at::Tensor red_fwd_cpu(const at::Tensor& h, const std::optional<at::Tensor>& sca
   return y;
 }
 
+// dscale and dbias come back in the accumulation dtype (float32 for bfloat16 g; the autograd
+// node casts each to its parameter's dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> red_bwd_cpu(const at::Tensor& g, const std::optional<at::Tensor>& h,
                                                            const std::optional<at::Tensor>& scale, c10::List<bool> need) {
   TORCH_CHECK(need.size() == 3, "red_bwd: need has 3 flags (dh, dscale, dbias)");
-  TORCH_CHECK(g.device().is_cpu() && g.dim() >= 1 && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble),
-              "red_bwd: g must be a float32 or float64 CPU tensor (..., d)");
+  TORCH_CHECK(g.device().is_cpu() && g.dim() >= 1 &&
+                  (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble || g.scalar_type() == at::kBFloat16),
+              "red_bwd: g must be a float32, float64 or bfloat16 CPU tensor (..., d)");
   const int64_t d = g.size(-1), n = d ? g.numel() / d : 0;
   const at::Tensor gc = g.contiguous();
-  const at::Tensor s = opt(scale);
+  const auto acc = reft_cpu::acc_type(g.scalar_type());
   const bool need_dh = need[0], need_ds = need[1], need_dt = need[2];
   TORCH_CHECK(!need_ds || (h.has_value() && h->sizes() == g.sizes() && h->is_contiguous() &&
                            h->scalar_type() == g.scalar_type()),
               "red_bwd: dscale needs h, contiguous, shaped and typed like g");
-  TORCH_CHECK(!s.defined() || (s.dim() == 1 && s.size(0) == d && s.scalar_type() == g.scalar_type() && s.is_contiguous()),
-              "red_bwd: scale must be a contiguous (d,) tensor in g's dtype");
+  TORCH_CHECK(!scale.has_value() || (scale->dim() == 1 && scale->size(0) == d && scale->is_contiguous() &&
+                                     reft_cpu::param_dtype_ok(scale->scalar_type(), g.scalar_type())),
+              "red_bwd: scale must be a contiguous (d,) tensor in g's dtype (or float32 beside bfloat16 g)");
+  const at::Tensor s = reft_cpu::as_acc(opt(scale), acc);
   auto opts = g.options();
+  auto acc_opts = opts.dtype(acc);
   at::Tensor dh = need_dh ? at::empty({n, d}, opts) : at::empty({0}, opts);
-  at::Tensor ds = need_ds ? at::empty({d}, opts) : at::empty({0}, opts);
-  at::Tensor dt = need_dt ? at::empty({d}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "red_bwd", [&] {
+  at::Tensor ds = need_ds ? at::empty({d}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor dt = need_dt ? at::empty({d}, acc_opts) : at::empty({0}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "red_bwd", [&] {
+    using acc_t = reft_cpu::acc_t<scalar_t>;
+    using reft_cpu::ld;
+    using reft_cpu::st;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const scalar_t* hp = need_ds ? h->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* sp = s.defined() ? s.data_ptr<scalar_t>() : nullptr;
+    const acc_t* sp = s.defined() ? s.data_ptr<acc_t>() : nullptr;
     scalar_t* dhp = need_dh ? dh.data_ptr<scalar_t>() : nullptr;
-    scalar_t* const out[2] = {need_ds ? ds.data_ptr<scalar_t>() : nullptr, need_dt ? dt.data_ptr<scalar_t>() : nullptr};
+    acc_t* const out[2] = {need_ds ? ds.data_ptr<acc_t>() : nullptr, need_dt ? dt.data_ptr<acc_t>() : nullptr};
     // per block: dh's rows, and the partial column sums of g * h and of g
-    reft_cpu::blocked_column_sums<scalar_t>(n, d, 2, out, opts, [&](int64_t i0, int64_t i1, scalar_t* partial) {
-      scalar_t* psh = partial;
-      scalar_t* pst = partial + d;
+    reft_cpu::blocked_column_sums<acc_t>(n, d, 2, out, acc_opts, [&](int64_t i0, int64_t i1, acc_t* partial) {
+      acc_t* psh = partial;
+      acc_t* pst = partial + d;
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* gi = gp + i * d;
         if (dhp) {
           scalar_t* o = dhp + i * d;
           if (sp) {
-            for (int64_t j = 0; j < d; ++j) o[j] = gi[j] * sp[j];
+            for (int64_t j = 0; j < d; ++j) o[j] = st<scalar_t>(ld(gi[j]) * sp[j]);
           } else {
             for (int64_t j = 0; j < d; ++j) o[j] = gi[j];
           }
         }
         if (hp) {
           const scalar_t* hi = hp + i * d;
-          for (int64_t j = 0; j < d; ++j) psh[j] += gi[j] * hi[j];
+          for (int64_t j = 0; j < d; ++j) psh[j] += ld(gi[j]) * ld(hi[j]);
         }
         if (need_dt) {
-          for (int64_t j = 0; j < d; ++j) pst[j] += gi[j];
+          for (int64_t j = 0; j < d; ++j) pst[j] += ld(gi[j]);
         }
       }
     });
@@ -149,6 +164,7 @@ struct RedBackward : public torch::autograd::Node {
   SavedVariable h_;      // only when scale needs a gradient (as the PyTorch path)
   SavedVariable scale_;  // when scale is present
   bool has_scale_ = false, has_bias_ = false;
+  at::ScalarType scale_dtype_ = at::kFloat, bias_dtype_ = at::kFloat;  // the gradients' dtypes
 
   std::string name() const override { return "reft_kernels::RedBackward"; }
 
@@ -172,8 +188,8 @@ struct RedBackward : public torch::autograd::Node {
       std::tie(dh, ds, dt) = bwd_op().call(g, maybe(h), maybe(s), c10::List<bool>({need_dh, need_ds, need_dt}));
     }
     if (need_dh) out[0] = dh;
-    if (need_ds) out[1] = ds;
-    if (need_dt) out[2] = dt;
+    if (need_ds) out[1] = reft_cpu::in_dtype(ds, scale_dtype_);
+    if (need_dt) out[2] = reft_cpu::in_dtype(dt, bias_dtype_);
     reft_cpu::refuse_double_backward(out, g, {h, s}, "reft_kernels.red");
     return out;
   }
@@ -191,6 +207,8 @@ at::Tensor red_autograd(const at::Tensor& h, const std::optional<at::Tensor>& sc
   node->set_next_edges(torch::autograd::collect_next_edges(h, s, t));
   node->has_scale_ = s.defined();
   node->has_bias_ = t.defined();
+  if (s.defined()) node->scale_dtype_ = s.scalar_type();
+  if (t.defined()) node->bias_dtype_ = t.scalar_type();
   if (s.defined()) {
     node->scale_ = SavedVariable(s, false);
     if (s.requires_grad()) node->h_ = SavedVariable(h, false);

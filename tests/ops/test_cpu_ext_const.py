@@ -1,6 +1,6 @@
 """The CPU extension's edit of every row with a latent that is one row (``const_rows.cpp``:
 LoBiReFT's ``h + b R`` and the other a/c-only patterns), taken by ``lowrank_edit`` without an
-index on float32/float64 CPU tensors: against the float64 reference (output and every gradient)
+index on float32/float64 CPU tensors and on bfloat16 ones (parameters bfloat16 or float32): against the float64 reference (output and every gradient)
 for each term pattern and activation, each input alone requiring grad, the same bits whatever
 the thread count, no-grad calls, the calls left to the PyTorch path; a dispatch mode confirms
 which path ran.
@@ -32,6 +32,37 @@ def test_against_reference(terms, act, dtype, lead):
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit, lowrank_ref_fn, base, view, params,
                                 kernel_kwargs={"act": act}, ref_kwargs={"act": act})
+    assert names == ["const_rows_fwd", "const_rows_bwd"]
+
+
+@pytest.mark.parametrize("terms", ["Ba", "Bac", "Bc"])
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+def test_bfloat16_rows_against_reference(terms, act, param_dtype):
+    """bfloat16 h: each element read into float, the row z B added in float, rounded once; the
+    parameter gradients summed in float and returned in each parameter's dtype."""
+    torch.manual_seed(hash((terms, act, str(param_dtype))) % 2**31)
+    base, view = make_base("contiguous", (3, 100), 40, torch.bfloat16)
+    base.requires_grad_(True)
+    params = make_lowrank_params(40, 5, param_dtype, terms=terms)
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit, lowrank_ref_fn, base, view, params,
+                                kernel_kwargs={"act": act}, ref_kwargs={"act": act})
+    assert names == ["const_rows_fwd", "const_rows_bwd"]
+
+
+@pytest.mark.parametrize("r", [1, 15, 16, 17, 64])
+def test_parameter_gradients_over_every_rank_and_lane_tail(r):
+    """dz = B s is summed in 16 lanes and a tail: ranks and widths around the lane count, against
+    the float64 reference."""
+    torch.manual_seed(r)
+    d = 16 * 3 + r % 7  # a tail after the lanes unless r % 7 == 0
+    base, view = make_base("contiguous", (2, 50), d, torch.float32)
+    base.requires_grad_(True)
+    params = make_lowrank_params(d, r, torch.float32, terms="Bac")
+    with ext_ops() as names:
+        check_against_reference(rk.lowrank_edit, lowrank_ref_fn, base, view, params,
+                                kernel_kwargs={"act": "silu"}, ref_kwargs={"act": "silu"})
     assert names == ["const_rows_fwd", "const_rows_bwd"]
 
 
@@ -76,13 +107,14 @@ def test_without_gradient():
     torch.testing.assert_close(y, h + params["a"].detach() @ params["B"].detach(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp32_h_fp64_params", "transposed", "tied", "with_index", "off"])
+@pytest.mark.parametrize("case", ["fp16", "fp32_h_fp64_params", "bf16_h_fp64_params", "transposed", "tied",
+                                  "with_index", "off"])
 def test_calls_left_to_the_pytorch_path(case, monkeypatch):
     torch.manual_seed(5)
-    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    dtype = {"fp16": torch.float16, "bf16_h_fp64_params": torch.bfloat16}.get(case, torch.float32)
     base, view = make_base("transposed" if case == "transposed" else "contiguous", (3, 5), 16, dtype)
     base.requires_grad_(True)
-    pdtype = torch.float64 if case == "fp32_h_fp64_params" else dtype
+    pdtype = torch.float64 if case in ("fp32_h_fp64_params", "bf16_h_fp64_params") else dtype
     params = make_lowrank_params(16, 2, pdtype, terms="Ba", tied=case == "tied")
     index = torch.tensor([0, 4, -1]) if case == "with_index" else None
     if case == "off":

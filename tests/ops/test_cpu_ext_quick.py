@@ -85,11 +85,11 @@ def _close_to_reference(y, grads, want, want_grads):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["strided_R", "fp64_h_fp32_params", "bf16_h"])
+@pytest.mark.parametrize("case", ["strided_R", "fp64_h_fp32_params", "fp16_h"])
 def test_lobireft_calls_the_extension_leaves_still_run(case):
-    """A transposed R, parameters in another dtype than h, a bfloat16 h: the PyTorch path."""
+    """A transposed R, float32 parameters beside float64 h, a float16 h: the PyTorch path."""
     torch.manual_seed(3)
-    dtype = {"fp64_h_fp32_params": torch.float64, "bf16_h": torch.bfloat16}.get(case, torch.float32)
+    dtype = {"fp64_h_fp32_params": torch.float64, "fp16_h": torch.float16}.get(case, torch.float32)
     h = torch.randn(2, 5, D, dtype=dtype, requires_grad=True)
     Rm = (torch.randn(D, R).t() if case == "strided_R" else torch.randn(R, D)).requires_grad_()
     b = torch.randn(R, requires_grad=True)
@@ -101,8 +101,8 @@ def test_lobireft_calls_the_extension_leaves_still_run(case):
     h64, R64, b64 = (t.detach().double().requires_grad_() for t in (h, Rm, b))
     want = h64 + b64 @ R64
     want_grads = torch.autograd.grad(want, [h64, R64, b64], g.double())
-    if case == "bf16_h":
-        torch.testing.assert_close(y.double(), want.detach(), rtol=2e-2, atol=2e-2)
+    if case == "fp16_h":
+        torch.testing.assert_close(y.double(), want.detach(), rtol=2e-3, atol=2e-3)
         return
     _close_to_reference(y, grads, want, want_grads)
 

@@ -1,5 +1,5 @@
 """The CPU extension's RED (``reft_kernels/cpu_ext/red.cpp``): taken by ``red`` on float32/float64
-CPU tensors, checked against the float64 reference (output and every gradient) for each pair of
+CPU tensors and on bfloat16 ones (parameters bfloat16 or float32; float inside), checked against the float64 reference (output and every gradient) for each pair of
 terms, row counts that span several of the backward's row blocks, and each input alone requiring
 grad; a dispatch mode confirms which path ran. Also: the same bits whatever the thread count,
 no-grad and inference calls, the calls left to the PyTorch path, and direct calls of the op.
@@ -32,6 +32,37 @@ def test_against_reference(terms, dtype, lead):
     with ext_ops() as names:
         check_against_reference(rk.red, red_ref_fn, base, view, params)
     assert names == ["red_fwd", "red_bwd"]
+
+
+@pytest.mark.parametrize("terms", ["st", "s", "t"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead", [(3, 7), (3, 100)])
+def test_bfloat16_rows_against_reference(terms, param_dtype, lead):
+    """bfloat16 h: each element read into float, fma with float parameters, rounded once; the
+    parameter gradients summed in float and returned in each parameter's dtype."""
+    torch.manual_seed(hash((terms, str(param_dtype), lead)) % 2**31)
+    base, view = make_base("contiguous", lead, 37, torch.bfloat16)
+    base.requires_grad_(True)
+    params = make_red_params(37, param_dtype, terms=terms)
+    with ext_ops() as names:
+        check_against_reference(rk.red, red_ref_fn, base, view, params)
+    assert names == ["red_fwd", "red_bwd"]
+
+
+def test_bfloat16_rounds_once():
+    """y is fma(h, s, t) in float rounded to bfloat16 once: bit for bit the float result's rounding
+    (NaN and infinities included)."""
+    torch.manual_seed(6)
+    h = torch.randn(64, 40).bfloat16()
+    h[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    s, t = torch.randn(40) * 3, torch.randn(40)
+    with ext_ops() as names:
+        y = rk.red(h, s, t)
+    assert names == ["red"] or names == ["red_fwd"]
+    want = torch.addcmul(t.double(), h.double(), s.double()).float().bfloat16()  # fma's one rounding, in float
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(y), nan) and nan.any()  # (a NaN's payload may differ)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("grad_of", ["h", "scale", "bias"])
@@ -79,14 +110,15 @@ def test_without_gradient(mode):
     torch.testing.assert_close(y.double(), want.detach(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp32_h_bf16_params", "transposed", "off", "empty"])
+@pytest.mark.parametrize("case", ["fp16", "fp32_h_bf16_params", "bf16_h_fp64_params", "transposed", "off", "empty"])
 def test_calls_left_to_the_pytorch_path(case, monkeypatch):
     torch.manual_seed(5)
-    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    dtype = {"fp16": torch.float16, "bf16_h_fp64_params": torch.bfloat16}.get(case, torch.float32)
     base, view = make_base("transposed" if case == "transposed" else "contiguous", (0,) if case == "empty" else (3, 5),
                            16, dtype)
     base.requires_grad_(True)
-    params = make_red_params(16, torch.bfloat16 if case in ("bf16", "fp32_h_bf16_params") else torch.float32)
+    params = make_red_params(16, {"fp16": torch.float16, "fp32_h_bf16_params": torch.bfloat16,
+                                  "bf16_h_fp64_params": torch.float64}.get(case, torch.float32))
     if case == "off":
         monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
     with ext_ops() as names:
@@ -94,11 +126,11 @@ def test_calls_left_to_the_pytorch_path(case, monkeypatch):
     assert names == []
 
 
-@pytest.mark.parametrize("case", ["bf16_h", "short_scale", "bias_dtype", "transposed_h"])
+@pytest.mark.parametrize("case", ["fp16_h", "short_scale", "bias_dtype", "transposed_h"])
 def test_direct_calls_of_the_op_are_checked(case):
     op = cpu_ext.red_op()
     assert op is not None, cpu_ext.status()
-    h = torch.randn(6, 8, dtype=torch.bfloat16 if case == "bf16_h" else torch.float32)
+    h = torch.randn(6, 8, dtype=torch.float16 if case == "fp16_h" else torch.float32)
     if case == "transposed_h":
         h = torch.randn(8, 6).t()
     scale = torch.randn(7 if case == "short_scale" else 8)
