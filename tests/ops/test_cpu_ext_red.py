@@ -22,28 +22,16 @@ pytestmark = pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR
 
 
 @pytest.mark.parametrize("terms", ["st", "s", "t", ""])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# (h's dtype, the parameters'): bfloat16 rows are read into float, fma with float parameters and
+# rounded once, the parameter gradients summed in float and returned in each parameter's dtype
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16,) * 2,
+                                    (torch.bfloat16, torch.float32)], ids=["fp32", "fp64", "bf16", "bf16_fp32_params"])
 @pytest.mark.parametrize("lead", [(1,), (3, 7), (3, 100)])  # 300 rows: three row blocks, the last short
-def test_against_reference(terms, dtype, lead):
-    torch.manual_seed(hash((terms, str(dtype), lead)) % 2**31)
-    base, view = make_base("contiguous", lead, 21, dtype)
+def test_against_reference(terms, dtypes, lead):
+    torch.manual_seed(hash((terms, str(dtypes), lead)) % 2**31)
+    base, view = make_base("contiguous", lead, 21, dtypes[0])
     base.requires_grad_(True)
-    params = make_red_params(21, dtype, terms=terms)
-    with ext_ops() as names:
-        check_against_reference(rk.red, red_ref_fn, base, view, params)
-    assert names == ["red_fwd", "red_bwd"]
-
-
-@pytest.mark.parametrize("terms", ["st", "s", "t"])
-@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("lead", [(3, 7), (3, 100)])
-def test_bfloat16_rows_against_reference(terms, param_dtype, lead):
-    """bfloat16 h: each element read into float, fma with float parameters, rounded once; the
-    parameter gradients summed in float and returned in each parameter's dtype."""
-    torch.manual_seed(hash((terms, str(param_dtype), lead)) % 2**31)
-    base, view = make_base("contiguous", lead, 37, torch.bfloat16)
-    base.requires_grad_(True)
-    params = make_red_params(37, param_dtype, terms=terms)
+    params = make_red_params(21, dtypes[1], terms=terms)
     with ext_ops() as names:
         check_against_reference(rk.red, red_ref_fn, base, view, params)
     assert names == ["red_fwd", "red_bwd"]
