@@ -194,6 +194,15 @@ def _fits_rows(t, h) -> bool:
                          and t.is_cpu and t.is_contiguous())
 
 
+def _rows_apply(h, params) -> bool:
+    """Whether red and const_rows take ``h`` with ``params`` (each None or a tensor): a plain
+    contiguous float32, float64 or bfloat16 CPU ``h`` with at least one element, every parameter
+    ``_fits_rows``, the extension on and not failed. The test of ``red_applies``,
+    ``const_rows_applies`` and ``quick_op``."""
+    return (h.dtype in _ROW_DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous() and h.numel() > 0
+            and all(_fits_rows(t, h) for t in params) and enabled() and "error" not in _state)
+
+
 def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
     """Whether the checked call ``lowrank_edit_(h, ...)`` on the PyTorch backend, ``index`` the
     checked (contiguous int64) index and ``C`` None when tied, is this extension's (see the
@@ -217,38 +226,24 @@ def red_applies(h, scale, bias) -> bool:
     """Whether the checked call ``red(h, scale, bias)`` on the PyTorch backend is this
     extension's: a contiguous float32/float64 CPU ``h`` with at least one row and the parameters
     contiguous in its dtype, plain tensors. Does not build anything."""
-    return (h.dtype in _ROW_DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous()
-            and h.numel() > 0 and _fits_rows(scale, h) and _fits_rows(bias, h) and enabled() and "error" not in _state)
+    return _rows_apply(h, (scale, bias))
 
 
 def const_rows_applies(h, a, B, c) -> bool:
     """Whether the checked call ``lowrank_edit(h, B, None, a, None, c)`` (every row, a latent
     that is one row: LoBiReFT and the other a/c-only term patterns, not tied) on the PyTorch
     backend is this extension's: as ``red_applies``. Does not build anything."""
-    return (h.dtype in _ROW_DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous()
-            and h.numel() > 0 and _fits_rows(B, h) and _fits_rows(a, h) and _fits_rows(c, h) and enabled()
-            and "error" not in _state)
+    return _rows_apply(h, (a, B, c))
 
 
 def quick_op(name, h, params):
-    """The op ``name`` (``"red"``, ``"const_rows"``) for a call of the public op that cheap tests
-    give to this extension before any of its own checks, or None: a plain contiguous float32,
-    float64 or bfloat16 CPU ``h`` with at least one element, ``params`` each None or a plain
-    contiguous tensor in ``h``'s dtype (or float32 beside bfloat16), the extension on and built. The caller has established the PyTorch backend
-    outside torch.compile, ``torch.func`` transforms and forward-mode AD (``functional.py``,
-    ``_quick``). The op checks the rest itself (shapes, devices, contiguity, ``r >= 1``) and
-    raises before it computes anything; the caller then takes its checked path, which names
-    the problem or runs the call elsewhere."""
-    if not (type(h) in _PLAIN and h.dtype in _ROW_DTYPES and h.is_cpu and h.is_contiguous() and h.numel() > 0):
-        return None
-    dtype = h.dtype
-    also = torch.float32 if dtype == torch.bfloat16 else dtype
-    for t in params:  # (a strided parameter would be refused by the op: an exception per call)
-        if t is not None and (type(t) not in _PLAIN or (t.dtype != dtype and t.dtype != also) or not t.is_contiguous()):
-            return None
-    if not enabled() or "error" in _state:
-        return None
-    return _call(name)
+    """The op ``name`` (``"red"``, ``"const_rows"``) for a call of the public op that this
+    extension takes (``_rows_apply``), found before any of the op's Python checks, or None. The
+    caller has established the PyTorch backend outside torch.compile, ``torch.func`` transforms
+    and forward-mode AD (``functional._quick_call``). The op checks the rest itself (shapes,
+    ``r >= 1``) and raises before it computes anything; the caller then takes its checked path,
+    which names the problem."""
+    return _call(name) if _rows_apply(h, params) else None
 
 
 def const_rows(h, a, B, c, spec):

@@ -112,12 +112,8 @@ template <> inline c10::BFloat16 st<c10::BFloat16>(float v) {
 // Whether a parameter's dtype goes with rows of dtype h: the same, or float32 beside bfloat16 rows.
 inline bool param_dtype_ok(at::ScalarType p, at::ScalarType h) { return p == h || (h == at::kBFloat16 && p == at::kFloat); }
 
-// t in the accumulation dtype acc (undefined stays undefined; no copy when it has it already).
-inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
-  return !t.defined() || t.scalar_type() == acc ? t : t.to(acc);
-}
-
-// A gradient computed in the accumulation dtype, in its parameter's dtype.
+// t in dtype (undefined stays undefined; no copy when it has it already): the parameters in the
+// accumulation dtype, and the gradients computed there back in their parameters' dtypes.
 inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return !t.defined() || t.scalar_type() == dtype ? t : t.to(dtype);
 }

@@ -91,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> const_rows_fwd_cpu(const at::Tensor& h, const
   const auto acc = reft_cpu::acc_type(h.scalar_type());
   at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
   at::Tensor z = at::empty({r}, B.options().dtype(acc));
-  const at::Tensor at_ = reft_cpu::as_acc(opt(a), acc), ct = reft_cpu::as_acc(opt(c), acc);
-  const at::Tensor Ba = reft_cpu::as_acc(B, acc);
+  const at::Tensor at_ = reft_cpu::in_dtype(opt(a), acc), ct = reft_cpu::in_dtype(opt(c), acc);
+  const at::Tensor Ba = reft_cpu::in_dtype(B, acc);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "const_rows_fwd", [&] {
     using acc_t = reft_cpu::acc_t<scalar_t>;
     using reft_cpu::ld;
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> const_rows_bwd_cpu(const at::Tens
   TORCH_CHECK(z.numel() == r && z.scalar_type() == acc && z.is_contiguous(),
               "const_rows_bwd: z must be the forward's (r,) latent");
   auto opts = B.options().dtype(acc);
-  const at::Tensor Ba = reft_cpu::as_acc(B, acc), at_ = reft_cpu::as_acc(opt(a), acc);
+  const at::Tensor Ba = reft_cpu::in_dtype(B, acc), at_ = reft_cpu::in_dtype(opt(a), acc);
   at::Tensor da = need[0] ? at::empty({r}, opts) : at::empty({0}, opts);
   at::Tensor dB = need[1] ? at::empty({r, d}, opts) : at::empty({0}, opts);
   at::Tensor dc = need[2] ? at::empty({r}, opts) : at::empty({0}, opts);

@@ -60,7 +60,7 @@ at::Tensor red_fwd_cpu(const at::Tensor& h, const std::optional<at::Tensor>& sca
   at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
   const int64_t d = h.size(-1), n = d ? h.numel() / d : 0;
   const auto acc = reft_cpu::acc_type(h.scalar_type());
-  const at::Tensor s = reft_cpu::as_acc(opt(scale), acc), t = reft_cpu::as_acc(opt(bias), acc);
+  const at::Tensor s = reft_cpu::in_dtype(opt(scale), acc), t = reft_cpu::in_dtype(opt(bias), acc);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "red_fwd", [&] {
     using acc_t = reft_cpu::acc_t<scalar_t>;
     using reft_cpu::ld;
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_bwd_cpu(const at::Tensor& g, 
   TORCH_CHECK(!scale.has_value() || (scale->dim() == 1 && scale->size(0) == d && scale->is_contiguous() &&
                                      reft_cpu::param_dtype_ok(scale->scalar_type(), g.scalar_type())),
               "red_bwd: scale must be a contiguous (d,) tensor in g's dtype (or float32 beside bfloat16 g)");
-  const at::Tensor s = reft_cpu::as_acc(opt(scale), acc);
+  const at::Tensor s = reft_cpu::in_dtype(opt(scale), acc);
   auto opts = g.options();
   auto acc_opts = opts.dtype(acc);
   at::Tensor dh = need_dh ? at::empty({n, d}, opts) : at::empty({0}, opts);
