@@ -41,24 +41,16 @@ def _kernel_dtype_reason(h, backend):
     return f"the kernels support h in float16, bfloat16 or float32, got {h.dtype}"
 
 
-def _quick_call(name, h, backend, params, args):
-    """The call of the CPU extension's op ``name`` on ``args`` before the public op's checks,
-    where the extension takes it (``cpu_ext.quick_op``), or None. Those checks, the transform
-    tests and the backend pick cost 2-3 us a call in Python on the 2-core CPU; the op makes its
-    own checks in C++, and a call it refuses (None here) takes the checked path, which raises the
-    ValueError/TypeError that names the problem (or runs the call elsewhere). Measured there, warm,
-    two threads, d = 256, r = 8, with grad: LoBiReFT's call at N = 8, 6.8 -> 4.5 us (eager
-    ``h + b @ R`` 4.2-4.4 us)."""
-    if not isinstance(h, torch.Tensor) or not _plain_torch(backend, h) or not plain_call() \
-            or getattr(forward_ad, "_current_level", -1) >= 0:
+def _quick(name, h, backend, params):
+    """The CPU extension's op ``name`` where the call goes there before the public op's checks
+    (``cpu_ext.quick_op``), or None. Those checks, the transform tests and the backend pick cost
+    2-3 us a call in Python on the 2-core CPU; the op makes its own checks in C++, and a call it
+    refuses falls back to the checked path, which raises the ValueError/TypeError that names the
+    problem (or runs the call elsewhere). Measured there, warm, two threads, d = 256, r = 8, with
+    grad: LoBiReFT's call at N = 8, 6.8 -> 4.5 us (eager ``h + b @ R`` 4.2-4.4 us)."""
+    if not _plain_torch(backend, h) or not plain_call() or getattr(forward_ad, "_current_level", -1) >= 0:
         return None
-    op = cpu_ext.quick_op(name, h, params)
-    if op is None:
-        return None
-    try:
-        return op(*args)
-    except (RuntimeError, TypeError):  # refused: the checked path names the problem
-        return None
+    return cpu_ext.quick_op(name, h, params)
 
 
 def red(h, scale=None, bias=None, *, backend=None):
@@ -74,9 +66,12 @@ def red(h, scale=None, bias=None, *, backend=None):
     transforms and forward-mode AD only ``backend="torch"`` runs (plain PyTorch ops, the same
     numerics); the kernel backends raise RuntimeError there (``reft_kernels._transforms``).
     """
-    y = _quick_call("red", h, backend, (scale, bias), (h, scale, bias))
-    if y is not None:
-        return y
+    op = _quick("red", h, backend, (scale, bias)) if isinstance(h, torch.Tensor) else None
+    if op is not None:
+        try:
+            return op(h, scale, bias)
+        except (RuntimeError, TypeError):  # refused: the checks below name the problem
+            pass
     d = check_hidden(h)
     check_param(scale, "scale", (d,), h, optional=True)
     check_param(bias, "bias", (d,), h, optional=True)
@@ -233,11 +228,14 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
     dispatch picks it; ``"triton"``/``"cuda"`` raise RuntimeError before launching anything);
     ``index`` must then be a plain tensor, shared by every batch element.
     """
-    if index is None and A is None and C is None and act is None:
+    if index is None and A is None and C is None and act is None and isinstance(h, torch.Tensor):
         # a latent that is one row (LoBiReFT): straight to the extension where it takes the call
-        y = _quick_call("const_rows", h, backend, (a, B, c), (h, a, B, c, IDENTITY))
-        if y is not None:
-            return y
+        op = _quick("const_rows", h, backend, (a, B, c))
+        if op is not None:
+            try:
+                return op(h, a, B, c, IDENTITY)
+            except (RuntimeError, TypeError):  # refused: _prepare names the problem
+                pass
     spec, A, a, B, C, c, index, transformed = _prepare(h, B, A, a, C, c, act, index, backend, inplace=False)
     if transformed:
         return lowrank_torch.fwd_differentiable(h, A, a, B, C, c, spec, index)

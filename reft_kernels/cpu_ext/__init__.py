@@ -188,19 +188,21 @@ def _fits(t, h) -> bool:
     return t is None or (type(t) in _PLAIN and t.dtype == h.dtype and t.is_cpu and t.is_contiguous())
 
 
-def _fits_rows(t, h) -> bool:
-    """``_fits`` for red and const_rows: float32 parameters beside bfloat16 rows too."""
-    return t is None or (type(t) in _PLAIN and (t.dtype == h.dtype or (h.dtype == torch.bfloat16 and t.dtype == torch.float32))
-                         and t.is_cpu and t.is_contiguous())
-
-
 def _rows_apply(h, params) -> bool:
     """Whether red and const_rows take ``h`` with ``params`` (each None or a tensor): a plain
     contiguous float32, float64 or bfloat16 CPU ``h`` with at least one element, every parameter
-    ``_fits_rows``, the extension on and not failed. The test of ``red_applies``,
-    ``const_rows_applies`` and ``quick_op``."""
-    return (h.dtype in _ROW_DTYPES and h.is_cpu and type(h) in _PLAIN and h.is_contiguous() and h.numel() > 0
-            and all(_fits_rows(t, h) for t in params) and enabled() and "error" not in _state)
+    plain and contiguous in ``h``'s dtype (or float32 beside bfloat16 ``h``), the extension on
+    and not failed. The test of ``red_applies``, ``const_rows_applies`` and ``quick_op``."""
+    if not (type(h) in _PLAIN and h.dtype in _ROW_DTYPES and h.is_cpu and h.is_contiguous() and h.numel() > 0):
+        return False
+    dtype = h.dtype
+    also = torch.float32 if dtype == torch.bfloat16 else dtype
+    # no device test: the checked path has checked the devices before it asks, and the op
+    # refuses a wrong one
+    for t in params:
+        if t is not None and (type(t) not in _PLAIN or (t.dtype != dtype and t.dtype != also) or not t.is_contiguous()):
+            return False
+    return enabled() and "error" not in _state
 
 
 def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
@@ -240,7 +242,7 @@ def quick_op(name, h, params):
     """The op ``name`` (``"red"``, ``"const_rows"``) for a call of the public op that this
     extension takes (``_rows_apply``), found before any of the op's Python checks, or None. The
     caller has established the PyTorch backend outside torch.compile, ``torch.func`` transforms
-    and forward-mode AD (``functional._quick_call``). The op checks the rest itself (shapes,
+    and forward-mode AD (``functional._quick``). The op checks the rest itself (shapes,
     ``r >= 1``) and raises before it computes anything; the caller then takes its checked path,
     which names the problem."""
     return _call(name) if _rows_apply(h, params) else None
