@@ -253,6 +253,10 @@ def lowrank_edit(h, B, A=None, a=None, C=None, c=None, *, act=None, index=None, 
         out = cpu_ext.const_rows(h, a, B, c, spec)  # None: the extension is not built
         if out is not None:
             return out
+    elif spec.backend == "torch" and plain_call() and cpu_ext.lowrank_all_applies(h, A, a, B, C, c):
+        out = cpu_ext.lowrank_all(h, A, a, B, C, c, spec)  # None: the extension is not built
+        if out is not None:
+            return out
     return lowrank_function.run(h, A, a, B, C, c, spec, index)
 
 

@@ -1,6 +1,7 @@
 """The CPU extension: C++ ops for the calls whose cost on a CPU is their launches and Python, not
-their arithmetic, built on first use with the machine's C++ compiler (``lowrank_rows.cpp``, ``red.cpp``,
-``const_rows.cpp``, ``common.h``; docs/backends.md, "The CPU extension").
+their arithmetic, built on first use with the machine's C++ compiler (``lowrank_rows.cpp``,
+``lowrank_all.cpp``, ``red.cpp``, ``const_rows.cpp``, ``row_kernels.h``, ``common.h``;
+docs/backends.md, "The CPU extension").
 
 - ``torch.ops.reft_kernels_cpu.lowrank_rows_``: the in-place low-rank edit of listed rows,
   forward and backward each one pass, with its autograd node in C++. A model's ReFT hooks call
@@ -19,17 +20,23 @@ their arithmetic, built on first use with the machine's C++ compiler (``lowrank_
   (LoBiReFT's ``h + b R``): one op forward, and backward one op for the parameters while ``dh``
   is the incoming gradient itself, as eager's add (against 2-3 small launches and an add
   forward and a Python backward).
+- ``torch.ops.reft_kernels_cpu.lowrank_all``: the edit of every row otherwise (LoReFT, NoReFT,
+  DiReFT, NodiReFT, ConsReFT without an index), one pass over the rows forward and one backward,
+  bfloat16 rows read into float in registers (against the PyTorch path's products, on float32
+  copies for bfloat16 rows); the per-row kernels are ``lowrank_rows_``'s (``row_kernels.h``).
 
 When they run: ``lowrank_edit_`` with an index of at most ``MAX_ROWS`` entries
 (``lowrank_rows_applies``; ``lowrank_edit`` with an index edits a copy through it), ``red``
-(``red_applies``) and ``lowrank_edit`` without an index, no ``A`` and no ``C``
-(``const_rows_applies``), on the PyTorch backend, outside ``torch.compile``, ``torch.func``
-transforms and forward-mode AD, on a contiguous float32 or float64 CPU ``h`` (``red`` and
-``const_rows`` also bfloat16, their parameters then bfloat16 or float32, float inside) with every
-parameter contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). ``red`` and
+(``red_applies``), ``lowrank_edit`` without an index, no ``A`` and no ``C``
+(``const_rows_applies``), and ``lowrank_edit`` without an index otherwise, up to
+``LOWRANK_ALL_MAX_RANK`` (``lowrank_all_applies``; float32 and bfloat16 ``h`` only), on the
+PyTorch backend, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD, on a
+contiguous float32 or float64 CPU ``h`` (``red``, ``const_rows`` and ``lowrank_all`` also
+bfloat16, their parameters then bfloat16 or float32, float inside) with every parameter
+contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). ``red`` and
 ``lowrank_edit`` with a one-row latent reach their op before their own Python checks
 (``quick_op``; the op checks its arguments in C++, and a call it refuses takes the checked path).
-The autograd nodes of ``red`` and ``const_rows`` are plain ``Node``s (docs/backends.md). Numerics: one dtype
+The autograd nodes of ``red``, ``const_rows`` and ``lowrank_all`` are plain ``Node``s (docs/backends.md). Numerics: one dtype
 throughout, as the PyTorch path; sums over rows by fixed blocks added in order, so the same bits
 whatever the number of threads (see each source's header).
 
@@ -56,8 +63,9 @@ from .._environ import EnvSwitch
 
 ENV_VAR = "REFT_KERNELS_CPU_EXT"
 _ENABLED = EnvSwitch(ENV_VAR, lambda v: v.strip().lower() not in ("0", "false", "no", "off"))
-SOURCES = [Path(__file__).resolve().parent / name for name in ("lowrank_rows.cpp", "red.cpp", "const_rows.cpp")]
-HEADER = Path(__file__).resolve().parent / "common.h"
+SOURCES = [Path(__file__).resolve().parent / name
+           for name in ("lowrank_rows.cpp", "lowrank_all.cpp", "red.cpp", "const_rows.cpp")]
+HEADERS = [Path(__file__).resolve().parent / name for name in ("common.h", "row_kernels.h")]
 # Index entries above which the PyTorch path takes the call (measured up to here). Measured on
 # the 2-core CPU, both on two threads (fwd + bwd of the in-place edit of n of max(n, 1024) rows,
 # r = 8, median of 60), PyTorch path time over the extension's: d = 256: 2.01 (n = 128), 1.59
@@ -66,6 +74,18 @@ HEADER = Path(__file__).resolve().parent / "common.h"
 # 769 us per layer, the step +5.7% -> +4.6% over the frozen one.
 MAX_ROWS = 4096
 _DTYPES = (torch.float32, torch.float64)
+# The ranks up to which lowrank_edit over every row takes ``lowrank_all`` (h's dtype: r), measured
+# on the 2-core CPU (AMD EPYC, AVX-512, two threads; LoReFT, DiReFT and ConsReFT, parameters in
+# float32; ms forward / forward + backward, the PyTorch path against lowrank_all, in alternating
+# rounds in one process). bfloat16 h, N = 1024, d = 768: r = 8, 0.33-0.43 / 1.4-1.7 against
+# 0.13-0.16 / 0.49-0.54; r = 32, 0.62-0.79 / 2.8-3.0 against 0.55-0.57 / 2.1-2.2; r = 64,
+# 1.23-1.48 / 5.3-6.0 against 1.09-1.20 / 3.7-4.5; r = 128, 2.39-2.53 / 8.9-10.0 against
+# 2.28-2.35 / 7.6-9.6. N = 4096, d = 2048, r = 8: 7.7 / 25-27 against 2.2-2.5 / 8.1-8.5. float32
+# h, N = 1024, d = 768: r = 1, 0.17-0.23 / 0.76-1.0 against 0.07 / 0.28-0.31; r = 8, 0.29-0.32 /
+# 1.42-1.45 against 0.14-0.15 / 0.50-0.67; r = 32, 0.55-0.56 / 2.1-2.2 against 0.57-0.58 /
+# 1.7-1.9; r = 64, 1.12-1.18 / 4.0-4.3 against 1.14-1.16 / 3.5-4.3. Higher ranks are unmeasured
+# and stay on the PyTorch path; so do float64 h (the op takes it) and float16 (it does not).
+LOWRANK_ALL_MAX_RANK = {torch.float32: 64, torch.bfloat16: 128}
 # red and const_rows also take bfloat16 rows (float inside, one rounding per element), their
 # parameters in h's dtype or float32 (common.h, "Storage and accumulation types")
 _ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -87,7 +107,7 @@ def build_dir() -> Path:
     rebuild over each other's library or load a stale one."""
     root = os.environ.get("REFT_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reft_kernels")
     cap = torch.backends.cpu.get_cpu_capability()
-    src = hashlib.sha1(b"".join(p.read_bytes() for p in (*SOURCES, HEADER)) + " ".join(_flags()).encode()).hexdigest()[:12]
+    src = hashlib.sha1(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + " ".join(_flags()).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{cap.lower()}-{src}"
     return Path(root) / "cpu_ext" / tag
 
@@ -126,7 +146,8 @@ def _load():
     load(name="reft_kernels_cpu", sources=[str(p) for p in SOURCES], extra_cflags=_flags(), extra_ldflags=_openmp(),
          is_python_module=False, build_directory=str(path), verbose=False)
     ops = torch.ops.reft_kernels_cpu
-    return {"lowrank_rows_": ops.lowrank_rows_.default, "red": ops.red.default, "const_rows": ops.const_rows.default}
+    return {"lowrank_rows_": ops.lowrank_rows_.default, "lowrank_all": ops.lowrank_all.default,
+            "red": ops.red.default, "const_rows": ops.const_rows.default}
 
 
 def _call(name):
@@ -222,6 +243,23 @@ def lowrank_rows_(h, index, A, a, B, C, c, spec):
     the PyTorch path)."""
     op = _call("lowrank_rows_")
     return None if op is None else op(h, index, A, a, B, C, c, spec.act, spec.tied)
+
+
+def lowrank_all_applies(h, A, a, B, C, c) -> bool:
+    """Whether the checked call ``lowrank_edit(h, B, A, a, C, c)`` over every row (no index) on
+    the PyTorch backend, ``C`` None when tied, is this extension's ``lowrank_all``: a plain
+    contiguous float32 or bfloat16 CPU ``h`` with at least one row, a rank up to
+    ``LOWRANK_ALL_MAX_RANK[h.dtype]``, every parameter plain and contiguous in ``h``'s dtype (or
+    float32 beside bfloat16 ``h``). Does not build anything."""
+    max_rank = LOWRANK_ALL_MAX_RANK.get(h.dtype)
+    return max_rank is not None and B.shape[0] <= max_rank and _rows_apply(h, (A, a, B, C, c))
+
+
+def lowrank_all(h, A, a, B, C, c, spec):
+    """``lowrank_edit`` over every row through the extension (``C`` None when tied), or None
+    when it is not available."""
+    op = _call("lowrank_all")
+    return None if op is None else op(h, A, a, B, C, c, spec.act, spec.tied)
 
 
 def red_applies(h, scale, bias) -> bool:

@@ -21,11 +21,12 @@
 // Shapes and numerics: h (N, d) contiguous rows (any leading shape that merges into them),
 // index (n,) int64 with entries in [-1, N), the non-negative ones distinct (the caller checks);
 // A, B, C (r, d) and a, c (r,) contiguous, in h's dtype, float32 or float64, which is also the
-// accumulation dtype (as the PyTorch path). C undefined when tied (C is B). Each dot product over
-// d is summed in 8 lanes combined in a fixed order; each parameter gradient is summed over fixed
-// blocks of kBlockEntries entries, each in index order, and the blocks' partials in block order:
-// deterministic whatever the number of threads, no atomics. Threads: at::parallel_for over the
-// entries (forward) and over the blocks (backward).
+// accumulation dtype (as the PyTorch path). C undefined when tied (C is B). The per-row kernels
+// are row_kernels.h's (shared with lowrank_all.cpp, the out-of-place edit of every row): each dot
+// product over d summed in 8 lanes combined in a fixed order; each parameter gradient summed over
+// fixed blocks of kBlockEntries entries, each in index order, and the blocks' partials in block
+// order: deterministic whatever the number of threads, no atomics. Threads: at::parallel_for
+// over the entries (forward) and over the blocks (backward).
 //
 // The difference form: with the identity activation and both A and C (LoReFT, NoReFT, and their
 // untied kin), D = A - C is formed once per call and
@@ -43,6 +44,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include "common.h"
+#include "row_kernels.h"
 #include <torch/library.h>
 
 #include <cmath>
@@ -62,251 +64,13 @@ constexpr int64_t kBlockEntries = 64;
 using reft_cpu::maybe;
 using reft_cpu::opt;
 
-using reft_cpu::act_fwd;
-using reft_cpu::act_grad;
 using reft_cpu::kIdentity;
 using reft_cpu::kNumAct;
 
-// K dot products x . M[k] (M's rows k < K, each of length d) in one pass over x. Each product is
-// summed in 8 lanes (so that the compiler vectorises it without reassociating on its own), the
-// lanes then combined in a fixed order: the same result on every call, for every K. Measured on
-// the 2-core CPU (AMD EPYC, fp32, d = 256, r = 8, one thread, 1024 listed rows), against one
-// product after another: forward 306 against 338 us; forward + backward (whose g B^T takes the
-// same products, with the groups of entries below) 653 against 1351 us.
-template <typename T, int K>
-inline void dots(const T* x, const T* M, int64_t d, T* out) {
-  T lane[K][8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    for (int k = 0; k < K; ++k) {
-      const T* m = M + k * d + j;
-      for (int l = 0; l < 8; ++l) lane[k][l] += x[j + l] * m[l];
-    }
-  }
-  for (; j < d; ++j) {
-    for (int k = 0; k < K; ++k) lane[k][j & 7] += x[j] * M[k * d + j];
-  }
-  for (int k = 0; k < K; ++k) {
-    const T* q = lane[k];
-    out[k] = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
-  }
-}
-
-// Lanes held at once: 8 products of fp32 (8 registers of 8 lanes in AVX2), 4 of fp64.
-template <typename T>
-constexpr int kDots = sizeof(T) == 4 ? 8 : 4;
-
-// out[k] = x . M[k] for the r rows of M (r, d): groups of kDots<T> products, then 4, 2, 1.
-template <typename T>
-inline void dots_rows(const T* x, const T* M, int64_t r, int64_t d, T* out) {
-  int64_t k = 0;
-  for (; k + kDots<T> <= r; k += kDots<T>) dots<T, kDots<T>>(x, M + k * d, d, out + k);
-  if (kDots<T> > 4 && k + 4 <= r) { dots<T, 4>(x, M + k * d, d, out + k); k += 4; }
-  if (k + 2 <= r) { dots<T, 2>(x, M + k * d, d, out + k); k += 2; }
-  if (k < r) dots<T, 1>(x, M + k * d, d, out + k);
-}
-
-// y[j] += s x[j]
-template <typename T>
-inline void axpy(T* y, T s, const T* x, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) y[j] += s * x[j];
-}
-
-// y[j] += sum_k s[k] M[k][j], added in k order (as r calls of axpy would), over chunks of y that
-// stay in registers across the r rows instead of r passes that load and store all of y. A chunk
-// of 64 values keeps 8 independent chains of fused multiply-adds in flight in 256-bit registers
-// (4 in 512-bit ones); 32 kept 4 and waited on their latency. Measured on the 2-core CPU (AMD
-// EPYC, fp32, d = 256, r = 8, LoReFT, every row of 1024 listed, one thread, the forward and
-// backward ops alone, three runs each alternating): chunks of 32 with -mavx2, forward 215-229
-// and backward 363-366 us; chunks of 64, 179-181 and 314-321 us; chunks of 64 with 512-bit
-// vectors (cpu_ext/__init__.py, _flags), 130-132 and 220-224 us. The order of the additions,
-// so every bit, is the same in all three.
-template <typename T>
-inline void add_rows(T* y, const T* s, const T* M, int64_t r, int64_t d) {
-  constexpr int64_t kChunk = 64;
-  int64_t j0 = 0;
-  for (; j0 + kChunk <= d; j0 += kChunk) {
-    T acc[kChunk];
-    for (int64_t l = 0; l < kChunk; ++l) acc[l] = y[j0 + l];
-    for (int64_t k = 0; k < r; ++k) {
-      const T sk = s[k];
-      const T* m = M + k * d + j0;
-      for (int64_t l = 0; l < kChunk; ++l) acc[l] += sk * m[l];
-    }
-    for (int64_t l = 0; l < kChunk; ++l) y[j0 + l] = acc[l];
-  }
-  for (int64_t k = 0; k < r; ++k) axpy(y + j0, s[k], M + k * d + j0, d - j0);
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
-
-// The difference form's D = A - Cm (rd values), when it applies: the identity activation and both
-// A and Cm; else empty.
-template <typename T>
-std::vector<T> difference(const T* A, const T* Cm, int64_t act, int64_t rd) {
-  std::vector<T> D;
-  if (act != kIdentity || !A || !Cm) return D;
-  D.resize(rd);
-  for (int64_t j = 0; j < rd; ++j) D[j] = A[j] - Cm[j];
-  return D;
-}
-
-// Entries [i0, i1) of the forward.
-// D: A - Cm (the difference form; then A and Cm are not read), else nullptr.
-template <typename T>
-void fwd_kernel(T* h, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r, const T* A, const T* a,
-                const T* B, const T* Cm, const T* c, const T* D, int64_t act, T* hsave, T* z, T* u) {
-  std::vector<T> zi(r), ui(r), ci(r);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t row = idx[i];
-    if (row < 0) {
-      if (hsave) std::memset(hsave + i * d, 0, sizeof(T) * d);
-      if (z) std::memset(z + i * r, 0, sizeof(T) * r);
-      if (u) std::memset(u + i * r, 0, sizeof(T) * r);
-      continue;
-    }
-    T* x = h + row * d;
-    if (D) {  // z = x D^T + a - c
-      dots_rows(x, D, r, d, zi.data());
-      for (int64_t k = 0; k < r; ++k) {
-        T zk = zi[k] + (a ? a[k] : T(0));
-        if (c) zk -= c[k];
-        zi[k] = zk;
-        if (z) z[i * r + k] = zk;
-      }
-      if (hsave) std::memcpy(hsave + i * d, x, sizeof(T) * d);
-      add_rows(x, zi.data(), B, r, d);
-      continue;
-    }
-    if (A) dots_rows(x, A, r, d, ui.data());
-    if (Cm) dots_rows(x, Cm, r, d, ci.data());
-    for (int64_t k = 0; k < r; ++k) {
-      T uk = (A ? ui[k] : T(0)) + (a ? a[k] : T(0));
-      if (u) u[i * r + k] = uk;
-      T zk = act_fwd(uk, act);
-      if (Cm) zk -= ci[k];
-      if (c) zk -= c[k];
-      zi[k] = zk;
-      if (z) z[i * r + k] = zk;
-    }
-    if (hsave) std::memcpy(hsave + i * d, x, sizeof(T) * d);
-    add_rows(x, zi.data(), B, r, d);
-  }
-}
-
-// Entries per group of the backward's parameter sums: each sum's row k takes the group's terms
-// one after another, in index order (the order of one entry at a time, so the same bits), with
-// one load and store of that row per group instead of per entry.
-constexpr int kGroup = 4;
-
-// out[k][j] += s[t][k] v[t][j] for the terms t < nt in order, for the r rows of out (r, d).
-template <typename T>
-inline void add_terms(T* out, int nt, const T* const* s, const T* const* v, int64_t r, int64_t d) {
-  for (int64_t k = 0; k < r; ++k) {
-    T* o = out + k * d;
-    if (nt == 4) {
-      const T s0 = s[0][k], s1 = s[1][k], s2 = s[2][k], s3 = s[3][k];
-      const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
-      for (int64_t j = 0; j < d; ++j) {
-        T acc = o[j];
-        acc += s0 * v0[j];
-        acc += s1 * v1[j];
-        acc += s2 * v2[j];
-        acc += s3 * v3[j];
-        o[j] = acc;
-      }
-    } else {
-      for (int t = 0; t < nt; ++t) axpy(o, s[t][k], v[t], d);
-    }
-  }
-}
-
-// Up to 2 kGroup terms: in fours, in order.
-template <typename T>
-inline void add_terms_in_fours(T* out, int nt, const T* const* s, const T* const* v, int64_t r, int64_t d) {
-  for (int t = 0; t < nt; t += 4) add_terms(out, std::min(4, nt - t), s + t, v + t, r, d);
-}
-
-// Entries [i0, i1) of the backward: their rows of dh, and their sums added to dA .. dc.
-// With D (the difference form: A - Cm, identity activation) the sums go to dA <- P = sum gz^T x and
-// dB <- Q = sum z^T g (dC is not written; the caller forms dA, dB and dC from P and Q) and a dh
-// row takes gz D.
-template <typename T>
-void bwd_kernel(const T* g, T* dh, const T* x, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r,
-                const T* z, const T* u, const T* A, const T* B, const T* Cm, const T* D, bool tied, int64_t act,
-                T* dA, T* da, T* dB, T* dC, T* dc) {
-  // per entry of the group: gz = g_row B^T, ga = gz act'(u), mgz = -gz
-  std::vector<T> buf(3 * kGroup * r);
-  T *gz[kGroup], *ga[kGroup], *mgz[kGroup];
-  for (int e = 0; e < kGroup; ++e) {
-    gz[e] = buf.data() + e * r;
-    ga[e] = buf.data() + (kGroup + e) * r;
-    mgz[e] = buf.data() + (2 * kGroup + e) * r;
-  }
-  const T *gi[kGroup], *xi[kGroup], *zi[kGroup];
-  int64_t rows[kGroup];
-  int64_t i = i0;
-  while (i < i1) {
-    int ne = 0;  // the next (up to) kGroup listed entries; padding entries (-1) get no gradient
-    for (; i < i1 && ne < kGroup; ++i) {
-      const int64_t row = idx[i];
-      if (row < 0) continue;
-      rows[ne] = row;
-      gi[ne] = g + row * d;
-      xi[ne] = x + i * d;
-      zi[ne] = z + i * r;
-      dots_rows(gi[ne], B, r, d, gz[ne]);
-      for (int64_t k = 0; k < r; ++k) {
-        ga[ne][k] = act == kIdentity ? gz[ne][k] : gz[ne][k] * act_grad(u[i * r + k], act);
-        mgz[ne][k] = -gz[ne][k];
-      }
-      ++ne;
-    }
-    if (ne == 0) break;
-    if (D) {  // the difference form: P, Q, the bias sums, and dh rows g + gz D
-      if (dA) add_terms_in_fours(dA, ne, gz, xi, r, d);
-      if (dB) add_terms_in_fours(dB, ne, zi, gi, r, d);
-      for (int e = 0; e < ne; ++e) {
-        for (int64_t k = 0; k < r; ++k) {
-          if (da) da[k] += gz[e][k];
-          if (dc) dc[k] -= gz[e][k];
-        }
-        if (dh) add_rows(dh + rows[e] * d, gz[e], D, r, d);
-      }
-      continue;
-    }
-    // each sum's terms in index order, as one entry at a time adds them; -(s v) as (-s) v, equal
-    if (dA) add_terms_in_fours(dA, ne, ga, xi, r, d);
-    if (dB) {
-      if (tied) {  // each entry's z g, then its -gz x
-        const T* s2[2 * kGroup];
-        const T* v2[2 * kGroup];
-        for (int e = 0; e < ne; ++e) {
-          s2[2 * e] = zi[e];
-          v2[2 * e] = gi[e];
-          s2[2 * e + 1] = mgz[e];
-          v2[2 * e + 1] = xi[e];
-        }
-        add_terms_in_fours(dB, 2 * ne, s2, v2, r, d);
-      } else {
-        add_terms_in_fours(dB, ne, zi, gi, r, d);
-      }
-    }
-    if (dC) add_terms_in_fours(dC, ne, mgz, xi, r, d);
-    for (int e = 0; e < ne; ++e) {
-      for (int64_t k = 0; k < r; ++k) {
-        if (da) da[k] += ga[e][k];
-        if (dc) dc[k] -= gz[e][k];
-      }
-      if (dh) {
-        T* out = dh + rows[e] * d;  // dh is a copy of g: add ga A - gz Cm to the listed row
-        if (A) add_rows(out, ga[e], A, r, d);
-        if (Cm) add_rows(out, mgz[e], Cm, r, d);
-      }
-    }
-  }
-}
+using reft_cpu::bwd_blocked;
+using reft_cpu::difference;
+using reft_cpu::fwd_kernel;
+using reft_cpu::ptr_or_null;
 
 void check_args(const at::Tensor& h, const at::Tensor& index, const std::optional<at::Tensor>& A,
                 const std::optional<at::Tensor>& a, const at::Tensor& B, const std::optional<at::Tensor>& C,
@@ -369,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_rows_fwd_cpu(
     const scalar_t* Dp = D.empty() ? nullptr : D.data();
     // entries are independent (distinct rows): split across threads, kBlockEntries at least each
     at::parallel_for(0, n, kBlockEntries, [&](int64_t i0, int64_t i1) {
-      fwd_kernel<scalar_t>(hp, idx, i0, i1, d, r, Ap, ap, Bp, Cp, cp, Dp, act, hs, zp, up);
+      fwd_kernel<scalar_t, scalar_t>(hp, hp, idx, i0, i1, d, r, Ap, ap, Bp, Cp, cp, Dp, act, hs, zp, up);
     });
   });
   if (!h.is_inference()) torch::autograd::impl::bump_version(h);  // h was written behind autograd's back
@@ -399,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto opts = B.options();
   auto grad = [&](bool needed, std::vector<int64_t> shape) {
-    return needed ? at::zeros(shape, opts) : at::empty({0}, opts);
+    return needed ? at::empty(shape, opts) : at::empty({0}, opts);
   };
   const bool has_a = A.has_value() && A->defined(), has_c = C.has_value() && C->defined();
   at::Tensor dh;
@@ -423,54 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const scalar_t *Ap = ptr_or_null<scalar_t>(opt(A)), *Bp = B.data_ptr<scalar_t>(), *Cp = ptr_or_null<scalar_t>(Cm);
     const int64_t* idx = index.data_ptr<int64_t>();
     scalar_t *dAp = out(dA), *dap = out(da), *dBp = out(dB), *dCp = out(dC), *dcp = out(dc);
-    const std::vector<scalar_t> D = difference(Ap, Cp, act, r * d);
-    const scalar_t* Dp = D.empty() ? nullptr : D.data();
-    // the difference form sums P into dA (or a scratch when dA is not wanted) and Q into dB, then
-    // forms dC = -P and the tied dB = Q - P from them (finish_difference)
-    at::Tensor P_scratch;
-    scalar_t *sumA = dAp, *sumC = dCp;
-    if (Dp) {
-      if (!dAp && (dCp || (tied && dBp))) {
-        P_scratch = at::zeros({r, d}, opts);
-        sumA = P_scratch.data_ptr<scalar_t>();
-      }
-      sumC = nullptr;
-    }
-    auto finish_difference = [&] {
-      if (!Dp || !sumA) return;
-      const int64_t rd = r * d;
-      if (dCp) for (int64_t j = 0; j < rd; ++j) dCp[j] = -sumA[j];
-      if (tied && dBp) for (int64_t j = 0; j < rd; ++j) dBp[j] -= sumA[j];
-    };
-    const int64_t blocks = (n + kBlockEntries - 1) / kBlockEntries;
-    if (blocks <= 1) {  // one block: its sums are the gradients
-      bwd_kernel<scalar_t>(gp, dhp, xp, idx, 0, n, d, r, zp, up, Ap, Bp, Cp, Dp, tied, act, sumA, dap, dBp, sumC,
-                           dcp);
-      finish_difference();
-      return;
-    }
-    // Each block of kBlockEntries entries sums into a partial of its own (blocks in parallel; the
-    // rows of dh they write are distinct), then the partials are added in block order.
-    const int64_t rd = r * d, stride = 3 * rd + 2 * r;
-    at::Tensor part = at::zeros({blocks, stride}, B.options());
-    scalar_t* pp = part.data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        scalar_t* q = pp + b * stride;
-        bwd_kernel<scalar_t>(gp, dhp, xp, idx, b * kBlockEntries, std::min(n, (b + 1) * kBlockEntries), d, r, zp, up,
-                             Ap, Bp, Cp, Dp, tied, act, sumA ? q : nullptr, dap ? q + 3 * rd : nullptr,
-                             dBp ? q + rd : nullptr, sumC ? q + 2 * rd : nullptr, dcp ? q + 3 * rd + r : nullptr);
-      }
-    });
-    for (int64_t b = 0; b < blocks; ++b) {
-      const scalar_t* q = pp + b * stride;
-      if (sumA) axpy(sumA, scalar_t(1), q, rd);
-      if (dBp) axpy(dBp, scalar_t(1), q + rd, rd);
-      if (sumC) axpy(sumC, scalar_t(1), q + 2 * rd, rd);
-      if (dap) axpy(dap, scalar_t(1), q + 3 * rd, r);
-      if (dcp) axpy(dcp, scalar_t(1), q + 3 * rd + r, r);
-    }
-    finish_difference();
+    bwd_blocked<scalar_t, scalar_t>(gp, dhp, false, xp, idx, n, kBlockEntries, d, r, zp, up, Ap, Bp, Cp, tied, act, dAp,
+                                    dap, dBp, dCp, dcp, opts);
   });
   if (dh_in_g) {
     if (!g.is_inference()) torch::autograd::impl::bump_version(g);

@@ -3,7 +3,9 @@ activation, ``h + z B``; parameters at their own precision) and one rounding at 
 and backward. Judged against float64 formulas written here, in units of the low-precision ulp:
 eager bf16 math, which rounds the (n, r) latent, missed one case (d = 1, r = 5, C tied to B,
 silu) by about 14 bf16 ulps. Also: the fp32 working copies are made a block of rows at a time,
-and the block size changes no value of ``y`` or ``dh``.
+and the block size changes no value of ``y`` or ``dh``. The CPU extension, which takes the
+bf16 edit of every row on a CPU (``cpu_ext.lowrank_all_applies``), is turned off here but for
+one test that holds it to the same bounds.
 """
 from __future__ import annotations
 
@@ -12,9 +14,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import reft_kernels as rk
+from reft_kernels import cpu_ext
 from reft_kernels.ops.lowrank_edit import torch_impl
+from tests._helpers import ops_called
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_path(monkeypatch):
+    monkeypatch.setenv(cpu_ext.ENV_VAR, "0")
 
 
 def _silu64(u):
@@ -80,6 +89,18 @@ def test_bf16_d1_r5_tied_silu(p_dtype, inplace):
     """The reported case's shape, many rows and several seeds: every value within an ulp."""
     for seed in range(6):
         _check(*_problem(seed, 64, 1, 5, torch.bfloat16, p_dtype), inplace)
+
+
+@pytest.mark.skipif(not cpu_ext.enabled(), reason=f"{cpu_ext.ENV_VAR}=0 turns the CPU extension off")
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=["bf16_params", "fp32_params"])
+def test_cpu_extension_within_the_same_bounds(monkeypatch, p_dtype):
+    """The extension's every-row edit of bf16 rows (lowrank_all.cpp) meets the bounds above."""
+    monkeypatch.setenv(cpu_ext.ENV_VAR, "1")
+    with ops_called() as names:
+        for seed in range(6):
+            _check(*_problem(seed, 64, 1, 5, torch.bfloat16, p_dtype), inplace=False)
+        _check(*_problem(7, 40, 12, 3, torch.bfloat16, p_dtype), inplace=False)
+    assert names == ["lowrank_all_fwd", "lowrank_all_bwd"] * 7
 
 
 @pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
