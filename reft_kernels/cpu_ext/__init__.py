@@ -31,14 +31,15 @@ When they run: ``lowrank_edit_`` with an index of at most ``MAX_ROWS`` entries
 (``const_rows_applies``), and ``lowrank_edit`` without an index otherwise, up to
 ``LOWRANK_ALL_MAX_RANK`` (``lowrank_all_applies``; float32 and bfloat16 ``h`` only), on the
 PyTorch backend, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD, on a
-contiguous float32 or float64 CPU ``h`` (``red``, ``const_rows`` and ``lowrank_all`` also
-bfloat16, their parameters then bfloat16 or float32, float inside) with every parameter
-contiguous in ``h``'s dtype, plain tensors (no subclass such as DTensor). ``red`` and
-``lowrank_edit`` with a one-row latent reach their op before their own Python checks
-(``quick_op``; the op checks its arguments in C++, and a call it refuses takes the checked path).
-The autograd nodes of ``red``, ``const_rows`` and ``lowrank_all`` are plain ``Node``s (docs/backends.md). Numerics: one dtype
-throughout, as the PyTorch path; sums over rows by fixed blocks added in order, so the same bits
-whatever the number of threads (see each source's header).
+contiguous float32, float64 or bfloat16 CPU ``h`` with every parameter contiguous in ``h``'s
+dtype (or float32 beside bfloat16 ``h``), plain tensors (no subclass such as DTensor). ``red``
+and ``lowrank_edit`` with a one-row latent reach their op before their own Python checks
+(``quick_op``; the op checks its arguments in C++, and a call it refuses takes the checked
+path). The autograd nodes of ``red``, ``const_rows`` and ``lowrank_all`` are plain ``Node``s
+(docs/backends.md). Numerics: float32 and float64 rows in their own dtype throughout, as the
+PyTorch path; bfloat16 rows read into float, float arithmetic and sums, one rounding per
+element written; sums over rows by fixed blocks added in order, so the same bits whatever the
+number of threads (see each source's header).
 
 Build: ``torch.utils.cpp_extension.load`` (ninja and the C++ compiler torch extensions need),
 once per torch version, Python version, CPU capability, source text and compiler flags
@@ -73,7 +74,6 @@ HEADERS = [Path(__file__).resolve().parent / name for name in ("common.h", "row_
 # d = 256 step at every position (1024 rows a layer; A/B, 30 rounds): the hook's forward 1053 ->
 # 769 us per layer, the step +5.7% -> +4.6% over the frozen one.
 MAX_ROWS = 4096
-_DTYPES = (torch.float32, torch.float64)
 # The ranks up to which lowrank_edit over every row takes ``lowrank_all`` (h's dtype: r), measured
 # on the 2-core CPU (AMD EPYC, AVX-512, two threads; LoReFT, DiReFT and ConsReFT, parameters in
 # float32; ms forward / forward + backward, the PyTorch path against lowrank_all, in alternating
@@ -86,8 +86,8 @@ _DTYPES = (torch.float32, torch.float64)
 # 1.7-1.9; r = 64, 1.12-1.18 / 4.0-4.3 against 1.14-1.16 / 3.5-4.3. Higher ranks are unmeasured
 # and stay on the PyTorch path; so do float64 h (the op takes it) and float16 (it does not).
 LOWRANK_ALL_MAX_RANK = {torch.float32: 64, torch.bfloat16: 128}
-# red and const_rows also take bfloat16 rows (float inside, one rounding per element), their
-# parameters in h's dtype or float32 (common.h, "Storage and accumulation types")
+# every op takes bfloat16 rows too (float inside, one rounding per element), their parameters
+# in h's dtype or float32 (common.h, "Storage and accumulation types")
 _ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -204,11 +204,6 @@ def status() -> str:
     return f"built ({build_dir()})" if _ops() is not None else f"not built: {_state['error']}"
 
 
-def _fits(t, h) -> bool:
-    # (is_cpu, not device.type: a Tensor.device builds a device object, 0.3 us a call)
-    return t is None or (type(t) in _PLAIN and t.dtype == h.dtype and t.is_cpu and t.is_contiguous())
-
-
 def _rows_apply(h, params) -> bool:
     """Whether red and const_rows take ``h`` with ``params`` (each None or a tensor): a plain
     contiguous float32, float64 or bfloat16 CPU ``h`` with at least one element, every parameter
@@ -232,9 +227,12 @@ def lowrank_rows_applies(h, index, A, a, B, C, c, any_layout=False) -> bool:
     module docstring); ``any_layout``: all but ``h``'s contiguity (``lowrank_edit`` with an
     index, which edits a copy of ``h``). Does not build anything; ``lowrank_rows_`` may still
     find it missing."""
-    return (h.dtype in _DTYPES and h.is_cpu and type(h) in _PLAIN and (any_layout or h.is_contiguous())
-            and 0 < index.numel() <= MAX_ROWS and type(index) is torch.Tensor
-            and _fits(B, h) and _fits(A, h) and _fits(a, h) and _fits(C, h) and _fits(c, h)
+    if not (h.dtype in _ROW_DTYPES and h.is_cpu and type(h) in _PLAIN and (any_layout or h.is_contiguous())
+            and 0 < index.numel() <= MAX_ROWS and type(index) is torch.Tensor):
+        return False
+    also = torch.float32 if h.dtype == torch.bfloat16 else h.dtype
+    return (all(t is None or (type(t) in _PLAIN and t.dtype in (h.dtype, also) and t.is_cpu and t.is_contiguous())
+                for t in (B, A, a, C, c))
             and enabled() and "error" not in _state)
 
 

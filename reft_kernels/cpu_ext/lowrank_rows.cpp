@@ -15,13 +15,15 @@
 //   lowrank_rows_bwd(g, hsave, index, z, u, A, B, C, act, tied, need, dh_in_g=False)
 //       -> (dh, dA, da, dB, dC, dc)
 //       the backward pass, need = (dh, dA, da, dB, dC, dc) flags; a gradient not needed comes
-//       back as a 0-element tensor. dh_in_g (g contiguous, in B's dtype): dh is written into g
+//       back as a 0-element tensor. dh_in_g (g contiguous, in h's dtype): dh is written into g
 //       itself (its listed rows updated in place) and comes back as a 0-element tensor; the
 //       autograd node asks for it when nothing else can see g (see LowrankRowsFunction).
 // Shapes and numerics: h (N, d) contiguous rows (any leading shape that merges into them),
 // index (n,) int64 with entries in [-1, N), the non-negative ones distinct (the caller checks);
-// A, B, C (r, d) and a, c (r,) contiguous, in h's dtype, float32 or float64, which is also the
-// accumulation dtype (as the PyTorch path). C undefined when tied (C is B). The per-row kernels
+// A, B, C (r, d) and a, c (r,) contiguous, in h's dtype (float32, float64 or bfloat16), or float32
+// beside bfloat16 h; the accumulation dtype is float32 for bfloat16 h, else h's (as the PyTorch
+// path): z, u and the parameter gradients come back in it, hsave in h's. C undefined when tied
+// (C is B). The per-row kernels
 // are row_kernels.h's (shared with lowrank_all.cpp, the out-of-place edit of every row): each dot
 // product over d summed in 8 lanes combined in a fixed order; each parameter gradient summed over
 // fixed blocks of kBlockEntries entries, each in index order, and the blocks' partials in block
@@ -78,18 +80,18 @@ void check_args(const at::Tensor& h, const at::Tensor& index, const std::optiona
   // The Python entry checks every argument first and comes here only with these holding; this
   // repeats the ones that memory safety rests on, for direct calls of the op.
   TORCH_CHECK(h.device().is_cpu() && h.is_contiguous(), "lowrank_rows: h must be a contiguous CPU tensor");
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
-              "lowrank_rows: h must be float32 or float64, got ", h.scalar_type());
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble || h.scalar_type() == at::kBFloat16,
+              "lowrank_rows: h must be float32, float64 or bfloat16, got ", h.scalar_type());
   TORCH_CHECK(B.dim() == 2 && h.dim() >= 1 && B.size(1) == h.size(-1), "lowrank_rows: B must be (r, d)");
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous() && index.device().is_cpu(),
               "lowrank_rows: index must be a contiguous 1-D int64 CPU tensor");
   TORCH_CHECK(act >= 0 && act < kNumAct, "lowrank_rows: unknown activation code ", act);
   const auto r = B.size(0), d = B.size(1);
   auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == h.scalar_type() && t.is_contiguous() &&
-                    t.device().is_cpu(),
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && reft_cpu::param_dtype_ok(t.scalar_type(), h.scalar_type()) &&
+                    t.is_contiguous() && t.device().is_cpu(),
                 "lowrank_rows: ", name, " must be a contiguous CPU tensor of shape ", at::IntArrayRef(shape),
-                " in h's dtype");
+                " in h's dtype (or float32 beside bfloat16 h)");
   };
   check(B, {r, d}, "B");
   if (A && A->defined()) check(*A, {r, d}, "A");
@@ -107,33 +109,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_rows_fwd_cpu(
   const int64_t d = B.size(1), r = B.size(0), n = index.numel();
   const int64_t N = h.numel() / d;
   at::Tensor hsave, z, u;
-  auto opts = h.options();
+  const auto acc = reft_cpu::acc_type(h.scalar_type());
+  auto opts = h.options(), aopts = h.options().dtype(acc);  // rows in h's dtype, latents in acc's
   if (save) {
     hsave = at::empty({n, d}, opts);
-    z = at::empty({n, r}, opts);
-    u = at::empty({act == kIdentity ? 0 : n, r}, opts);
+    z = at::empty({n, r}, aopts);
+    u = at::empty({act == kIdentity ? 0 : n, r}, aopts);
   } else {
     hsave = at::empty({0}, opts);
-    z = at::empty({0}, opts);
-    u = at::empty({0}, opts);
+    z = at::empty({0}, aopts);
+    u = at::empty({0}, aopts);
   }
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(idx[i] >= -1 && idx[i] < N, "lowrank_rows: index entry ", idx[i], " is outside [-1, ", N, ")");
   }
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lowrank_rows_fwd", [&] {
-    const at::Tensor Cm = tied ? B : opt(C);
+  // the parameters in the accumulation dtype (bfloat16 ones widened; no copy otherwise)
+  const at::Tensor Aa = reft_cpu::in_dtype(opt(A), acc), aa = reft_cpu::in_dtype(opt(a), acc);
+  const at::Tensor Ba = reft_cpu::in_dtype(B, acc), Ca = reft_cpu::in_dtype(tied ? B : opt(C), acc);
+  const at::Tensor ca = reft_cpu::in_dtype(opt(c), acc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "lowrank_rows_fwd", [&] {
+    using acc_t = reft_cpu::acc_t<scalar_t>;
     scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t *Ap = ptr_or_null<scalar_t>(opt(A)), *ap = ptr_or_null<scalar_t>(opt(a));
-    const scalar_t *Bp = B.data_ptr<scalar_t>(), *Cp = ptr_or_null<scalar_t>(Cm), *cp = ptr_or_null<scalar_t>(opt(c));
+    const acc_t *Ap = ptr_or_null<acc_t>(Aa), *ap = ptr_or_null<acc_t>(aa);
+    const acc_t *Bp = Ba.data_ptr<acc_t>(), *Cp = ptr_or_null<acc_t>(Ca), *cp = ptr_or_null<acc_t>(ca);
     scalar_t* hs = save ? hsave.data_ptr<scalar_t>() : nullptr;
-    scalar_t* zp = save ? z.data_ptr<scalar_t>() : nullptr;
-    scalar_t* up = (save && act != kIdentity) ? u.data_ptr<scalar_t>() : nullptr;
-    const std::vector<scalar_t> D = difference(Ap, Cp, act, r * d);
-    const scalar_t* Dp = D.empty() ? nullptr : D.data();
+    acc_t* zp = save ? z.data_ptr<acc_t>() : nullptr;
+    acc_t* up = (save && act != kIdentity) ? u.data_ptr<acc_t>() : nullptr;
+    const std::vector<acc_t> D = difference(Ap, Cp, act, r * d);
+    const acc_t* Dp = D.empty() ? nullptr : D.data();
     // entries are independent (distinct rows): split across threads, kBlockEntries at least each
     at::parallel_for(0, n, kBlockEntries, [&](int64_t i0, int64_t i1) {
-      fwd_kernel<scalar_t, scalar_t>(hp, hp, idx, i0, i1, d, r, Ap, ap, Bp, Cp, cp, Dp, act, hs, zp, up);
+      fwd_kernel<acc_t, scalar_t>(hp, hp, idx, i0, i1, d, r, Ap, ap, Bp, Cp, cp, Dp, act, hs, zp, up);
     });
   });
   if (!h.is_inference()) torch::autograd::impl::bump_version(h);  // h was written behind autograd's back
@@ -152,16 +159,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // tensors' shapes, and every index entry inside g's rows
   check_args(gc, index, A, std::nullopt, B, C, std::nullopt, act);
   const int64_t d = B.size(1), r = B.size(0), n = index.numel(), N = gc.numel() / d;
-  auto saved_ok = [&](const at::Tensor& t, std::vector<int64_t> shape) {
-    return t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == B.scalar_type() && t.is_contiguous();
+  const auto acc = reft_cpu::acc_type(gc.scalar_type());
+  auto saved_ok = [&](const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType dtype) {
+    return t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == dtype && t.is_contiguous();
   };
-  TORCH_CHECK(saved_ok(hsave, {n, d}) && saved_ok(z, {n, r}) && (act == kIdentity || saved_ok(u, {n, r})),
+  TORCH_CHECK(saved_ok(hsave, {n, d}, gc.scalar_type()) && saved_ok(z, {n, r}, acc) &&
+                  (act == kIdentity || saved_ok(u, {n, r}, acc)),
               "lowrank_rows_bwd: hsave, z and u must be the forward's contiguous (n, d), (n, r) and (n, r)");
   const int64_t* ids = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(ids[i] >= -1 && ids[i] < N, "lowrank_rows_bwd: index entry ", ids[i], " is outside [-1, ", N, ")");
   }
-  auto opts = B.options();
+  auto opts = B.options().dtype(acc);  // the parameter gradients in the accumulation dtype
   auto grad = [&](bool needed, std::vector<int64_t> shape) {
     return needed ? at::empty(shape, opts) : at::empty({0}, opts);
   };
@@ -177,18 +186,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   at::Tensor dA = grad(need[1] && has_a, {r, d}), da = grad(need[2], {r}), dB = grad(need[3], {r, d});
   at::Tensor dC = grad(need[4] && has_c, {r, d}), dc = grad(need[5], {r});
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lowrank_rows_bwd", [&] {
-    auto out = [&](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    const at::Tensor Cm = tied ? B : opt(C);
+  const at::Tensor Aa = reft_cpu::in_dtype(opt(A), acc), Ba = reft_cpu::in_dtype(B, acc);
+  const at::Tensor Ca = reft_cpu::in_dtype(tied ? B : opt(C), acc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "lowrank_rows_bwd", [&] {
+    using acc_t = reft_cpu::acc_t<scalar_t>;
+    auto out = [&](const at::Tensor& t) { return t.numel() ? t.data_ptr<acc_t>() : nullptr; };
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     scalar_t* dhp = need[0] ? dh.data_ptr<scalar_t>() : nullptr;
-    const scalar_t *xp = hsave.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
-    const scalar_t* up = act == kIdentity ? nullptr : u.data_ptr<scalar_t>();
-    const scalar_t *Ap = ptr_or_null<scalar_t>(opt(A)), *Bp = B.data_ptr<scalar_t>(), *Cp = ptr_or_null<scalar_t>(Cm);
+    const scalar_t* xp = hsave.data_ptr<scalar_t>();
+    const acc_t* zp = z.data_ptr<acc_t>();
+    const acc_t* up = act == kIdentity ? nullptr : u.data_ptr<acc_t>();
+    const acc_t *Ap = ptr_or_null<acc_t>(Aa), *Bp = Ba.data_ptr<acc_t>(), *Cp = ptr_or_null<acc_t>(Ca);
     const int64_t* idx = index.data_ptr<int64_t>();
-    scalar_t *dAp = out(dA), *dap = out(da), *dBp = out(dB), *dCp = out(dC), *dcp = out(dc);
-    bwd_blocked<scalar_t, scalar_t>(gp, dhp, false, xp, idx, n, kBlockEntries, d, r, zp, up, Ap, Bp, Cp, tied, act, dAp,
-                                    dap, dBp, dCp, dcp, opts);
+    acc_t *dAp = out(dA), *dap = out(da), *dBp = out(dB), *dCp = out(dC), *dcp = out(dc);
+    bwd_blocked<acc_t, scalar_t>(gp, dhp, false, xp, idx, n, kBlockEntries, d, r, zp, up, Ap, Bp, Cp, tied, act, dAp,
+                                 dap, dBp, dCp, dcp, opts);
   });
   if (dh_in_g) {
     if (!g.is_inference()) torch::autograd::impl::bump_version(g);
@@ -219,6 +231,12 @@ struct LowrankRowsFunction : public torch::autograd::Function<LowrankRowsFunctio
     ctx->saved_data["tied"] = tied;
     // which of (A, a, C, c) are inputs of the node: needs_input_grad counts only those
     ctx->saved_data["present"] = c10::List<bool>({A.has_value(), a.has_value(), C.has_value(), c.has_value()});
+    // the dtypes of the gradients of (A, a, B, C, c): each parameter's own (the op sums in the
+    // accumulation dtype; float32 parameters may stand beside bfloat16 rows)
+    auto dtype_of = [&](const std::optional<at::Tensor>& t) {
+      return static_cast<int64_t>(t.has_value() && t->defined() ? t->scalar_type() : B.scalar_type());
+    };
+    ctx->saved_data["dtypes"] = c10::List<int64_t>({dtype_of(A), dtype_of(a), dtype_of(B), dtype_of(C), dtype_of(c)});
     ctx->save_for_backward({hsave, index, z, u, opt(A), B, opt(C)});
     return h;
   }
@@ -240,7 +258,7 @@ struct LowrankRowsFunction : public torch::autograd::Function<LowrankRowsFunctio
     // can see g; else in a copy. Measured on the 2-core CPU (fp32, 56 of 1024 rows, d = 256,
     // r = 8, one thread; h = x * 1, the edit, (y * w).sum() and its backward, median of 350):
     // 214-227 us against 238-247 us with the copy, three runs each.
-    const bool take_g = need[0] && reft_cpu::may_take_over(g, saved[5].scalar_type());
+    const bool take_g = need[0] && reft_cpu::may_take_over(g, saved[0].scalar_type());
     at::Tensor dh, dA, da, dB, dC, dc;
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -257,8 +275,12 @@ struct LowrankRowsFunction : public torch::autograd::Function<LowrankRowsFunctio
       at::AutoDispatchBelowADInplaceOrView below;
       dh = dh.view(g.sizes());
     }
-    variable_list out = {keep(need[0], dh), keep(need[1], dA), keep(need[2], da), keep(need[3], dB),
-                         keep(need[4], dC), keep(need[5], dc)};
+    const auto dtypes = ctx->saved_data["dtypes"].toIntList();
+    auto param = [&](bool needed, const at::Tensor& t, size_t k) {
+      return needed ? reft_cpu::in_dtype(t, static_cast<at::ScalarType>(dtypes.get(k))) : at::Tensor();
+    };
+    variable_list out = {keep(need[0], dh), param(need[1], dA, 0), param(need[2], da, 1), param(need[3], dB, 2),
+                         param(need[4], dC, 3), param(need[5], dc, 4)};
     reft_cpu::refuse_double_backward(out, g, saved, "reft_kernels.lowrank_edit");
     return {out[0], at::Tensor(), out[1], out[2], out[3], out[4], out[5], at::Tensor(), at::Tensor()};
   }

@@ -1,5 +1,6 @@
 """The CPU extension's in-place edit of listed rows (``reft_kernels/cpu_ext``): taken by
-``lowrank_edit_`` on float32/float64 CPU rows, checked against the float64 reference (output and
+``lowrank_edit_`` on float32, float64 and bfloat16 CPU rows (bfloat16: parameters bfloat16 or
+float32), checked against the float64 reference (output and
 every gradient) for every term pattern, activation and padding, with each input alone requiring
 grad; a dispatch mode confirms which path ran (the extension's forward and backward ops, or the
 PyTorch path for the calls it leaves there). Also: gradcheck, no-grad and inference calls, the
@@ -33,15 +34,21 @@ def test_it_builds():
     assert cpu_ext.lowrank_rows_op() is not None, cpu_ext.status()
 
 
+# (h's dtype, the parameters'): bfloat16 rows are read into float, edited in float and rounded
+# once; the latents and parameter gradients are float, returned in each parameter's dtype
+DTYPES = {"fp32": (torch.float32,) * 2, "fp64": (torch.float64,) * 2, "bf16": (torch.bfloat16,) * 2,
+          "bf16_fp32_params": (torch.bfloat16, torch.float32)}
+
+
 @pytest.mark.parametrize("terms,tied", PATTERNS)
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtypes", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("n_pad", [0, 3])
-def test_against_reference(terms, tied, act, dtype, n_pad):
-    torch.manual_seed(hash((terms, tied, act, str(dtype), n_pad)) % 2**31)
-    base, view = make_base("contiguous", (3, 9), 21, dtype)  # d = 21: the dot products' lane tail
+def test_against_reference(terms, tied, act, dtypes, n_pad):
+    torch.manual_seed(hash((terms, tied, act, str(dtypes), n_pad)) % 2**31)
+    base, view = make_base("contiguous", (3, 9), 21, dtypes[0])  # d = 21: the dot products' lane tail
     base.requires_grad_(True)
-    params = make_lowrank_params(21, 4, dtype, terms=terms, tied=tied)
+    params = make_lowrank_params(21, 4, dtypes[1], terms=terms, tied=tied)
     index = seeded_index(27, 11, 1, n_pad)
     with ext_ops() as names:
         check_against_reference(rk.lowrank_edit_, lowrank_ref_fn, base, view, params, inplace=True,
@@ -197,6 +204,31 @@ def test_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_i
     assert (got["bwd_bytes"] >= h0.numel() * 8) == (upstream not in UNSHARED)  # an (N, d) copy or not
 
 
+@pytest.mark.parametrize("upstream", ["alone", "hooked"])
+def test_bfloat16_backward_takes_over_the_incoming_gradient_only_when_nothing_else_sees_it(upstream):
+    """As above with bfloat16 rows and float32 parameters: dh in the incoming bfloat16 gradient
+    when the node alone holds it, in a copy otherwise; every gradient within bfloat16 rounding of
+    the float64 reference, the parameters' in float32."""
+    torch.manual_seed(13)
+    lead, d = (3, 40), 24
+    params = make_lowrank_params(d, 4, torch.float32, terms="BAa", tied=True)
+    h0 = torch.randn(*lead, d).to(torch.bfloat16).requires_grad_()
+    w, w2 = torch.randn(*lead, d).to(torch.bfloat16), torch.randn(*lead, d).to(torch.bfloat16)
+    index = seeded_index(120, 70, 4, n_pad=3)
+    terms = [params[k] for k in "BAaCc"]
+    y = rk.lowrank_edit_(h0 * 1, *terms, index=index)
+    got = upstream_backward(y, upstream, w, w2, "lowrank_rows_bwd")
+    h1 = h0.detach().double().requires_grad_(True)
+    p1 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in params.items()}
+    p1["C"] = p1["B"]
+    lowrank_ref_fn(h1, **p1, index=index).backward(got["want_g"].double())
+    assert h0.grad.dtype == torch.bfloat16 and params["B"].grad.dtype == torch.float32
+    torch.testing.assert_close(h0.grad.double(), h1.grad, rtol=2 ** -8, atol=2 ** -8)
+    for k in "BAa":
+        torch.testing.assert_close(params[k].grad.double(), p1[k].grad, rtol=1e-5, atol=1e-4)
+    assert (got["bwd_bytes"] >= h0.numel() * 2) == (upstream not in UNSHARED)  # an (N, d) copy or not
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
 def test_without_gradient(mode):
     """No node, the right values, and (outside inference mode) h's version bumped."""
@@ -237,13 +269,14 @@ def test_deterministic():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp32_h_fp64_params", "transposed", "too_many_rows", "off", "no_index"])
+@pytest.mark.parametrize("case", ["fp16", "fp32_h_fp64_params", "transposed", "too_many_rows", "off", "no_index"])
 def test_calls_left_to_the_pytorch_path(case, monkeypatch):
-    """Low precision, mixed dtypes, non-contiguous rows (in place), more than MAX_ROWS entries and
-    the switch off take the PyTorch path, each still right; the out-of-place op over every row
-    takes the extension's other op (test_cpu_ext_all.py), not this one."""
+    """float16 rows, mixed dtypes other than float32 parameters beside bfloat16 rows,
+    non-contiguous rows (in place), more than MAX_ROWS entries and the switch off take the PyTorch
+    path, each still right; the out-of-place op over every row takes the extension's other op
+    (test_cpu_ext_all.py), not this one."""
     torch.manual_seed(9)
-    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    dtype = torch.float16 if case == "fp16" else torch.float32
     layout = "transposed" if case == "transposed" else "contiguous"
     lead = (2, cpu_ext.MAX_ROWS) if case == "too_many_rows" else (3, 5)
     base, view = make_base(layout, lead, 16, dtype)
@@ -298,12 +331,12 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     assert not cpu_ext.lowrank_rows_applies(h, index, params["A"], params["a"], params["B"], None, None)
 
 
-@pytest.mark.parametrize("case", ["bf16_h", "short_B", "bad_index_entry", "2d_index", "A_dtype", "bad_act"])
+@pytest.mark.parametrize("case", ["fp16_h", "short_B", "bad_index_entry", "2d_index", "A_dtype", "bad_act"])
 def test_direct_calls_of_the_op_are_checked(case):
     """The op called directly (not through ``lowrank_edit_``) refuses what would read or write
     out of bounds, before writing anything."""
     op = cpu_ext.lowrank_rows_op()
-    h = torch.randn(6, 8, dtype=torch.bfloat16 if case == "bf16_h" else torch.float32)
+    h = torch.randn(6, 8, dtype=torch.float16 if case == "fp16_h" else torch.float32)
     B = torch.randn(2, 7 if case == "short_B" else 8)
     A = torch.randn(2, 8, dtype=torch.float64 if case == "A_dtype" else torch.float32)
     index = {"bad_index_entry": torch.tensor([0, 6]), "2d_index": torch.tensor([[0, 1]])}.get(case, torch.tensor([0, 1]))
