@@ -167,6 +167,13 @@ inline bool may_take_over(const at::Tensor& g, at::ScalarType dtype) {
          g.is_contiguous() && g.scalar_type() == dtype && !g.is_neg() && !g.is_conj() && !g.is_inference();
 }
 
+// What a backward op returns in dh's place once it has written dh into g itself (dh_in_g): a
+// 0-element tensor, g's version bumped first (it was written behind autograd's back).
+inline at::Tensor dh_written_into(const at::Tensor& g) {
+  if (!g.is_inference()) torch::autograd::impl::bump_version(g);
+  return at::empty({0}, g.options());
+}
+
 // For a backward run with create_graph=True: its gradients are right but carry no second-order
 // terms, so each defined one in `out` gets a node that raises if it is differentiated again (the
 // Python Functions do the same through ops/_autograd.py's once_differentiable, with this

@@ -70,18 +70,7 @@ void check_args(const at::Tensor& h, const std::optional<at::Tensor>& A, const s
   TORCH_CHECK(B.dim() == 2 && B.size(0) >= 1 && B.size(1) == h.size(-1),
               "lowrank_all: B must be (r, d) with r >= 1 and d = ", h.size(-1));
   TORCH_CHECK(!tied || !(C.has_value() && C->defined()), "lowrank_all: C must be absent when tied (C is B)");
-  const auto r = B.size(0), d = B.size(1);
-  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && reft_cpu::param_dtype_ok(t.scalar_type(), ht) &&
-                    t.is_contiguous() && t.device().is_cpu(),
-                "lowrank_all: ", name, " must be a contiguous CPU tensor of shape ", at::IntArrayRef(shape),
-                " in h's dtype (or float32 beside bfloat16 h)");
-  };
-  check(B, {r, d}, "B");
-  if (A && A->defined()) check(*A, {r, d}, "A");
-  if (C && C->defined()) check(*C, {r, d}, "C");
-  if (a && a->defined()) check(*a, {r}, "a");
-  if (c && c->defined()) check(*c, {r}, "c");
+  reft_cpu::check_params("lowrank_all", ht, A, a, B, C, c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_all_fwd_cpu(
@@ -156,10 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         z.data_ptr<acc_t>(), act == kIdentity ? nullptr : u.data_ptr<acc_t>(), ptr_or_null<acc_t>(Aa),
         Ba.data_ptr<acc_t>(), ptr_or_null<acc_t>(Ca), tied, act, out(dA), out(da), out(dB), out(dC), out(dc), aopts);
   });
-  if (dh_in_g) {
-    if (!g.is_inference()) torch::autograd::impl::bump_version(g);
-    dh = at::empty({0}, g.options());
-  }
+  if (dh_in_g) dh = reft_cpu::dh_written_into(g);
   return {dh, dA, da, dB, dC, dc};
 }
 

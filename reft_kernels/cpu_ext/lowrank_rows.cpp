@@ -86,18 +86,7 @@ void check_args(const at::Tensor& h, const at::Tensor& index, const std::optiona
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous() && index.device().is_cpu(),
               "lowrank_rows: index must be a contiguous 1-D int64 CPU tensor");
   TORCH_CHECK(act >= 0 && act < kNumAct, "lowrank_rows: unknown activation code ", act);
-  const auto r = B.size(0), d = B.size(1);
-  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && reft_cpu::param_dtype_ok(t.scalar_type(), h.scalar_type()) &&
-                    t.is_contiguous() && t.device().is_cpu(),
-                "lowrank_rows: ", name, " must be a contiguous CPU tensor of shape ", at::IntArrayRef(shape),
-                " in h's dtype (or float32 beside bfloat16 h)");
-  };
-  check(B, {r, d}, "B");
-  if (A && A->defined()) check(*A, {r, d}, "A");
-  if (C && C->defined()) check(*C, {r, d}, "C");
-  if (a && a->defined()) check(*a, {r}, "a");
-  if (c && c->defined()) check(*c, {r}, "c");
+  reft_cpu::check_params("lowrank_rows", h.scalar_type(), A, a, B, C, c);
 }
 
 
@@ -202,10 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bwd_blocked<acc_t, scalar_t>(gp, dhp, false, xp, idx, n, kBlockEntries, d, r, zp, up, Ap, Bp, Cp, tied, act, dAp,
                                  dap, dBp, dCp, dcp, opts);
   });
-  if (dh_in_g) {
-    if (!g.is_inference()) torch::autograd::impl::bump_version(g);
-    dh = at::empty({0}, g.options());
-  }
+  if (dh_in_g) dh = reft_cpu::dh_written_into(g);
   return {dh, dA, da, dB, dC, dc};
 }
 

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -187,37 +188,24 @@ inline void add_rows(S* const* out, const S* const* in, const A* const* s, const
 template <typename A, typename S>
 inline void add_rows2(S* out, const S* in, const A* s, const A* M, const A* t, const A* N, int64_t r, int64_t d) {
   constexpr int64_t kChunk = 64;
-  int64_t j0 = 0;
-  for (; j0 + kChunk <= d; j0 += kChunk) {
+  // columns [j0, j0 + len), len <= kChunk (kChunk for every chunk but the tail)
+  auto chunk = [&](int64_t j0, int64_t len) {
     A acc[kChunk];
-    for (int64_t l = 0; l < kChunk; ++l) acc[l] = ld(in[j0 + l]);
-    for (int64_t k = 0; k < r; ++k) {
-      const A sk = s[k];
-      const A* m = M + k * d + j0;
-      for (int64_t l = 0; l < kChunk; ++l) acc[l] += sk * m[l];
+    for (int64_t l = 0; l < len; ++l) acc[l] = ld(in[j0 + l]);
+    for (int pass = 0; pass < 2; ++pass) {
+      const A* w = pass ? t : s;
+      const A* W = pass ? N : M;
+      for (int64_t k = 0; k < r; ++k) {
+        const A wk = w[k];
+        const A* m = W + k * d + j0;
+        for (int64_t l = 0; l < len; ++l) acc[l] += wk * m[l];
+      }
     }
-    for (int64_t k = 0; k < r; ++k) {
-      const A tk = t[k];
-      const A* m = N + k * d + j0;
-      for (int64_t l = 0; l < kChunk; ++l) acc[l] += tk * m[l];
-    }
-    for (int64_t l = 0; l < kChunk; ++l) out[j0 + l] = st<S>(acc[l]);
-  }
-  const int64_t nt = d - j0;  // the tail: the same passes over fewer columns
-  if (nt == 0) return;
-  A acc[kChunk];
-  for (int64_t l = 0; l < nt; ++l) acc[l] = ld(in[j0 + l]);
-  for (int64_t k = 0; k < r; ++k) {
-    const A sk = s[k];
-    const A* m = M + k * d + j0;
-    for (int64_t l = 0; l < nt; ++l) acc[l] += sk * m[l];
-  }
-  for (int64_t k = 0; k < r; ++k) {
-    const A tk = t[k];
-    const A* m = N + k * d + j0;
-    for (int64_t l = 0; l < nt; ++l) acc[l] += tk * m[l];
-  }
-  for (int64_t l = 0; l < nt; ++l) out[j0 + l] = st<S>(acc[l]);
+    for (int64_t l = 0; l < len; ++l) out[j0 + l] = st<S>(acc[l]);
+  };
+  int64_t j0 = 0;
+  for (; j0 + kChunk <= d; j0 += kChunk) chunk(j0, kChunk);
+  if (j0 < d) chunk(j0, d - j0);
 }
 
 // The rows of a group go two at a time (each load of M serving both; dots, add_rows), an odd
@@ -244,6 +232,26 @@ inline void add_group(int ne, S* const* out, const S* const* in, const A* const*
   int e = 0;
   for (; e + 2 <= ne; e += 2) add_rows<A, 2>(out + e, in + e, s + e, M, r, d);
   if (e < ne) add_rows<A, 1>(out + e, in + e, s + e, M, r, d);
+}
+
+// The parameters of the low-rank edit as its ops take them: B (r, d) and A, C (r, d), a, c (r,)
+// where given, contiguous CPU tensors in h's dtype ht (or float32 beside bfloat16 h); `op` names
+// the op in the error. (B's rank and width against h: the caller's.)
+inline void check_params(const char* op, at::ScalarType ht, const std::optional<at::Tensor>& A,
+                         const std::optional<at::Tensor>& a, const at::Tensor& B, const std::optional<at::Tensor>& C,
+                         const std::optional<at::Tensor>& c) {
+  const auto r = B.size(0), d = B.size(1);
+  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && param_dtype_ok(t.scalar_type(), ht) && t.is_contiguous() &&
+                    t.device().is_cpu(),
+                op, ": ", name, " must be a contiguous CPU tensor of shape ", at::IntArrayRef(shape),
+                " in h's dtype (or float32 beside bfloat16 h)");
+  };
+  check(B, {r, d}, "B");
+  if (A && A->defined()) check(*A, {r, d}, "A");
+  if (C && C->defined()) check(*C, {r, d}, "C");
+  if (a && a->defined()) check(*a, {r}, "a");
+  if (c && c->defined()) check(*c, {r}, "c");
 }
 
 template <typename T>
