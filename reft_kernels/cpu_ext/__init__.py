@@ -205,10 +205,11 @@ def status() -> str:
 
 
 def _rows_apply(h, params) -> bool:
-    """Whether red and const_rows take ``h`` with ``params`` (each None or a tensor): a plain
-    contiguous float32, float64 or bfloat16 CPU ``h`` with at least one element, every parameter
-    plain and contiguous in ``h``'s dtype (or float32 beside bfloat16 ``h``), the extension on
-    and not failed. The test of ``red_applies``, ``const_rows_applies`` and ``quick_op``."""
+    """Whether red, const_rows and lowrank_all take ``h`` with ``params`` (each None or a
+    tensor): a plain contiguous float32, float64 or bfloat16 CPU ``h`` with at least one element,
+    every parameter plain and contiguous in ``h``'s dtype (or float32 beside bfloat16 ``h``), the
+    extension on and not failed. The test of ``red_applies``, ``const_rows_applies``,
+    ``lowrank_all_applies`` and ``quick_op``."""
     if not (type(h) in _PLAIN and h.dtype in _ROW_DTYPES and h.is_cpu and h.is_contiguous() and h.numel() > 0):
         return False
     dtype = h.dtype
