@@ -273,6 +273,18 @@ std::vector<A> difference(const A* Aw, const A* Cm, int64_t act, int64_t rd) {
 // one load and store of that row per group instead of per entry.
 constexpr int kGroup = 4;
 
+// Three (r,) vectors for each entry of a group, in one buffer: v[q][e] is vector q of entry e.
+template <typename A>
+struct GroupScratch {
+  std::vector<A> buf;
+  A* v[3][kGroup];
+  explicit GroupScratch(int64_t r) : buf(3 * kGroup * r) {
+    for (int q = 0; q < 3; ++q) {
+      for (int e = 0; e < kGroup; ++e) v[q][e] = buf.data() + (q * kGroup + e) * r;
+    }
+  }
+};
+
 // Entries [i0, i1) of the forward: the row of entry i (idx[i], or i without an index) read from
 // `in` and its edit written to the same row of `out` (out == in: in place), in groups of up to
 // kGroup rows (dots_group, add_group). hsave, z, u (each nullptr: not wanted) take entry i's
@@ -281,13 +293,8 @@ constexpr int kGroup = 4;
 template <typename A, typename S>
 void fwd_kernel(const S* in, S* out, const int64_t* idx, int64_t i0, int64_t i1, int64_t d, int64_t r, const A* Aw,
                 const A* a, const A* B, const A* Cm, const A* c, const A* D, int64_t act, S* hsave, A* z, A* u) {
-  std::vector<A> buf(3 * kGroup * r);
-  A *zi[kGroup], *ui[kGroup], *ci[kGroup];
-  for (int e = 0; e < kGroup; ++e) {
-    zi[e] = buf.data() + e * r;
-    ui[e] = buf.data() + (kGroup + e) * r;
-    ci[e] = buf.data() + (2 * kGroup + e) * r;
-  }
+  GroupScratch<A> scratch(r);
+  auto &zi = scratch.v[0], &ui = scratch.v[1], &ci = scratch.v[2];  // z, x A^T + a, x C^T per entry
   const S* xs[kGroup];
   S* os[kGroup];
   int64_t ent[kGroup];
@@ -336,7 +343,6 @@ void fwd_kernel(const S* in, S* out, const int64_t* idx, int64_t i0, int64_t i1,
   }
 }
 
-
 // out[k][j] += s[t][k] v[t][j] for the terms t < nt in order, for the r rows of out (r, d).
 template <typename A, typename S>
 inline void add_terms(A* out, int nt, const A* const* s, const S* const* v, int64_t r, int64_t d) {
@@ -381,13 +387,8 @@ void bwd_kernel(const S* g, S* dh, bool dh_from_g, const S* x, const int64_t* id
                 int64_t d, int64_t r, const A* z, const A* u, const A* Aw, const A* B, const A* Cm, const A* D,
                 bool tied, int64_t act, A* dA, A* da, A* dB, A* dC, A* dc) {
   // per entry of the group: gz = g_row B^T, ga = gz act'(u), mgz = -gz
-  std::vector<A> buf(3 * kGroup * r);
-  A *gz[kGroup], *ga[kGroup], *mgz[kGroup];
-  for (int e = 0; e < kGroup; ++e) {
-    gz[e] = buf.data() + e * r;
-    ga[e] = buf.data() + (kGroup + e) * r;
-    mgz[e] = buf.data() + (2 * kGroup + e) * r;
-  }
+  GroupScratch<A> scratch(r);
+  auto &gz = scratch.v[0], &ga = scratch.v[1], &mgz = scratch.v[2];
   const S *gi[kGroup], *xi[kGroup], *srcs[kGroup];
   S* dhs[kGroup];
   const A* zi[kGroup];
